@@ -1,0 +1,40 @@
+"""``python -m ptlight``: the Hydra app.
+
+    python -m ptlight                                   # SFT -> DPO on lfm2-tiny, offline
+    python -m ptlight method=dpo model=lfm2             # DPO on LiquidAI/LFM2-350M
+    python -m ptlight -m method=dpo model.path=DIR method.objective.beta=0.05,0.1
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ptlight.config import config_dir, register_resolvers
+from ptlight.errors import PtlightError
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def _app(cfg: DictConfig) -> float | None:
+    from ptlight.train import run  # heavy imports after Hydra has parsed the command line
+
+    hc = HydraConfig.get()
+    try:
+        return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+    except PtlightError as exc:
+        print(f"ptlight: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _app()
+
+
+if __name__ == "__main__":
+    main()

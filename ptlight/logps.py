@@ -1,0 +1,112 @@
+"""Log-probabilities of completion tokens, computed without ``[B, T, V]`` logits.
+
+The backbone returns hidden states ``[B, T, H]``; only the positions that predict a completion
+token (``loss_mask[:, 1:]``) go through the LM head, in row chunks, and the log-softmax is taken
+in fp32. This equals ``log_softmax(model(ids).logits).gather(...)`` (tested) while keeping the
+logits of prompt and padding positions out of memory entirely.
+
+Models whose head is more than a linear layer (logit soft-capping, logit scaling) take the
+plain path through ``model(...).logits`` so that results stay exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+_NON_LINEAR_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@dataclass
+class TokenScores:
+    """Per completion token (M tokens in the batch, in row-major order of ``loss_mask``).
+
+    logps:   ``[M]`` fp32 log-prob of the target token (carries gradient when the model does).
+    rows:    ``[M]`` batch row of each token.
+    correct: ``[M]`` bool, argmax == target (detached).
+    entropy: ``[M]`` entropy of the predictive distribution (detached).
+    mean_logp: ``[M]`` mean over the vocabulary of log p (for label smoothing), or None.
+    mask:    ``[B, T-1]`` bool, which target positions these tokens are.
+    """
+
+    logps: torch.Tensor
+    rows: torch.Tensor
+    correct: torch.Tensor
+    entropy: torch.Tensor
+    mean_logp: torch.Tensor | None
+    mask: torch.Tensor
+
+    def sequence_sum(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B]`` sum over each row's completion tokens of ``values`` (default: logps)."""
+        values = self.logps if values is None else values
+        out = torch.zeros(self.mask.shape[0], dtype=values.dtype, device=values.device)
+        return out.index_add(0, self.rows, values)
+
+    def lengths(self) -> torch.Tensor:
+        """``[B]`` completion token count of each row."""
+        return self.mask.sum(dim=1)
+
+    def to_dense(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T-1]`` with ``values`` at completion positions and 0 elsewhere."""
+        values = self.logps if values is None else values
+        dense = torch.zeros(self.mask.shape, dtype=values.dtype, device=values.device)
+        return dense.masked_scatter(self.mask, values)
+
+
+def _has_linear_head(model: PreTrainedModel) -> bool:
+    cfg = model.config
+    return not any(getattr(cfg, a, None) not in (None, 1.0) for a in _NON_LINEAR_HEAD_ATTRS)
+
+
+def _score_rows(
+    logits: torch.Tensor, targets: torch.Tensor, with_mean_logp: bool
+) -> tuple[torch.Tensor, ...]:
+    logp_all = torch.log_softmax(logits.float(), dim=-1)  # (m, V) fp32
+    logps = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    with torch.no_grad():
+        p = logp_all.detach().exp()
+        entropy = -(p * logp_all.detach()).sum(-1)
+        correct = logp_all.detach().argmax(-1) == targets
+    mean_logp = logp_all.mean(-1) if with_mean_logp else None
+    return logps, correct, entropy, mean_logp
+
+
+def completion_logps(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    chunk_size: int = 2048,
+    with_mean_logp: bool = False,
+) -> TokenScores:
+    """Score every token where ``loss_mask`` is True (the token at t is predicted from t−1).
+
+    input_ids, attention_mask, loss_mask: ``[B, T]``. Padding must be on the right or masked.
+    """
+    mask = loss_mask[:, 1:].bool()  # (B, T-1): target positions
+    targets = input_ids[:, 1:][mask]  # (M,)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(mask)[mask]
+    if _has_linear_head(model):
+        base = getattr(model, model.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        h = hidden.last_hidden_state[:, :-1][mask]  # (M, H)
+        head = model.get_output_embeddings()
+        parts = [
+            _score_rows(F.linear(h[i : i + chunk_size], head.weight, head.bias),
+                        targets[i : i + chunk_size], with_mean_logp)
+            for i in range(0, h.shape[0], chunk_size)
+        ]
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        parts = [_score_rows(logits[:, :-1][mask], targets, with_mean_logp)]
+    if not parts:  # no completion token in the batch
+        empty = torch.zeros(0, device=input_ids.device)
+        parts = [(empty, empty.bool(), empty, empty if with_mean_logp else None)]
+    logps, correct, entropy, mean_logp = (
+        torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(4)
+    )
+    return TokenScores(logps, rows, correct, entropy, mean_logp, mask)

@@ -1,0 +1,59 @@
+"""Plain functions the method modules share: optimiser, metric logging, diagnostics."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from transformers import get_scheduler
+
+from ptlight.logps import TokenScores
+
+
+def configure_optim(module: L.LightningModule, cfg: DictConfig) -> dict:
+    """AdamW over trainable parameters plus a transformers LR schedule stepped every step.
+
+    ``method.optim``: ``lr``, ``weight_decay`` (not applied to biases and norms), ``betas``,
+    ``scheduler`` (cosine | linear | constant_with_warmup | ...), ``warmup_ratio``.
+    """
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=tuple(cfg.betas),
+    )
+    total = int(module.trainer.estimated_stepping_batches)
+    sched = get_scheduler(
+        cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
+        num_training_steps=total,
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def token_diagnostics(scores: TokenScores) -> dict[str, torch.Tensor]:
+    """``mean_token_accuracy``, ``entropy`` and ``num_tokens`` over the scored tokens."""
+    n = scores.correct.numel()
+    if n == 0:
+        zero = torch.zeros((), device=scores.logps.device)
+        return {"mean_token_accuracy": zero, "entropy": zero, "num_tokens": zero}
+    return {
+        "mean_token_accuracy": scores.correct.float().mean(),
+        "entropy": scores.entropy.mean(),
+        "num_tokens": torch.tensor(float(n), device=scores.logps.device),
+    }
+
+
+def log_metrics(
+    module: L.LightningModule, split: str, loss: torch.Tensor, metrics: dict[str, torch.Tensor],
+    batch_size: int,
+) -> None:
+    """Log ``<split>/loss`` and ``<split>/<name>``: per step in training, epoch means in val."""
+    train = split == "train"
+    values = {f"{split}/{k}": v.detach().float() for k, v in metrics.items()}
+    module.log_dict(values, on_step=train, on_epoch=not train, batch_size=batch_size,
+                    sync_dist=not train)
+    module.log(f"{split}/loss", loss.detach(), prog_bar=True, on_step=train, on_epoch=not train,
+               batch_size=batch_size, sync_dist=not train)

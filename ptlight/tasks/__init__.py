@@ -1,0 +1,18 @@
+"""Bundled tasks: generators of every data shape plus a programmatic gold reward.
+
+A task module provides ``make_rows(kind, n, seed, split)`` and
+``gold_reward(prompt, completion) -> float`` (prompt = the user turn's text).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+TASKS = {"sort": "ptlight.tasks.sort"}
+
+
+def get_task(name: str) -> ModuleType:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; bundled tasks: {', '.join(sorted(TASKS))}")
+    return importlib.import_module(TASKS[name])

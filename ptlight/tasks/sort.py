@@ -1,0 +1,132 @@
+"""The bundled task: sort a list of words alphabetically.
+
+A user turn asks ``Sort these words alphabetically: kiwi plum apple``; the ideal answer is
+``apple kiwi plum``. The gold reward is programmatic (:func:`gold_reward`): the fraction of
+answer positions that hold the right word, so it is 1.0 exactly when the answer is correct and
+gives partial credit for near misses. A few-million-parameter model learns the format quickly
+but stays imperfect on longer lists after a short SFT, which leaves room for preference
+optimisation to show an improvement.
+
+Train and held-out examples are split by a hash of the (sorted) word list, so the two never
+share a list whatever seeds generate them; ``seed`` only picks which lists are drawn.
+Rejected answers for preference data are near misses of the correct one (two neighbours
+swapped, a word dropped, repeated, replaced by one not in the list, or an extra word
+inserted).
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from typing import Any
+
+WORDS = (
+    "apple bear cat dog eagle fig goat hat ice jam kiwi lamp moon nut owl pear queen rose sun "
+    "tree umbrella vase wolf yak zebra bread cloud drum egg fox grape honey iron juice kite lime "
+    "mango nest orange piano quilt rice sand tiger violin water yarn zinc"
+).split()
+INSTRUCTION = "Sort these words alphabetically:"
+HELDOUT_BUCKETS = 8  # 1 in 8 word lists is reserved for held-out evaluation
+
+
+def _is_heldout(words: list[str]) -> bool:
+    return zlib.crc32(" ".join(sorted(words)).encode()) % HELDOUT_BUCKETS == 0
+
+
+def sample_lists(
+    n: int, seed: int, split: str, min_words: int = 3, max_words: int = 8
+) -> list[list[str]]:
+    """``n`` distinct word lists (unsorted order) from ``split`` ("train" or "heldout")."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng = random.Random(f"sort-{split}-{seed}")
+    out: list[list[str]] = []
+    seen: set[tuple[str, ...]] = set()
+    for _ in range(n * 50):
+        if len(out) == n:
+            break
+        words = rng.sample(WORDS, rng.randint(min_words, max_words))
+        key = tuple(sorted(words))
+        if key in seen or _is_heldout(words) != (split == "heldout"):
+            continue
+        seen.add(key)
+        out.append(words)
+    if len(out) < n:
+        raise ValueError(f"could not draw {n} distinct {split} lists; lower the count")
+    return out
+
+
+def prompt_text(words: list[str]) -> str:
+    return f"{INSTRUCTION} {' '.join(words)}"
+
+
+def answer_text(words: list[str]) -> str:
+    return " ".join(sorted(words))
+
+
+def near_miss(words: list[str], rng: random.Random) -> str:
+    """A plausible wrong answer: the sorted list with one small corruption."""
+    target = sorted(words)
+    out = list(target)
+    kind = rng.choice(("swap", "swap", "drop", "repeat", "replace", "insert"))
+    i = rng.randrange(len(out))
+    if kind == "swap":
+        i = rng.randrange(len(out) - 1)
+        out[i], out[i + 1] = out[i + 1], out[i]
+    elif kind == "drop":
+        del out[i]
+    elif kind == "repeat":
+        out.insert(i, out[i])
+    elif kind == "replace":
+        out[i] = rng.choice([w for w in WORDS if w not in words])
+    else:  # insert a word that is not in the list, in its alphabetical place
+        out = sorted(out + [rng.choice([w for w in WORDS if w not in words])])
+    return " ".join(out)
+
+
+def words_from_prompt(prompt: str) -> list[str]:
+    """Recover the word list from a prompt (the user turn text)."""
+    if INSTRUCTION not in prompt:
+        raise ValueError(f"not a sorting prompt: {prompt[:80]!r}")
+    return prompt.split(INSTRUCTION, 1)[1].split()
+
+
+def gold_reward(prompt: str, completion: str) -> float:
+    """Fraction of positions of the correct answer that the completion gets right.
+
+    ``max(len(answer), len(target))`` is the denominator, so extra or missing words cost
+    credit; 1.0 iff the completion (whitespace-split) equals the sorted list.
+    """
+    target = sorted(words_from_prompt(prompt))
+    got = completion.split()
+    hits = sum(a == b for a, b in zip(got, target))
+    return hits / max(len(got), len(target))
+
+
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def make_rows(kind: str, n: int, seed: int, split: str, **kw: Any) -> list[dict[str, Any]]:
+    """Rows of data-set shape ``kind`` ("sft", "pairwise", "prompt") in conversational form."""
+    lists = sample_lists(n, seed, split, **kw)
+    rng = random.Random(f"sort-rows-{kind}-{split}-{seed}")
+    if kind == "sft":
+        return [{"prompt": _user(prompt_text(w)), "completion": _assistant(answer_text(w))}
+                for w in lists]
+    if kind == "pairwise":
+        return [
+            {
+                "prompt": _user(prompt_text(w)),
+                "chosen": _assistant(answer_text(w)),
+                "rejected": _assistant(near_miss(w, rng)),
+            }
+            for w in lists
+        ]
+    if kind == "prompt":
+        return [{"prompt": _user(prompt_text(w))} for w in lists]
+    raise ValueError(f"sort task has no data shape {kind!r}; use sft, pairwise or prompt")

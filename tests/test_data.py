@@ -1,0 +1,144 @@
+"""Data shapes, completion-only labels, truncation, and bad rows that name file and row."""
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from ptlight.backbone import BUNDLED_TOKENIZER
+from ptlight.data.module import PtlDataModule
+from ptlight.data.shapes import BadRow, parse_row
+from ptlight.data.tokenize import encode
+from ptlight.errors import DataError
+from transformers import AutoTokenizer
+
+U = [{"role": "user", "content": "Sort these words alphabetically: kiwi apple"}]
+A = [{"role": "assistant", "content": "apple kiwi"}]
+B = [{"role": "assistant", "content": "kiwi apple"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER)
+
+
+def data_cfg(**kw):
+    base = dict(task=None, path=None, val_path=None, num_train=16, val_size=4, seed=0,
+                batch_size=4, max_length=64, truncation="keep_end", on_bad_row="error")
+    return OmegaConf.create({**base, **kw})
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": U, "completion": A},
+    {"messages": U + A},
+    {"prompt": "Q: 2+2?", "completion": " 4"},
+    {"text": "just some text"},
+])
+def test_sft_shapes(row):
+    ex = parse_row(row, "sft")
+    assert len(ex.completions) == 1
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": U, "chosen": A, "rejected": B},
+    {"chosen": U + A, "rejected": U + B},  # implicit prompt, conversational
+    {"chosen": "Q: capital? A: Paris", "rejected": "Q: capital? A: Lyon"},  # implicit, strings
+])
+def test_pairwise_shapes_and_implicit_prompt(row):
+    ex = parse_row(row, "pairwise")
+    assert ex.completions[0] != ex.completions[1]
+    if isinstance(ex.prompt, list):
+        assert ex.prompt == U and ex.completions == [A, B]
+    else:
+        assert ex.prompt == "Q: capital? A:" and ex.completions == [" Paris", " Lyon"]
+
+
+@pytest.mark.parametrize("row,reason", [
+    ({"prompt": U, "chosen": A}, "rejected"),
+    ({"prompt": U, "chosen": A, "rejected": A}, "chosen == rejected"),
+    ({"prompt": "", "completion": "x"}, "empty string"),
+    ({"prompt": U, "completion": 3}, "must be a string or a list"),
+    ({"prompt": U, "completion": "plain"}, "mix strings and message lists"),
+    ({"messages": U}, "assistant"),
+])
+def test_bad_rows_say_why(row, reason):
+    kind = "pairwise" if "chosen" in row else "sft"
+    with pytest.raises(BadRow, match=reason):
+        parse_row(row, kind)
+
+
+def test_labels_are_exactly_the_assistant_turn_and_eos(tok):
+    enc = encode(tok, parse_row({"prompt": U, "completion": A}, "sft"), 64, "keep_end")
+    prompt_text = tok.decode(enc.prompt)
+    assert prompt_text.endswith("<|im_start|>assistant\n")
+    assert tok.decode(enc.completions[0]) == "apple kiwi<|im_end|>"
+    assert enc.completions[0][-1] == tok.eos_token_id
+
+
+def test_plain_text_completion_gets_eos(tok):
+    enc = encode(tok, parse_row({"prompt": "Q:", "completion": " yes"}, "sft"), 64, "keep_end")
+    assert enc.completions[0][-1] == tok.eos_token_id
+
+
+def test_truncation_keeps_prompt_end_then_cuts_completion(tok):
+    long_prompt = [{"role": "user", "content": "apple " * 40}]
+    ex = parse_row({"prompt": long_prompt, "completion": A}, "sft")
+    full = encode(tok, ex, 1000, "keep_end")
+    enc = encode(tok, ex, 20, "keep_end")
+    assert enc.truncated and len(enc.prompt) + len(enc.completions[0]) == 20
+    assert enc.completions == full.completions and enc.prompt == full.prompt[-len(enc.prompt):]
+    with pytest.raises(BadRow, match="max_length=20"):
+        encode(tok, ex, 20, "error")
+
+
+def test_collate_masks_prompt_and_padding(tok, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": U, "chosen": A, "rejected": [{"role": "assistant", "content": "kiwi"}]}] * 20
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    dm = PtlDataModule(data_cfg(path=str(path)), tok, "pairwise")
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    b = batch["index"].shape[0]
+    assert batch["input_ids"].shape[0] == 2 * b
+    for i in range(2 * b):
+        ids = batch["input_ids"][i][batch["loss_mask"][i]]
+        assert tok.decode(ids) == ("apple kiwi<|im_end|>" if i < b else "kiwi<|im_end|>")
+    assert not batch["loss_mask"][~batch["attention_mask"].bool()].any()
+
+
+def test_bad_row_error_names_file_and_row_or_is_dropped_and_counted(tok, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    rows = [{"prompt": U, "completion": A}] * 30
+    rows[17] = {"prompt": U, "answer": A}
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    dm = PtlDataModule(data_cfg(path=str(path), val_path=str(path)), tok, "sft")
+    with pytest.raises(DataError, match=r"sft\.jsonl, row 17: .*'completion'.*on_bad_row=drop"):
+        dm.setup()
+    dm = PtlDataModule(data_cfg(path=str(path), val_path=str(path), on_bad_row="drop"), tok, "sft")
+    dm.setup()
+    assert dm.report()["train_rows"] == 29 and dm.report()["dropped"] == 2  # train + val copy
+
+
+def test_unreadable_and_empty_files(tok, tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe')
+    with pytest.raises(DataError, match="broken.jsonl"):
+        PtlDataModule(data_cfg(path=str(bad)), tok, "sft").setup()
+    allbad = tmp_path / "allbad.jsonl"
+    allbad.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n' * 12)
+    with pytest.raises(DataError, match="no usable rows"):
+        PtlDataModule(data_cfg(path=str(allbad), on_bad_row="drop"), tok, "pairwise").setup()
+
+
+def test_parquet_and_bundled_task(tok, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"text": f"row {i}"} for i in range(30)]).to_parquet(
+        str(tmp_path / "t.parquet"))
+    dm = PtlDataModule(data_cfg(path=str(tmp_path / "t.parquet")), tok, "sft")
+    dm.setup()
+    assert dm.report()["train_rows"] + dm.report()["val_rows"] == 30
+    dm = PtlDataModule(data_cfg(task="sort"), tok, "pairwise")
+    dm.setup()
+    assert dm.report() == {"train_rows": 16, "val_rows": 4, "dropped": 0,
+                           "dropped_by_reason": {}, "truncated": 0}
