@@ -102,15 +102,15 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     module = method_cls(policy=policy, objective=objective, optim=cfg.method.optim,
                         reference=reference, reference_mode=reference_mode)
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                        every_n_train_steps=cfg.checkpoint.every_n_train_steps),
+    ]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
     trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        default_root_dir=str(run_dir),
-        logger=build_loggers(cfg, run_dir),
-        callbacks=[
-            ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                            every_n_train_steps=cfg.checkpoint.every_n_train_steps),
-            RichProgressBar(leave=True),
-        ],
+        cfg.trainer, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
+        callbacks=callbacks,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 

@@ -28,6 +28,7 @@ TINY = [
     "data.batch_size=8",
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
     "checkpoint.every_n_train_steps=3",
     "eval.num_prompts=8",
