@@ -16,7 +16,10 @@ keeps outside its registered modules, so checkpoints do not carry it twice.
 from __future__ import annotations
 
 import copy
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any
 
 import torch
@@ -44,18 +47,53 @@ def _check_local_dir(path: str) -> None:
         )
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub endpoint (honours ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", constants.ENDPOINT))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(loader, source: str, what: str, **kwargs):
+    """``loader.from_pretrained`` that fails in seconds, with the ways out, when offline.
+
+    A local directory or a hub id already in the local cache loads without the network. An
+    uncached hub id is only fetched when the hub answers one quick connect; otherwise (offline,
+    firewalled) the user gets one message instead of a minute of retries.
+    """
+    try:
+        return loader.from_pretrained(source, local_files_only=True, **kwargs)
+    except Exception as local_exc:
+        if Path(source).expanduser().is_dir():
+            raise ModelLoadError(f"could not load the {what} of {source!r}: {local_exc}") from None
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"could not load the {what} of {source!r}: it is not a local directory, not in the "
+            f"Hugging Face cache, and the hub cannot be reached (offline). {_WAYS_OUT}"
+        )
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelLoadError(
+            f"could not load the {what} of {source!r} ({type(exc).__name__}: {first}). {_WAYS_OUT}"
+        ) from exc
+
+
 def load_tokenizer(model_cfg: DictConfig):
     """The tokenizer of ``model.path``, ``model.tokenizer`` or the bundled one (in that order)."""
     source = model_cfg.tokenizer or model_cfg.path or str(BUNDLED_TOKENIZER)
     if source == model_cfg.path:
         _check_local_dir(source)
-    try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
-    except Exception as exc:  # hub/network/format errors all mean the same thing to the user
-        raise ModelLoadError(
-            f"could not load the tokenizer of {source!r} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). {_WAYS_OUT}"
-        ) from exc
+    tok = _from_pretrained(AutoTokenizer, source, "tokenizer",
+                           trust_remote_code=model_cfg.trust_remote_code)
     if tok.pad_token_id is None:
         # Many base models ship without a pad token; a dedicated one would change the vocab, so
         # reuse EOS. Padding is always masked out of losses, and EOS labels are kept by position.
@@ -83,15 +121,8 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     dtype = _dtype(model_cfg.dtype)
     if model_cfg.path:
         _check_local_dir(model_cfg.path)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
-            )
-        except Exception as exc:
-            raise ModelLoadError(
-                f"could not load model {model_cfg.path!r} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}). {_WAYS_OUT}"
-            ) from exc
+        model = _from_pretrained(AutoModelForCausalLM, model_cfg.path, "model", dtype=dtype,
+                                 trust_remote_code=model_cfg.trust_remote_code)
     elif model_cfg.arch is not None:
         arch: dict[str, Any] = OmegaConf.to_container(model_cfg.arch, resolve=True)  # type: ignore[assignment]
         model_type = arch.pop("model_type")

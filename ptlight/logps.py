@@ -74,6 +74,59 @@ def _score_rows(
     return logps, correct, entropy, mean_logp
 
 
+def _targets(
+    input_ids: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Target positions ``[B, T-1]``, their tokens ``[M]`` and batch rows ``[M]``."""
+    mask = loss_mask[:, 1:].bool()  # (B, T-1): target positions
+    targets = input_ids[:, 1:][mask]  # (M,)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(mask)[mask]
+    return mask, targets, rows
+
+
+def _completion_hidden(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """``[M, H]`` last hidden states at the positions that predict a completion token."""
+    base = getattr(model, model.base_model_prefix)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return hidden.last_hidden_state[:, :-1][mask]
+
+
+@dataclass
+class CompletionLogits:
+    """Full-vocabulary logits at the M completion positions of a batch (row-major order).
+
+    logits:  ``[M, V]`` in the model's dtype (carries gradient when the model does).
+    targets: ``[M]`` the token each position predicts.
+    rows:    ``[M]`` batch row of each position.
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor
+
+
+def completion_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+) -> CompletionLogits:
+    """Logits ``[M, V]`` where ``loss_mask`` is True, for losses that need the whole
+    distribution (R-Drop). Same path as :func:`completion_logps` (only completion positions go
+    through a linear head; other heads take ``model(...).logits``), but the ``[M, V]`` block is
+    returned whole instead of being reduced chunk by chunk."""
+    mask, targets, rows = _targets(input_ids, loss_mask)
+    if _has_linear_head(model):
+        head = model.get_output_embeddings()
+        h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
+        logits = F.linear(h, head.weight, head.bias)
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        logits = out.logits[:, :-1][mask]
+    return CompletionLogits(logits, targets, rows)
+
+
 def completion_logps(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -87,13 +140,9 @@ def completion_logps(
 
     input_ids, attention_mask, loss_mask: ``[B, T]``. Padding must be on the right or masked.
     """
-    mask = loss_mask[:, 1:].bool()  # (B, T-1): target positions
-    targets = input_ids[:, 1:][mask]  # (M,)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(mask)[mask]
+    mask, targets, rows = _targets(input_ids, loss_mask)
     if _has_linear_head(model):
-        base = getattr(model, model.base_model_prefix)
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        h = hidden.last_hidden_state[:, :-1][mask]  # (M, H)
+        h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
         head = model.get_output_embeddings()
         parts = [
             _score_rows(F.linear(h[i : i + chunk_size], head.weight, head.bias),

@@ -142,3 +142,99 @@ def test_parquet_and_bundled_task(tok, tmp_path):
     dm.setup()
     assert dm.report() == {"train_rows": 16, "val_rows": 4, "dropped": 0,
                            "dropped_by_reason": {}, "truncated": 0}
+
+
+# ---- unpaired and listwise shapes ----------------------------------------------------------
+C = [{"role": "assistant", "content": "apple"}]
+
+
+def test_unpaired_shape_keeps_one_completion_and_its_label():
+    ex = parse_row({"prompt": U, "completion": A, "label": False}, "unpaired")
+    assert ex.prompt == U and ex.completions == [A] and ex.label is False
+    assert parse_row({"prompt": "Q:", "completion": " a", "label": 1}, "unpaired").label is True
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": U, "chosen": A, "rejected": B},
+    {"chosen": U + A, "rejected": U + B},  # implicit prompt
+])
+def test_pairwise_rows_expand_to_a_desirable_and_an_undesirable_example(row):
+    from ptlight.data.shapes import parse_examples
+
+    good, bad = parse_examples(row, "unpaired")
+    assert (good.prompt, good.completions, good.label) == (U, [A], True)
+    assert (bad.prompt, bad.completions, bad.label) == (U, [B], False)
+    assert len(parse_examples({"prompt": U, "completion": A, "label": True}, "unpaired")) == 1
+
+
+def test_listwise_rows_are_ordered_best_first():
+    ranked = parse_row({"prompt": U, "completions": [B, A, C], "ranks": [2, 1, 3]}, "listwise")
+    assert ranked.completions == [A, B, C] and ranked.scores == [-1.0, -2.0, -3.0]
+    scored = parse_row({"prompt": U, "completions": [C, B, A], "scores": [0.5, 0.5, 0.9]},
+                       "listwise")
+    assert scored.completions == [A, C, B] and scored.scores == [0.9, 0.5, 0.5]  # ties stable
+    tied = parse_row({"prompt": U, "completions": [B, A], "ranks": [1, 1]}, "listwise")
+    assert tied.completions == [B, A] and tied.scores == [-1.0, -1.0]
+
+
+@pytest.mark.parametrize("row,kind,reason", [
+    ({"prompt": U, "completion": A}, "unpaired", "missing column 'label'"),
+    ({"prompt": U, "completion": A, "label": "yes"}, "unpaired", "'label' must be a boolean"),
+    ({"prompt": U, "answer": A, "label": True}, "unpaired", "needs 'prompt'\\+'completion'"),
+    ({"prompt": U, "completions": [A], "ranks": [1]}, "listwise", "at least 2 completions"),
+    ({"prompt": U, "completions": [A, B], "ranks": [1]}, "listwise",
+     "'ranks' has 1 entries but 'completions' has 2"),
+    ({"prompt": U, "completions": [A, B], "scores": [1.0, 0.0, 2.0]}, "listwise",
+     "'scores' has 3 entries"),
+    ({"prompt": U, "completions": [A, B]}, "listwise", "needs a 'ranks'"),
+    ({"prompt": U, "completions": [A, B], "ranks": [1, 2], "scores": [1, 0]}, "listwise",
+     "not both"),
+    ({"prompt": U, "completions": [A, B], "ranks": [0, 1]}, "listwise", r"ranks\[0\] must be"),
+    ({"prompt": U, "completions": [A, B], "scores": [1.0, float("nan")]}, "listwise",
+     r"scores\[1\] must be a finite number"),
+    ({"prompt": U, "completions": [A, A], "scores": [1.0, 0.0]}, "listwise",
+     "identical but rated differently"),
+    ({"prompt": U, "completions": [A, "kiwi"], "ranks": [1, 2]}, "listwise", "mix strings"),
+])
+def test_bad_unpaired_and_listwise_rows_say_why(row, kind, reason):
+    with pytest.raises(BadRow, match=reason):
+        parse_row(row, kind)
+
+
+def test_listwise_rows_of_a_split_share_k(tok, tmp_path):
+    path = tmp_path / "lists.jsonl"
+    rows = [{"prompt": U, "completions": [A, B, C], "ranks": [1, 2, 3]}] * 6
+    rows[4] = {"prompt": U, "completions": [A, B], "ranks": [1, 2]}
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match=r"lists\.jsonl, row 4: 2 completions.*has 3"):
+        PtlDataModule(data_cfg(path=str(path), val_path=str(path)), tok, "listwise").setup()
+    dm = PtlDataModule(data_cfg(path=str(path), val_path=str(path), on_bad_row="drop"), tok,
+                       "listwise")
+    dm.setup()
+    assert dm.report()["train_rows"] == 5
+
+
+def test_bundled_task_unpaired_and_listwise(tok):
+    from ptlight.tasks import sort
+
+    dm = PtlDataModule(data_cfg(task="sort", num_train=16), tok, "unpaired")
+    dm.setup()
+    labels = [item.label for item in dm.train]
+    assert labels.count(True) == labels.count(False) == 8
+    for row in sort.make_rows("unpaired", 16, 0, "train"):
+        reward = sort.gold_reward(row["prompt"][0]["content"], row["completion"][0]["content"])
+        assert row["label"] == (reward == 1.0)
+    dm = PtlDataModule(data_cfg(task="sort", num_train=16), tok, "listwise")
+    dm.setup()
+    for item in dm.train:
+        assert len(item.enc.completions) == 4 and item.scores[0] == 1.0
+        assert item.scores == sorted(item.scores, reverse=True) and item.scores[1] < 1.0
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 * 4 and batch["scores"].shape == (4, 4)
+
+
+def test_unpaired_data_needs_batches_of_two(tok):
+    from ptlight.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.batch_size=1"):
+        PtlDataModule(data_cfg(task="sort", batch_size=1), tok, "unpaired")

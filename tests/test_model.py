@@ -93,3 +93,18 @@ def test_directory_that_is_not_a_model(tmp_path):
     cfg = OmegaConf.create({"path": str(tmp_path), "tokenizer": None, "trust_remote_code": False})
     with pytest.raises(ModelLoadError, match="without config.json"):
         load_tokenizer(cfg)
+
+
+def test_unreachable_hub_fails_in_seconds_not_after_retries(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    cfg = OmegaConf.create({"path": "LiquidAI/LFM2-350M", "tokenizer": None,
+                            "trust_remote_code": False})
+    start = time.time()
+    with pytest.raises(ModelLoadError, match="cannot be reached"):
+        load_tokenizer(cfg)
+    assert time.time() - start < 10

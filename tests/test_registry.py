@@ -82,3 +82,13 @@ def test_broken_plugins_name_the_entry_point_and_others_keep_working(fake_plugin
     with pytest.raises(PluginError, match=r"'nodk'.*data_kind"):
         get_objective("nodk")
     assert get_objective("dpo").name == "dpo"
+
+
+def test_listing_command_shows_provenance_and_broken_plugins(fake_plugins, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    from ptlight.objectives.__main__ import main
+
+    main()
+    out = capsys.readouterr().out
+    assert "dpo" in out and "ptlight.objectives.dpo:DPO" in out and "ptlight" in out
+    assert "broken" in out and "boom at import" in out

@@ -10,12 +10,20 @@ Sources, by ``data.path``:
 Rows are checked (:mod:`ptlight.data.shapes`) and tokenized (:mod:`ptlight.data.tokenize`)
 once, in ``setup``. A bad row raises :class:`~ptlight.errors.DataError` naming the source and
 the row, or is dropped and counted with ``data.on_bad_row=drop``; the counts are printed and
-returned by :meth:`PtlDataModule.report`.
+returned by :meth:`PtlDataModule.report`. Row counts in the report are examples: an unpaired
+data set given as pairs yields two examples per row (:func:`~ptlight.data.shapes.parse_examples`).
+
+Batches (:meth:`PtlDataModule.collate`) put completion k of every example in block k of the
+rows, so one forward pass scores all K completions of a prompt; unpaired batches add a block of
+mismatched prompt/completion rows for KTO's KL reference point (OBJECTIVES.md §6). TRL samples
+KTO data sequentially because it builds those pairs once over the data set; here they are built
+from whatever batch the loader draws, so shuffling stays on.
 """
 
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +32,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from ptlight.data.shapes import BadRow, parse_row
+from ptlight.data.shapes import BadRow, Example, parse_examples
 from ptlight.data.tokenize import Encoded, encode
 from ptlight.errors import ConfigError, DataError
 from ptlight.tasks import get_task
@@ -58,8 +66,53 @@ def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
     return ds.to_list()
 
 
+@dataclass
+class Item:
+    """One tokenized example plus what its loss needs besides tokens.
+
+    label:  unpaired data: True = desirable. scores: listwise data: ``[K]``, best first.
+    """
+
+    enc: Encoded
+    label: bool | None = None
+    scores: list[float] | None = None
+
+
+def pad_rows(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask``/``loss_mask`` ``[R, T]`` of (prompt,
+    completion) token lists; ``loss_mask`` is True on the completion tokens."""
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    loss_mask = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, c) in enumerate(seqs):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c)
+        attn[i, :n] = 1
+        loss_mask[i, len(p) : n] = True
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+
+
+def mismatched_pairs(items: list[Item], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt of example j, completion of example j−1), cyclic, for j = 0..B−1 (KTO's y'_j).
+
+    A pair longer than ``max_length`` is cut as ``data.truncation=keep_end`` cuts rows (prompt
+    start first, at least one prompt token kept, then the completion's end): these rows are
+    built here, not read from the data, so they are never an error.
+    """
+    out = []
+    for j, item in enumerate(items):
+        prompt, completion = item.enc.prompt, items[j - 1].enc.completions[0]
+        if len(prompt) + len(completion) > max_length:
+            prompt = prompt[-max(1, max_length - len(completion)):]
+            completion = completion[: max_length - len(prompt)]
+        out.append((prompt, completion))
+    return out
+
+
 class PtlDataModule(L.LightningDataModule):
-    """Train/val loaders of tokenized examples for one data kind (``sft``, ``pairwise``)."""
+    """Train/val loaders of tokenized examples for one data kind (``sft``, ``pairwise``,
+    ``unpaired``, ``listwise``)."""
 
     def __init__(self, cfg: DictConfig, tokenizer, kind: str) -> None:
         super().__init__()
@@ -69,9 +122,15 @@ class PtlDataModule(L.LightningDataModule):
             raise ConfigError(f"data.truncation={cfg.truncation!r}; use 'keep_end' or 'error'")
         if cfg.path is None and cfg.task is None:
             raise ConfigError("set data.path (file, dir or hub id) or data.task (bundled task)")
+        if kind == "unpaired" and cfg.batch_size < 2:
+            raise ConfigError(
+                f"data.batch_size={cfg.batch_size}: unpaired data (KTO) pairs each prompt with "
+                "another example's completion of the same batch to estimate its KL reference "
+                "point, so it needs a per-device batch of at least 2; set data.batch_size>=2"
+            )
         self.cfg, self.tokenizer, self.kind = cfg, tokenizer, kind
-        self.train: list[Encoded] = []
-        self.val: list[Encoded] = []
+        self.train: list[Item] = []
+        self.val: list[Item] = []
         self.dropped: collections.Counter[str] = collections.Counter()
         self.truncated = 0
 
@@ -97,17 +156,25 @@ class PtlDataModule(L.LightningDataModule):
         val = [(i, rows[i]) for i in sorted(val_idx)]
         return (cfg.path, train), (cfg.path, val)  # type: ignore[return-value]
 
-    def _encode_all(self, source: str, rows: list) -> list[Encoded]:
-        out = []
+    def _encode(self, example: Example, done: list[Item]) -> Item:
+        enc = encode(self.tokenizer, example, self.cfg.max_length, self.cfg.truncation)
+        k = len(enc.completions)
+        if self.kind == "listwise" and done and k != len(done[0].enc.completions):
+            raise BadRow(
+                f"{k} completions, but the first row of this split has "
+                f"{len(done[0].enc.completions)}; listwise batches are [B, K], so every row "
+                "needs the same number K"
+            )
+        return Item(enc, label=example.label, scores=example.scores)
+
+    def _encode_all(self, source: str, rows: list) -> list[Item]:
+        out: list[Item] = []
         for n, item in enumerate(rows):
             row_no, row = item if isinstance(item, tuple) else (n, item)
             try:
                 if not isinstance(row, dict):
                     raise BadRow(f"expected an object with named columns, got {type(row).__name__}")
-                enc = encode(
-                    self.tokenizer, parse_row(row, self.kind), self.cfg.max_length,
-                    self.cfg.truncation,
-                )
+                items = [self._encode(ex, out) for ex in parse_examples(row, self.kind)]
             except BadRow as exc:
                 if self.cfg.on_bad_row == "error":
                     raise DataError(
@@ -116,8 +183,8 @@ class PtlDataModule(L.LightningDataModule):
                     ) from None
                 self.dropped[str(exc)] += 1
                 continue
-            self.truncated += enc.truncated
-            out.append(enc)
+            self.truncated += sum(it.enc.truncated for it in items)
+            out.extend(items)
         if not out:
             raise DataError(f"{source}: no usable rows ({sum(self.dropped.values())} dropped)")
         return out
@@ -142,29 +209,43 @@ class PtlDataModule(L.LightningDataModule):
         }
 
     # ---- batching ------------------------------------------------------------------------
-    def collate(self, batch: list[tuple[int, Encoded]]) -> dict[str, torch.Tensor]:
-        """Right-padded ``[K*B, T]`` tensors; completion k of every example forms block k."""
-        k = len(batch[0][1].completions)
-        seqs = [(e.prompt + e.completions[j], len(e.prompt)) for j in range(k) for _, e in batch]
-        width = max(len(s) for s, _ in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        loss_mask = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (s, p) in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            attn[i, : len(s)] = 1
-            loss_mask[i, p : len(s)] = True
-        index = torch.tensor([i for i, _ in batch])
-        return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "index": index}
+    def collate(self, batch: list[tuple[int, Item]]) -> dict[str, torch.Tensor]:
+        """Right-padded rows ``[R, T]`` (:func:`pad_rows`) plus per-example tensors.
 
-    def _loader(self, data: list[Encoded], shuffle: bool) -> DataLoader:
+        Rows: completion k of every example forms block k, R = K·B (sft K=1; pairwise K=2,
+        chosen block first; listwise K ordered best first). Unpaired data (K=1) appends a block
+        of B mismatched rows (:func:`mismatched_pairs`), so R = 2B.
+        Per example: ``index`` ``[B]``; ``labels`` ``[B]`` bool (unpaired); ``scores``
+        ``[B, K]`` float (listwise).
+        """
+        items = [item for _, item in batch]
+        k = len(items[0].enc.completions)
+        seqs = [(it.enc.prompt, it.enc.completions[j]) for j in range(k) for it in items]
+        extra: dict[str, torch.Tensor] = {}
+        if self.kind == "unpaired":
+            seqs += mismatched_pairs(items, self.cfg.max_length)
+            extra["labels"] = torch.tensor([it.label for it in items], dtype=torch.bool)
+        if self.kind == "listwise":
+            extra["scores"] = torch.tensor([it.scores for it in items], dtype=torch.float32)
+        index = torch.tensor([i for i, _ in batch])
+        return {**pad_rows(seqs, self.tokenizer.pad_token_id), "index": index, **extra}
+
+    def _drop_last(self, n: int) -> bool:
+        """Unpaired batches need two or more examples (each prompt is paired with another
+        example's completion): drop a last per-device batch that would hold exactly one."""
+        if self.kind != "unpaired":
+            return False
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return -(-n // world) % self.cfg.batch_size == 1
+
+    def _loader(self, data: list[Item], shuffle: bool) -> DataLoader:
         return DataLoader(
             list(enumerate(data)),
             batch_size=self.cfg.batch_size,
             shuffle=shuffle,
             collate_fn=self.collate,
             generator=torch.Generator().manual_seed(self.cfg.seed) if shuffle else None,
-            drop_last=False,
+            drop_last=self._drop_last(len(data)),
         )
 
     def train_dataloader(self) -> DataLoader:

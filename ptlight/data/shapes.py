@@ -4,6 +4,20 @@
 |----------|-----------------------------------------------------------------------------|
 | sft      | ``prompt``+``completion`` / ``messages`` (last turn = completion) / ``text``   |
 | pairwise | ``prompt``+``chosen``+``rejected``; or ``chosen``+``rejected`` sharing a prefix |
+| unpaired | ``prompt``+``completion``+``label`` (bool, True = desirable); or a pairwise row |
+| listwise | ``prompt``+``completions`` (list, K >= 2) + ``ranks`` (1 = best) or ``scores``  |
+
+Unpaired data (KTO) also accepts pairwise rows: :func:`parse_examples` turns one
+``chosen``/``rejected`` row into TWO examples, the chosen completion labelled True and the
+rejected one False (TRL's ``unpair_preference_dataset``); ``parse_row`` handles one-example rows.
+
+Listwise rows are normalised so that the completions are ordered best first (stable: ties keep
+their order) and :attr:`Example.scores` holds the matching ratings, higher = better: the given
+``scores``, or ``-rank`` when ``ranks`` are given (so tied ranks stay tied for rank-aware
+objectives; min/max-normalised, untied ranks 1..K give the labels (K - r)/(K - 1)). Giving
+both ``ranks`` and ``scores`` is an error (they could disagree). Identical completions with
+different ratings are a bad row. Every listwise row of a split must have the same K, which the
+data module checks (a batch is ``[B, K]``).
 
 Every text field is either a string ("standard" data, used as-is) or a list of
 ``{"role", "content"}`` messages ("conversational" data, rendered with the chat template).
@@ -13,6 +27,7 @@ into an error naming the file and row, or drops and counts it (``data.on_bad_row
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,16 +40,28 @@ class BadRow(ValueError):
 
 @dataclass
 class Example:
-    """One normalised row: a prompt and K completions (K=1 sft, K=2 pairwise: chosen first)."""
+    """One normalised example: a prompt and K completions.
+
+    completions: K=1 sft and unpaired, K=2 pairwise (chosen first), K>=2 listwise (best first).
+    label:       unpaired only: True = desirable, False = undesirable.
+    scores:      listwise only: ``[K]`` ratings aligned with ``completions`` (non-increasing,
+                 ties allowed), higher = better.
+    """
 
     prompt: Text
     completions: list[Text]
+    label: bool | None = None
+    scores: list[float] | None = None
 
 
 def _check_text(row: dict[str, Any], key: str, allow_empty: bool = False) -> Text:
     if key not in row or row[key] is None:
         raise BadRow(f"missing column {key!r}")
-    value = row[key]
+    return _check_value(row[key], key, allow_empty)
+
+
+def _check_value(value: Any, key: str, allow_empty: bool = False) -> Text:
+    """``value`` as a string or a list of messages; ``key`` names it in the error."""
     if isinstance(value, str):
         if not value.strip() and not allow_empty:
             raise BadRow(f"column {key!r} is an empty string")
@@ -87,34 +114,130 @@ def _same_format(prompt: Text, *completions: Text) -> None:
         raise BadRow("prompt and completions mix strings and message lists")
 
 
+def _parse_sft(row: dict[str, Any]) -> Example:
+    if "messages" in row:
+        prompt, completion = _split_messages(_check_text(row, "messages"), "messages")
+    elif "text" in row and "completion" not in row:
+        return Example(prompt="", completions=[_check_text(row, "text")])
+    else:
+        if "completion" not in row:
+            raise BadRow(
+                f"sft data needs 'prompt'+'completion', 'messages' or 'text' columns; "
+                f"found {sorted(row)}"
+            )
+        prompt, completion = _check_text(row, "prompt"), _check_text(row, "completion")
+    _same_format(prompt, completion)
+    return Example(prompt=prompt, completions=[completion])
+
+
+def _parse_pairwise(row: dict[str, Any]) -> Example:
+    if "chosen" not in row or "rejected" not in row:
+        raise BadRow(f"pairwise data needs 'chosen' and 'rejected' columns; found {sorted(row)}")
+    chosen, rejected = _check_text(row, "chosen"), _check_text(row, "rejected")
+    if "prompt" in row:
+        prompt = _check_text(row, "prompt")
+    else:
+        prompt, chosen, rejected = _common_prompt(chosen, rejected)
+        if not chosen or not rejected:
+            raise BadRow("after removing the shared prompt, chosen or rejected is empty")
+    _same_format(prompt, chosen, rejected)
+    if chosen == rejected:
+        raise BadRow("chosen == rejected (the pair carries no preference)")
+    return Example(prompt=prompt, completions=[chosen, rejected])
+
+
+def _check_label(row: dict[str, Any]) -> bool:
+    if "label" not in row or row["label"] is None:
+        raise BadRow("missing column 'label' (true = desirable completion, false = undesirable)")
+    value = row["label"]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise BadRow(f"column 'label' must be a boolean (true/false or 1/0), got {value!r}")
+
+
+def _parse_unpaired(row: dict[str, Any]) -> Example:
+    if "completion" not in row:
+        raise BadRow(
+            "unpaired data needs 'prompt'+'completion'+'label' columns (or 'chosen'+'rejected', "
+            f"which give one desirable and one undesirable example); found {sorted(row)}"
+        )
+    prompt, completion = _check_text(row, "prompt"), _check_text(row, "completion")
+    _same_format(prompt, completion)
+    return Example(prompt=prompt, completions=[completion], label=_check_label(row))
+
+
+def _number(value: Any, key: str, i: int, integer: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if integer:
+        ok = ok and float(value).is_integer() and value >= 1
+    if not ok:
+        what = "an integer >= 1 (1 = best)" if integer else "a finite number"
+        raise BadRow(f"{key}[{i}] must be {what}, got {value!r}")
+    return float(value)
+
+
+def _listwise_scores(row: dict[str, Any], k: int) -> list[float]:
+    """Ratings aligned with ``completions``, higher = better: ``scores``, or ``-ranks``."""
+    given = [key for key in ("ranks", "scores") if row.get(key) is not None]
+    if not given:
+        raise BadRow(
+            "listwise data needs a 'ranks' (1 = best) or a 'scores' (higher = better) column"
+        )
+    if len(given) == 2:
+        raise BadRow("give 'ranks' or 'scores', not both (they could disagree)")
+    key = given[0]
+    values = row[key]
+    if not isinstance(values, list) or len(values) != k:
+        n = len(values) if isinstance(values, list) else type(values).__name__
+        raise BadRow(f"column {key!r} has {n} entries but 'completions' has {k}")
+    numbers = [_number(v, key, i, integer=key == "ranks") for i, v in enumerate(values)]
+    return [-r for r in numbers] if key == "ranks" else numbers
+
+
+def _parse_listwise(row: dict[str, Any]) -> Example:
+    if not isinstance(row.get("completions"), list):
+        raise BadRow(f"listwise data needs a 'completions' list column; found {sorted(row)}")
+    if len(row["completions"]) < 2:
+        raise BadRow(f"'completions' needs at least 2 completions, got {len(row['completions'])}")
+    prompt = _check_text(row, "prompt")
+    completions = [_check_value(c, f"completions[{i}]") for i, c in enumerate(row["completions"])]
+    _same_format(prompt, *completions)
+    scores = _listwise_scores(row, len(completions))
+    for i in range(len(completions)):
+        for j in range(i + 1, len(completions)):
+            if completions[i] == completions[j] and scores[i] != scores[j]:
+                raise BadRow(f"completions {i} and {j} are identical but rated differently")
+    order = sorted(range(len(completions)), key=lambda i: -scores[i])  # stable: ties keep order
+    return Example(prompt=prompt, completions=[completions[i] for i in order],
+                   scores=[scores[i] for i in order])
+
+
+_PARSERS = {
+    "sft": _parse_sft,
+    "pairwise": _parse_pairwise,
+    "unpaired": _parse_unpaired,
+    "listwise": _parse_listwise,
+}
+
+
 def parse_row(row: dict[str, Any], kind: str) -> Example:
-    """Validate ``row`` as data of ``kind`` and normalise it; raises :class:`BadRow`."""
-    if kind == "sft":
-        if "messages" in row:
-            prompt, completion = _split_messages(_check_text(row, "messages"), "messages")
-        elif "text" in row and "completion" not in row:
-            return Example(prompt="", completions=[_check_text(row, "text")])
-        else:
-            if "completion" not in row:
-                raise BadRow(
-                    f"sft data needs 'prompt'+'completion', 'messages' or 'text' columns; "
-                    f"found {sorted(row)}"
-                )
-            prompt, completion = _check_text(row, "prompt"), _check_text(row, "completion")
-        _same_format(prompt, completion)
-        return Example(prompt=prompt, completions=[completion])
-    if kind == "pairwise":
-        if "chosen" not in row or "rejected" not in row:
-            raise BadRow(f"pairwise data needs 'chosen' and 'rejected' columns; found {sorted(row)}")
-        chosen, rejected = _check_text(row, "chosen"), _check_text(row, "rejected")
-        if "prompt" in row:
-            prompt = _check_text(row, "prompt")
-        else:
-            prompt, chosen, rejected = _common_prompt(chosen, rejected)
-            if not chosen or not rejected:
-                raise BadRow("after removing the shared prompt, chosen or rejected is empty")
-        _same_format(prompt, chosen, rejected)
-        if chosen == rejected:
-            raise BadRow("chosen == rejected (the pair carries no preference)")
-        return Example(prompt=prompt, completions=[chosen, rejected])
-    raise ValueError(f"no row parser for data kind {kind!r} yet")
+    """Validate ``row`` as one example of ``kind`` and normalise it; raises :class:`BadRow`.
+
+    For unpaired data given as pairs (one row, two examples) use :func:`parse_examples`.
+    """
+    if kind not in _PARSERS:
+        raise ValueError(f"no row parser for data kind {kind!r}; known: {sorted(_PARSERS)}")
+    return _PARSERS[kind](row)
+
+
+def parse_examples(row: dict[str, Any], kind: str) -> list[Example]:
+    """Every example of one row: ``[parse_row(row, kind)]``, except unpaired data given as a
+    pair (``chosen``/``rejected``, no ``completion``): the chosen completion labelled True and
+    the rejected one labelled False, sharing the (explicit or implicit) prompt."""
+    if kind == "unpaired" and "completion" not in row and ("chosen" in row or "rejected" in row):
+        pair = _parse_pairwise(row)
+        return [Example(pair.prompt, [pair.completions[0]], label=True),
+                Example(pair.prompt, [pair.completions[1]], label=False)]
+    return [parse_row(row, kind)]

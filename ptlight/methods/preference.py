@@ -1,12 +1,23 @@
-"""``preference``: one module drives every pairwise objective of the DPO family.
+"""``preference``: one module drives every pairwise, listwise and unpaired objective.
 
-Each batch holds B pairs as ``[2B, T]`` rows (chosen block first, then rejected). One policy
-forward scores both halves; the reference log-probs come from, by ``method.reference``:
+Batches come from :meth:`ptlight.data.module.PtlDataModule.collate`; one policy forward scores
+every row, and the per-row summed log-probs are reshaped by data kind:
+
+- ``pairwise``: ``[2B]`` rows (chosen block, rejected block) -> ``Logps.policy [B, 2]``.
+- ``listwise``: ``[K·B]`` rows (K blocks, best first) -> ``[B, K]``, with ``Logps.scores``
+  ``[B, K]`` from the batch.
+- ``unpaired``: ``[2B]`` rows, the examples then the mismatched block (prompt j with the
+  completion of example j−1) -> ``policy [B, 1]``, ``labels [B]`` and ``kl_policy [B]``
+  (detached: KTO's reference point takes no gradient; the mismatched rows share the forward
+  pass instead of a second ``no_grad`` one, which costs their activation memory).
+
+The reference log-probs come from, by ``method.reference``:
 
 - ``copy``: a frozen copy of the starting policy, run under ``no_grad`` in the training
   precision; kept outside the module's registered children so checkpoints carry it once.
 - ``precompute``: the same frozen copy scores the whole train and val sets once before training
-  (same precision), then is freed; batches look the values up by example index.
+  (same precision), then is freed; batches look the values up by example index. Not for
+  unpaired data: its mismatched rows change with every shuffled batch.
 - ``none``: no reference (reference-free objectives such as SimPO/ORPO); an objective with
   ``needs_reference = True`` refuses this before any weights load.
 """
@@ -18,41 +29,58 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
-from ptlight.logps import completion_logps
+from ptlight.errors import ConfigError
+from ptlight.logps import TokenScores, completion_logps
 from ptlight.methods.common import configure_optim, log_metrics, token_diagnostics
-from ptlight.objectives import Logps, Objective
+from ptlight.objectives import Logps, Objective, ObjectiveOutput
 
 REFERENCE_MODES = ("copy", "precompute", "none")
 
 
-def _pairs(values: torch.Tensor) -> torch.Tensor:
-    """``[2B]`` (chosen block, rejected block) -> ``[B, 2]``."""
-    return values.view(2, -1).T
+def _columns(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``[K·B]`` (block k = completion k of every example) -> ``[B, K]``."""
+    return values.view(k, -1).T
+
+
+def _first_rows(scores: TokenScores, n: int) -> TokenScores:
+    """The tokens of rows ``< n`` only (diagnostics leave out the mismatched KTO rows)."""
+    keep = scores.rows < n
+    mean_logp = scores.mean_logp[keep] if scores.mean_logp is not None else None
+    return TokenScores(scores.logps[keep], scores.rows[keep], scores.correct[keep],
+                       scores.entropy[keep], mean_logp, scores.mask[:n])
 
 
 class PreferenceMethod(L.LightningModule):
-    """Policy (+ reference) + a pairwise objective."""
+    """Policy (+ reference) + a pairwise, listwise or unpaired sequence-level objective."""
 
-    data_kinds = ("pairwise",)
+    data_kinds = ("pairwise", "listwise", "unpaired")
 
     def __init__(
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
         reference: PreTrainedModel | None = None, reference_mode: str = "copy",
     ) -> None:
         super().__init__()
+        if reference_mode == "precompute" and objective.data_kind == "unpaired":
+            raise ConfigError(
+                f"method.reference=precompute cannot serve {objective.name!r}: the mismatched "
+                "prompt/completion rows of unpaired data change with every shuffled batch; "
+                "use method.reference=copy"
+            )
         self.policy, self.objective, self.optim_cfg = policy, objective, optim
+        self.data_kind = objective.data_kind
         self.reference_mode = reference_mode
         self._reference = [reference]  # a list: not a registered child, not in the state dict
         self._ref_cache: dict[str, torch.Tensor] = {}
 
     # ---- reference ----------------------------------------------------------------------
-    def _reference_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ref = self._reference[0]
+    def _reference_sums(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[R]`` summed completion log-probs of every row under the frozen reference."""
         with torch.no_grad():
             scores = completion_logps(
-                ref, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+                self._reference[0], batch["input_ids"], batch["attention_mask"],
+                batch["loss_mask"],
             )
-        return _pairs(scores.sequence_sum())
+        return scores.sequence_sum()
 
     def on_fit_start(self) -> None:
         ref = self._reference[0]
@@ -63,37 +91,69 @@ class PreferenceMethod(L.LightningModule):
             dm = self.trainer.datamodule
             with self.trainer.precision_plugin.forward_context():
                 for split, loader in dm.ordered_loaders().items():
-                    cache = torch.zeros(len(loader.dataset), 2, device=self.device)
+                    cache = None
                     for batch in loader:
                         batch = {k: v.to(self.device) for k, v in batch.items()}
-                        cache[batch["index"]] = self._reference_scores(batch)
+                        b = batch["index"].shape[0]
+                        sums = self._reference_sums(batch)
+                        if cache is None:  # [N, K]
+                            cache = sums.new_zeros(len(loader.dataset), sums.shape[0] // b)
+                        cache[batch["index"]] = _columns(sums, sums.shape[0] // b)
                     self._ref_cache[split] = cache
             self._reference[0] = None  # frees the copy: the cache is all we need
 
     def _reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor | None:
+        """``[R]`` reference sums of every row (same layout as the policy's), or None."""
         if self.reference_mode == "none":
             return None
         if self.reference_mode == "precompute":
-            return self._ref_cache[split][batch["index"]]
-        return self._reference_scores(batch)
+            return self._ref_cache[split][batch["index"]].T.reshape(-1)  # [B, K] -> [K·B]
+        return self._reference_sums(batch)
 
     # ---- steps --------------------------------------------------------------------------
-    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+    def _logps(
+        self, batch: dict[str, torch.Tensor], policy: torch.Tensor, reference: torch.Tensor | None,
+        lengths: torch.Tensor,
+    ) -> Logps:
+        """Reshape per-row sums ``[R]`` into the objective's :class:`Logps` (see module doc)."""
+        b = batch["index"].shape[0]
+        if self.data_kind == "unpaired":
+            return Logps(
+                policy=policy[:b, None],
+                reference=None if reference is None else reference[:b, None],
+                lengths=lengths[:b, None],
+                labels=batch["labels"],
+                kl_policy=policy[b:].detach(),
+                kl_reference=None if reference is None else reference[b:],
+            )
+        k = policy.shape[0] // b
+        columns = _columns(policy, k)
+        return Logps(
+            policy=columns,
+            reference=None if reference is None else _columns(reference, k),
+            lengths=_columns(lengths, k),
+            scores=batch.get("scores"),
+            chosen_nll=-columns[:, 0] / _columns(lengths, k)[:, 0].clamp(min=1),
+        )
+
+    def forward_batch(
+        self, batch: dict[str, torch.Tensor], split: str
+    ) -> tuple[ObjectiveOutput, dict[str, torch.Tensor]]:
+        """The objective's output on one batch and the token diagnostics of its examples."""
         scores = completion_logps(
             self.policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         )
-        lengths = scores.lengths()
-        policy = _pairs(scores.sequence_sum())
-        chosen_len = _pairs(lengths)[:, 0].clamp(min=1)
-        inputs = Logps(
-            policy=policy,
-            reference=self._reference_logps(batch, split),
-            lengths=_pairs(lengths),
-            chosen_nll=-policy[:, 0] / chosen_len,
-        )
+        inputs = self._logps(batch, scores.sequence_sum(), self._reference_logps(batch, split),
+                             scores.lengths())
         out = self.objective(inputs)
-        log_metrics(self, split, out.loss, {**token_diagnostics(scores), **out.metrics},
-                    policy.shape[0])
+        if self.data_kind == "unpaired":
+            scores = _first_rows(scores, batch["index"].shape[0])
+        return out, token_diagnostics(scores)
+
+    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        out, diagnostics = self.forward_batch(batch, split)
+        log_metrics(self, split, out.loss, {**diagnostics, **out.metrics},
+                    batch["index"].shape[0])
         return out.loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -11,7 +11,9 @@ Train and held-out examples are split by a hash of the (sorted) word list, so th
 share a list whatever seeds generate them; ``seed`` only picks which lists are drawn.
 Rejected answers for preference data are near misses of the correct one (two neighbours
 swapped, a word dropped, repeated, replaced by one not in the list, or an extra word
-inserted).
+inserted). Unpaired rows alternate the correct answer (label True) and a near miss (label
+False), so the labels are balanced; listwise rows hold the correct answer and three distinct
+near misses in random order, with their gold rewards as ``scores`` (ties possible).
 """
 
 from __future__ import annotations
@@ -111,8 +113,28 @@ def _assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
+def _unpaired_row(words: list[str], desirable: bool, rng: random.Random) -> dict[str, Any]:
+    prompt = prompt_text(words)
+    completion = answer_text(words) if desirable else near_miss(words, rng)
+    return {"prompt": _user(prompt), "completion": _assistant(completion),
+            "label": gold_reward(prompt, completion) == 1.0}
+
+
+def _listwise_row(words: list[str], rng: random.Random, k: int = 4) -> dict[str, Any]:
+    prompt = prompt_text(words)
+    answers = [answer_text(words)]
+    while len(answers) < k:  # distinct near misses; short lists still have > k of them
+        miss = near_miss(words, rng)
+        if miss not in answers:
+            answers.append(miss)
+    rng.shuffle(answers)
+    return {"prompt": _user(prompt), "completions": [_assistant(a) for a in answers],
+            "scores": [gold_reward(prompt, a) for a in answers]}
+
+
 def make_rows(kind: str, n: int, seed: int, split: str, **kw: Any) -> list[dict[str, Any]]:
-    """Rows of data-set shape ``kind`` ("sft", "pairwise", "prompt") in conversational form."""
+    """Rows of data-set shape ``kind`` in conversational form: "sft", "pairwise",
+    "unpaired" (balanced labels), "listwise" (K=4 with gold-reward scores) or "prompt"."""
     lists = sample_lists(n, seed, split, **kw)
     rng = random.Random(f"sort-rows-{kind}-{split}-{seed}")
     if kind == "sft":
@@ -127,6 +149,12 @@ def make_rows(kind: str, n: int, seed: int, split: str, **kw: Any) -> list[dict[
             }
             for w in lists
         ]
+    if kind == "unpaired":
+        return [_unpaired_row(w, i % 2 == 0, rng) for i, w in enumerate(lists)]
+    if kind == "listwise":
+        return [_listwise_row(w, rng) for w in lists]
     if kind == "prompt":
         return [{"prompt": _user(prompt_text(w))} for w in lists]
-    raise ValueError(f"sort task has no data shape {kind!r}; use sft, pairwise or prompt")
+    raise ValueError(
+        f"sort task has no data shape {kind!r}; use sft, pairwise, unpaired, listwise or prompt"
+    )
