@@ -23,7 +23,7 @@ def tok():
 
 
 def data_cfg(**kw):
-    base = dict(task=None, path=None, val_path=None, num_train=16, val_size=4, seed=0,
+    base = dict(task=None, path=None, val_path=None, num_train=16, val_size=4, seed=0, task_args={},
                 batch_size=4, max_length=64, truncation="keep_end", on_bad_row="error")
     return OmegaConf.create({**base, **kw})
 

@@ -106,7 +106,7 @@ class Toy(Objective):
     needs_reference = True
     data_kind = "pairwise"
 
-    def __init__(self, *, beta: float = 0.1, label_smoothing: float = 0.0):
+    def __init__(self, *, beta: float = 0.1, label_smoothing: float = 0.0):  # dpo.yaml's keys
         super().__init__()
         self.beta = beta
 
@@ -143,7 +143,7 @@ def test_plugin_installed_from_a_temp_distribution_is_found_and_used(pipeline_ru
         env={**os.environ, **env}, capture_output=True, text=True))
     assert "toy_plugin" in found.stdout and "('toy-plugin', '0.0.1')" in found.stdout
     run_dir = tmp_path / "run"
-    _ok(run_cli("method=dpo", "method.objective.name=toy_tanh",
+    _ok(run_cli("method=dpo", "method.objective.name=toy_tanh", "~method.objective.rpo_alpha",
                 f"model.path={pipeline_run[0] / '0-sft' / 'export'}", f"hydra.run.dir={run_dir}",
                 "eval.before=false", *TINY, env=env))
     assert json.loads((run_dir / "eval.json").read_text())["objective"] == "toy_tanh"

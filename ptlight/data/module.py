@@ -141,7 +141,7 @@ class PtlDataModule(L.LightningDataModule):
             task = get_task(cfg.task)
             return (
                 (f"bundled task {cfg.task!r} (train)",
-                 task.make_rows(self.kind, cfg.num_train, cfg.seed, "train")),
+                 task.make_rows(self.kind, cfg.num_train, cfg.seed, "train", **cfg.task_args)),
                 (f"bundled task {cfg.task!r} (held-out)",
                  task.make_rows(self.kind, cfg.val_size, cfg.seed + 1, "heldout")),
             )

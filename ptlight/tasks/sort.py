@@ -3,17 +3,19 @@
 A user turn asks ``Sort these words alphabetically: kiwi plum apple``; the ideal answer is
 ``apple kiwi plum``. The gold reward is programmatic (:func:`gold_reward`): the fraction of
 answer positions that hold the right word, so it is 1.0 exactly when the answer is correct and
-gives partial credit for near misses. A few-million-parameter model learns the format quickly
-but stays imperfect on longer lists after a short SFT, which leaves room for preference
-optimisation to show an improvement.
+gives partial credit for near misses.
+
+Why SFT stays imperfect and preferences help: the SFT demonstrations are written by a hurried
+annotator (:func:`demonstration`): on long lists (``lazy_from`` = 6+ words) they often stop one
+or two words early (``lazy_prob``, 0.6 in ``conf/data/sort.yaml``). A model trained to imitate
+them learns to stop early on long lists. Preference pairs rank the complete, correct answer
+over a near miss (:func:`near_miss`: truncated, a word dropped, repeated, replaced or inserted,
+or two neighbours swapped) — the comparison is easy even where writing the answer is tedious,
+which is the classic argument for learning from comparisons. Held-out evaluation always uses
+correct answers. Set ``data.task_args.lazy_prob=0`` for perfect demonstrations.
 
 Train and held-out examples are split by a hash of the (sorted) word list, so the two never
 share a list whatever seeds generate them; ``seed`` only picks which lists are drawn.
-Rejected answers for preference data are near misses of the correct one (two neighbours
-swapped, a word dropped, repeated, replaced by one not in the list, or an extra word
-inserted). Unpaired rows alternate the correct answer (label True) and a near miss (label
-False), so the labels are balanced; listwise rows hold the correct answer and three distinct
-near misses in random order, with their gold rewards as ``scores`` (ties possible).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def near_miss(words: list[str], rng: random.Random) -> str:
     """A plausible wrong answer: the sorted list with one small corruption."""
     target = sorted(words)
     out = list(target)
-    kind = rng.choice(("swap", "swap", "drop", "repeat", "replace", "insert"))
+    kind = rng.choice(("swap", "drop", "repeat", "replace", "insert", "truncate", "truncate"))
     i = rng.randrange(len(out))
     if kind == "swap":
         i = rng.randrange(len(out) - 1)
@@ -79,6 +81,8 @@ def near_miss(words: list[str], rng: random.Random) -> str:
         del out[i]
     elif kind == "repeat":
         out.insert(i, out[i])
+    elif kind == "truncate":  # stops early: the last one to three words are missing
+        out = out[: rng.randint(max(1, len(out) - 3), len(out) - 1)]
     elif kind == "replace":
         out[i] = rng.choice([w for w in WORDS if w not in words])
     else:  # insert a word that is not in the list, in its alphabetical place
@@ -132,13 +136,35 @@ def _listwise_row(words: list[str], rng: random.Random, k: int = 4) -> dict[str,
             "scores": [gold_reward(prompt, a) for a in answers]}
 
 
-def make_rows(kind: str, n: int, seed: int, split: str, **kw: Any) -> list[dict[str, Any]]:
+def demonstration(words: list[str], rng: random.Random, lazy_prob: float, lazy_from: int) -> str:
+    """An SFT demonstration as a hurried annotator writes it.
+
+    On lists of at least ``lazy_from`` words, with probability ``lazy_prob`` the annotator stops
+    one or two words early. Such answers are easy to spot when two are compared side by side,
+    which is what preference data adds over demonstrations.
+    """
+    target = sorted(words)
+    if len(target) >= lazy_from and rng.random() < lazy_prob:
+        target = target[: len(target) - rng.randint(1, 2)]
+    return " ".join(target)
+
+
+def make_rows(
+    kind: str, n: int, seed: int, split: str, *, lazy_prob: float = 0.0, lazy_from: int = 6,
+    **kw: Any,
+) -> list[dict[str, Any]]:
     """Rows of data-set shape ``kind`` in conversational form: "sft", "pairwise",
-    "unpaired" (balanced labels), "listwise" (K=4 with gold-reward scores) or "prompt"."""
+    "unpaired" (balanced labels), "listwise" (K=4 with gold-reward scores) or "prompt".
+
+    ``lazy_prob``/``lazy_from`` make train-split SFT demonstrations imperfect (see
+    :func:`demonstration`); every other shape and split always carries correct answers.
+    """
     lists = sample_lists(n, seed, split, **kw)
     rng = random.Random(f"sort-rows-{kind}-{split}-{seed}")
     if kind == "sft":
-        return [{"prompt": _user(prompt_text(w)), "completion": _assistant(answer_text(w))}
+        lazy = lazy_prob if split == "train" else 0.0
+        return [{"prompt": _user(prompt_text(w)),
+                 "completion": _assistant(demonstration(w, rng, lazy, lazy_from))}
                 for w in lists]
     if kind == "pairwise":
         return [
