@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ from ptlight.evaluate import gold_eval
 from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
+
+
+# The CSV logger shares the stage dir with config.yaml and checkpoints; only its own
+# metrics.csv is replaced, so its "directory not empty" warning is noise.
+warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -17,25 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 register_resolvers()
 
-# A 3-layer, 64-wide LFM2 (conv, conv, attention) and a handful of rows: seconds per run.
-TINY = [
-    "model.arch.hidden_size=64",
-    "model.arch.intermediate_size=128",
-    "model.arch.num_hidden_layers=3",
-    "model.arch.layer_types=[conv,conv,full_attention]",
-    "data.num_train=64",
-    "data.val_size=8",
-    "data.batch_size=8",
-    "trainer.max_steps=3",
-    "trainer.val_check_interval=3",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "checkpoint.every_n_train_steps=3",
-    "eval.num_prompts=8",
-    "eval.max_new_tokens=8",
-]
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def compose_cfg():
@@ -46,13 +24,3 @@ def compose_cfg():
     yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
     ctx.__exit__(None, None, None)
     GlobalHydra.instance().clear()
-
-
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
-            timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m ptlight <args>`` in a subprocess; returns the completed process."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "ptlight", *args], cwd=cwd, env=full_env, capture_output=True,
-        text=True, timeout=timeout,
-    )

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 
 SCRIPT = REPO / "scripts" / "compare_objectives.py"
 

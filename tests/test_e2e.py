@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, TINY, run_cli
+from helpers import REPO, TINY, run_cli
 
 pytestmark = pytest.mark.slow
 

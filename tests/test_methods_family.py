@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY
+from helpers import TINY
 from ptlight.backbone import build_policy, frozen_copy, load_tokenizer
 from ptlight.data.module import PtlDataModule, mismatched_pairs
 from ptlight.errors import ConfigError
