@@ -65,3 +65,28 @@ def test_validation():
 )
 def test_entry_point_resolves_to_plugin():
     assert get_objective("apo_zero") is APOZero
+
+
+@pytest.mark.skipif(not _installed(), reason="pip install --no-deps -e plugins/ptlight-apo")
+def test_runs_through_the_ptlight_cli(tmp_path):
+    """What a user does after `pip install ptlight-apo`: train with it from the command line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tiny = ["model.arch.hidden_size=64", "model.arch.intermediate_size=128",
+            "model.arch.num_hidden_layers=3", "model.arch.layer_types=[conv,conv,full_attention]",
+            "data.num_train=32", "data.val_size=8", "data.batch_size=8", "trainer.max_steps=2",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+            "eval.before=false", "eval.num_prompts=4", "eval.max_new_tokens=4"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ptlight", "method=dpo", "method.objective.name=apo_zero",
+         "~method.objective.label_smoothing", "~method.objective.rpo_alpha",
+         f"hydra.run.dir={tmp_path}", *tiny],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["objective"] == "apo_zero" and report["global_step"] == 2
+    assert "train/rewards/margins" in (tmp_path / "metrics.csv").read_text().splitlines()[0]
