@@ -1,0 +1,43 @@
+"""In-process training stages: precision, reference modes, what a stage returns."""
+
+import csv
+import math
+
+import pytest
+
+from helpers import TINY
+from ptlight.train import train_stage
+
+
+def _metrics(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    return [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_dpo_step_in_both_precisions(compose_cfg, tmp_path, precision):
+    cfg = compose_cfg("method=dpo", f"trainer.precision={precision}", "eval.before=false", *TINY)
+    report = train_stage(cfg, tmp_path)
+    losses = _metrics(tmp_path)
+    assert report["global_step"] == 3 and len(losses) == 3
+    assert all(math.isfinite(v) for _, v in losses)
+    assert losses[0][1] == pytest.approx(math.log(2), abs=1e-3 if precision == "32-true" else 2e-2)
+
+
+def test_precomputed_reference_matches_the_frozen_copy(compose_cfg, tmp_path):
+    runs = {}
+    for mode in ("copy", "precompute"):
+        cfg = compose_cfg("method=dpo", f"method.reference={mode}", "eval.before=false", *TINY)
+        train_stage(cfg, tmp_path / mode)
+        runs[mode] = _metrics(tmp_path / mode)
+    assert [s for s, _ in runs["copy"]] == [s for s, _ in runs["precompute"]]
+    for (_, a), (_, b) in zip(runs["copy"], runs["precompute"]):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_gradient_accumulation_and_clipping_come_from_trainer_config(compose_cfg, tmp_path):
+    cfg = compose_cfg("method=sft", "trainer.accumulate_grad_batches=2",
+                      "trainer.gradient_clip_val=0.5", "eval.before=false", *TINY)
+    report = train_stage(cfg, tmp_path)
+    assert report["global_step"] == 3  # optimizer steps, each over 2 batches
+    assert report["data"]["train_rows"] == 64
