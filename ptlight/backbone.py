@@ -10,7 +10,9 @@
   ``model=lfm2-tiny``, the offline default.
 
 The reference model is a frozen deep copy (``requires_grad=False``, eval mode) that the method
-keeps outside its registered modules, so checkpoints do not carry it twice.
+keeps outside its registered modules, so checkpoints do not carry it twice. With LoRA
+(``model.lora.enabled=true``) there is no copy: the reference is the policy itself with its
+adapters switched off (:class:`AdapterReference`); see "LoRA and QLoRA" below.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from peft import (LoraConfig, PeftConfig, PeftModel, get_peft_model,
+                  prepare_model_for_kbit_training)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
+                          PreTrainedModel)
 
 from ptlight.errors import ConfigError, ModelLoadError
 
@@ -40,10 +47,10 @@ def _check_local_dir(path: str) -> None:
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise ModelLoadError(f"model.path={path!r} is a file, not a model directory. {_WAYS_OUT}")
-    if p.is_dir() and not (p / "config.json").is_file():
+    if p.is_dir() and not any((p / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise ModelLoadError(
-            f"model.path={path!r} is a directory without config.json, so it is not a transformers "
-            f"model directory. {_WAYS_OUT}"
+            f"model.path={path!r} is a directory without config.json (or adapter_config.json), so "
+            f"it is not a transformers model (or PEFT adapter) directory. {_WAYS_OUT}"
         )
 
 
@@ -88,10 +95,14 @@ def _from_pretrained(loader, source: str, what: str, **kwargs):
 
 
 def load_tokenizer(model_cfg: DictConfig):
-    """The tokenizer of ``model.path``, ``model.tokenizer`` or the bundled one (in that order)."""
+    """The tokenizer of ``model.tokenizer``, ``model.path`` (an adapter dir without one: its
+    base's) or the bundled one (in that order)."""
     source = model_cfg.tokenizer or model_cfg.path or str(BUNDLED_TOKENIZER)
     if source == model_cfg.path:
         _check_local_dir(source)
+        adapter = _adapter_dir(source)
+        if adapter is not None and not (adapter / "tokenizer_config.json").is_file():
+            source = _adapter_base(adapter)  # an adapter saved without its tokenizer
     tok = _from_pretrained(AutoTokenizer, source, "tokenizer",
                            trust_remote_code=model_cfg.trust_remote_code)
     if tok.pad_token_id is None:
@@ -116,37 +127,59 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
-    """The trainable policy: pretrained from ``model.path`` or fresh from ``model.arch``."""
+def _base_model(model_cfg: DictConfig, tokenizer, source: str | None,
+                load_kwargs: dict[str, Any]) -> PreTrainedModel:
+    """Pretrained weights from ``source`` (a hub id or local dir), or fresh from ``model.arch``."""
     dtype = _dtype(model_cfg.dtype)
-    if model_cfg.path:
-        _check_local_dir(model_cfg.path)
-        model = _from_pretrained(AutoModelForCausalLM, model_cfg.path, "model", dtype=dtype,
-                                 trust_remote_code=model_cfg.trust_remote_code)
-    elif model_cfg.arch is not None:
-        arch: dict[str, Any] = OmegaConf.to_container(model_cfg.arch, resolve=True)  # type: ignore[assignment]
-        model_type = arch.pop("model_type")
-        vocab = arch.pop("vocab_size", None) or len(tokenizer)
-        config = AutoConfig.for_model(
-            model_type,
-            vocab_size=-(-vocab // 64) * 64,  # round up: friendlier matmul shapes
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **arch,
-        )
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    else:
+    if source:
+        _check_local_dir(source)
+        return _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype,
+                                trust_remote_code=model_cfg.trust_remote_code, **load_kwargs)
+    if model_cfg.arch is None:
         raise ConfigError("set model.path (hub id or local dir) or model.arch (build from config)")
+    arch: dict[str, Any] = OmegaConf.to_container(model_cfg.arch, resolve=True)  # type: ignore[assignment]
+    model_type = arch.pop("model_type")
+    vocab = arch.pop("vocab_size", None) or len(tokenizer)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=-(-vocab // 64) * 64,  # round up: friendlier matmul shapes
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **arch,
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
+    """The trainable policy: pretrained from ``model.path`` or fresh from ``model.arch``.
+
+    With ``model.lora.enabled`` the base weights are frozen and LoRA adapters are trained; the
+    returned object is still the plain transformers model (peft injects its layers in place),
+    with its ``PeftModel`` reachable through :func:`peft_wrapper`. ``model.path`` may be a PEFT
+    adapter directory: see :func:`_load_adapter`. Quantization is checked (and refused on CPU)
+    before any weights load.
+    """
+    lora = lora_settings(model_cfg)
+    load_kwargs = _quantization(model_cfg, lora)
+    adapter = _adapter_dir(model_cfg.path)
+    source = _adapter_base(adapter) if adapter is not None else model_cfg.path
+    model = _base_model(model_cfg, tokenizer, source, load_kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ModelLoadError(
             f"tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
             f"{model.get_input_embeddings().weight.shape[0]} rows; use the model's own tokenizer"
         )
-    if model_cfg.disable_dropout:
+    if model_cfg.disable_dropout:  # before LoRA: model.lora.dropout is the user's own choice
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+    if load_kwargs:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if adapter is not None:
+        model = _load_adapter(model, adapter, trainable=lora is not None)
+    elif lora is not None:
+        model = _new_adapter(model, lora)
     model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it gets
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -159,3 +192,232 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     ref.eval()
     ref.requires_grad_(False)
     return ref
+
+
+# ---- LoRA and QLoRA --------------------------------------------------------------------------
+# ``model.lora`` (documented in conf/model/*.yaml): enabled, r, alpha, dropout, target_modules,
+# quantize, merge. The rules, in one place:
+# - Fresh LoRA (``model.path`` a full model or null): adapters named "default" start at B = 0,
+#   so the policy starts equal to the base; the reference is the base (adapters disabled).
+# - ``model.path`` a PEFT adapter dir: the base comes from ``<dir>/base`` when present (ptlight
+#   writes it when the base had no other home), else from ``base_model_name_or_path`` of its
+#   adapter_config.json. With LoRA on, the adapter is loaded twice: "default" (trainable) and
+#   "reference" (frozen), so the reference is the starting adapter, not the bare base; the
+#   adapter's own r/alpha/targets apply (``model.lora.r`` etc. are not used). With LoRA off the
+#   adapter is merged into the base and the whole model is trained.
+# - QLoRA (``quantize: 4bit``): NF4 base with double quantization and bf16 compute
+#   (bitsandbytes, CUDA only), as in the QLoRA paper; refused on CPU before any weights load.
+
+TRAINED_ADAPTER = "default"
+REFERENCE_ADAPTER = "reference"
+# Every linear projection of an LFM2 block: attention q/k/v/out, the short conv's in/out
+# projections, and the SwiGLU MLP. Other architectures: peft's "all-linear" (all but lm_head).
+DEFAULT_TARGET_MODULES = {"lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj",
+                                   "w1", "w2", "w3"]}
+_PEFT_ATTR = "_ptlight_peft_model"
+
+
+def lora_settings(model_cfg: DictConfig) -> DictConfig | None:
+    """``model.lora`` when enabled, else None (a model config without a ``lora`` block: off)."""
+    lora = model_cfg.get("lora")
+    return lora if lora is not None and lora.enabled else None
+
+
+def _quantization(model_cfg: DictConfig, lora: DictConfig | None) -> dict[str, Any]:
+    """``from_pretrained`` kwargs for ``model.lora.quantize``; ConfigError where it cannot run."""
+    block = model_cfg.get("lora")
+    quantize = None if block is None else block.quantize
+    if quantize is None:
+        return {}
+    if quantize != "4bit":
+        raise ConfigError(f"model.lora.quantize={quantize!r}; use null or 4bit (QLoRA)")
+    if lora is None:
+        raise ConfigError("model.lora.quantize=4bit trains LoRA adapters on a 4-bit base; "
+                          "also set model.lora.enabled=true")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "model.lora.quantize=4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do "
+            "not run on CPU. On CPU use plain LoRA (model.lora.quantize=null), optionally with "
+            "model.dtype=bfloat16 to halve the weights' memory."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.lora.quantize=4bit needs bitsandbytes: pip install bitsandbytes")
+    if not model_cfg.path:
+        raise ConfigError("model.lora.quantize=4bit quantizes pretrained weights; set model.path")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": bnb, "device_map": {"": torch.cuda.current_device()}}
+
+
+def _adapter_dir(path: str | None) -> Path | None:
+    """``path`` when it is a local PEFT adapter directory (has adapter_config.json)."""
+    p = Path(path).expanduser() if path else None
+    return p if p is not None and (p / "adapter_config.json").is_file() else None
+
+
+def _adapter_base(adapter: Path) -> str:
+    """Where the base model of an adapter directory lives (see the rules above)."""
+    if (adapter / "base" / "config.json").is_file():
+        return str(adapter / "base")
+    base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    if not base:
+        raise ModelLoadError(f"adapter {str(adapter)!r} does not name its base model "
+                             "(base_model_name_or_path in adapter_config.json)")
+    return base
+
+
+def _attach(peft_model: PeftModel) -> PreTrainedModel:
+    """The transformers model inside ``peft_model`` (adapters injected), remembering the wrapper.
+
+    Methods and log-prob code keep working on a plain ``PreTrainedModel``; the wrapper is kept
+    in the instance dict, not as a submodule, so state dicts and ``modules()`` are unchanged.
+    """
+    model = peft_model.get_base_model()
+    model.__dict__[_PEFT_ATTR] = peft_model
+    return model
+
+
+def peft_wrapper(model: torch.nn.Module) -> PeftModel | None:
+    """The ``PeftModel`` of a policy built with LoRA, else None."""
+    return model.__dict__.get(_PEFT_ATTR)
+
+
+def _new_adapter(model: PreTrainedModel, lora: DictConfig) -> PreTrainedModel:
+    targets = lora.target_modules
+    if targets is None:
+        targets = DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
+    elif not isinstance(targets, str):
+        targets = list(targets)
+    config = LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha,
+                        lora_dropout=lora.dropout, target_modules=targets)
+    try:
+        return _attach(get_peft_model(model, config, adapter_name=TRAINED_ADAPTER))
+    except ValueError as exc:
+        raise ConfigError(f"model.lora.target_modules={targets!r}: {exc}") from exc
+
+
+def _load_adapter(model: PreTrainedModel, adapter: Path, trainable: bool) -> PreTrainedModel:
+    """Base + the adapter at ``adapter``: trainable, plus a frozen "reference" copy of it; or,
+    when LoRA is off, merged into the base weights (the whole model is then trained)."""
+    peft_model = PeftModel.from_pretrained(model, str(adapter), adapter_name=TRAINED_ADAPTER,
+                                           is_trainable=trainable)
+    if not trainable:
+        return peft_model.merge_and_unload()
+    peft_model.load_adapter(str(adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    peft_model.set_adapter(TRAINED_ADAPTER)  # active + trainable; "reference" stays frozen
+    return _attach(peft_model)
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    """True for a policy built with LoRA."""
+    return peft_wrapper(model) is not None
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def lora_reference_mode(policy: torch.nn.Module, mode: str) -> str:
+    """``method.reference`` for this policy: with LoRA, ``copy`` becomes ``adapter`` (no second
+    copy of the weights); ``precompute`` scores with the adapter reference; ``adapter`` without
+    LoRA is an error."""
+    if not has_adapters(policy):
+        if mode == "adapter":
+            raise ConfigError("method.reference=adapter needs LoRA: set model.lora.enabled=true, "
+                              "or use method.reference=copy")
+        return mode
+    return "adapter" if mode == "copy" else mode
+
+
+class AdapterReference:
+    """The reference of a LoRA policy, with no second copy of any weight.
+
+    :meth:`scope` yields the policy in eval mode with its adapters disabled (the base model),
+    or, when the policy was loaded from an adapter, with the frozen "reference" adapter active
+    (the starting adapter). Use it under ``torch.no_grad()``. ``to()`` is a no-op: the
+    reference lives wherever the policy does.
+    """
+
+    def __init__(self, policy: PreTrainedModel) -> None:
+        self.policy = policy
+        self.peft_model = peft_wrapper(policy)
+        if self.peft_model is None:
+            raise ValueError("AdapterReference needs a policy built with model.lora.enabled=true")
+
+    def to(self, *args: Any, **kwargs: Any) -> AdapterReference:
+        return self
+
+    @contextmanager
+    def scope(self) -> Iterator[PreTrainedModel]:
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            if REFERENCE_ADAPTER in self.peft_model.peft_config:
+                # set_adapter also flips requires_grad (active: True, others: False); harmless
+                # under no_grad, and undone before the backward pass (as TRL's ref_adapter_name)
+                self.peft_model.set_adapter(REFERENCE_ADAPTER)
+                try:
+                    yield self.policy
+                finally:  # "default" active and trainable again, "reference" frozen
+                    self.peft_model.set_adapter(TRAINED_ADAPTER)
+            else:
+                with self.peft_model.disable_adapter():
+                    yield self.policy
+        finally:
+            self.policy.train(was_training)
+
+
+def reference_scope(reference: PreTrainedModel | AdapterReference):
+    """Context manager yielding the model that scores the reference log-probs."""
+    if isinstance(reference, AdapterReference):
+        return reference.scope()
+    return nullcontext(reference)
+
+
+def export_model(policy: PreTrainedModel, tokenizer, export_dir: Path,
+                 model_cfg: DictConfig) -> None:
+    """HF-format export of the policy (+ tokenizer) into ``export_dir``; rank zero only.
+
+    Full fine-tuning: ``save_pretrained`` (loads with ``AutoModelForCausalLM``). LoRA: the
+    trained adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``;
+    ``PeftModel.from_pretrained(base, export_dir)``), its ``base_model_name_or_path`` an
+    absolute path or hub id; a base built from ``model.arch`` is saved to ``export_dir/base``.
+    With ``model.lora.merge`` also ``export_dir/merged``: the base reloaded from disk in
+    ``model.dtype`` (never 4-bit) with the exported adapter merged in, a plain transformers model.
+    """
+    peft_model = peft_wrapper(policy)
+    if peft_model is None:
+        policy.save_pretrained(export_dir, safe_serialization=True)
+    else:
+        config = peft_model.peft_config[TRAINED_ADAPTER]
+        config.base_model_name_or_path = _export_base(peft_model, export_dir)
+        peft_model.save_pretrained(export_dir, selected_adapters=[TRAINED_ADAPTER])
+        if model_cfg.lora.merge:
+            _export_merged(export_dir, config.base_model_name_or_path, model_cfg, tokenizer)
+    tokenizer.save_pretrained(export_dir)
+
+
+def _export_base(peft_model: PeftModel, export_dir: Path) -> str:
+    """Hub id or absolute dir of the adapter's base; writes ``export_dir/base`` when the base
+    was built from ``model.arch`` and so exists nowhere else."""
+    base = peft_model.peft_config[TRAINED_ADAPTER].base_model_name_or_path
+    if base and Path(base).expanduser().is_dir():
+        return str(Path(base).expanduser().resolve())
+    if base:
+        return base
+    bare = copy.deepcopy(peft_model).unload()  # adapter layers removed, base weights intact
+    bare.save_pretrained(export_dir / "base", safe_serialization=True)
+    return str((export_dir / "base").resolve())
+
+
+def _export_merged(export_dir: Path, base: str, model_cfg: DictConfig, tokenizer) -> None:
+    model = _from_pretrained(AutoModelForCausalLM, base, "base model",
+                             dtype=_dtype(model_cfg.dtype),
+                             trust_remote_code=model_cfg.trust_remote_code)
+    merged = PeftModel.from_pretrained(model, str(export_dir)).merge_and_unload()
+    merged.save_pretrained(export_dir / "merged", safe_serialization=True)
+    tokenizer.save_pretrained(export_dir / "merged")

@@ -3,7 +3,7 @@
     cfg -> objective (by name, from entry points; hyperparameters checked)
         -> tokenizer -> DataModule (rows checked and tokenized)
         -> policy (+ frozen reference) -> method LightningModule -> lightning.Trainer
-        -> HF export + gold eval -> run dir
+        -> HF export + gold eval -> run dir (+ model card, samples.jsonl, report.md + plots)
 
 Everything that can fail on the user's config (objective name and keys, objective vs method
 data kind, reference availability, data rows) fails before model weights are loaded.
@@ -29,13 +29,15 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ptlight.backbone import build_policy, frozen_copy, load_tokenizer
+from ptlight.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
+                              has_adapters, load_tokenizer, lora_reference_mode)
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
-from ptlight.evaluate import gold_eval
+from ptlight.evaluate import gold_eval, log_samples
 from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
+from ptlight.report import write_model_card, write_pipeline_report, write_run_report
 
 
 # The CSV logger shares the stage dir with config.yaml and checkpoints; only its own
@@ -99,7 +101,9 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule.setup()
 
     policy = build_policy(cfg.model, tokenizer)
-    reference = frozen_copy(policy) if reference_mode != "none" else None
+    reference_mode = lora_reference_mode(policy, reference_mode)  # LoRA: copy -> adapter
+    reference = None if reference_mode == "none" else (
+        AdapterReference(policy) if has_adapters(policy) else frozen_copy(policy))
     task = cfg.data.task
     report: dict[str, Any] = {"method": cfg.method.module, "objective": objective.name,
                               "data": datamodule.report()}
@@ -122,8 +126,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     export_dir = run_dir / "export"
     if trainer.is_global_zero:
-        policy.save_pretrained(export_dir, safe_serialization=True)
-        tokenizer.save_pretrained(export_dir)
+        export_model(policy, tokenizer, export_dir, cfg.model)
         if task:
             report["after"] = gold_eval(policy, tokenizer, task, cfg.eval)
         report["export_dir"] = str(export_dir)
@@ -131,6 +134,9 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         report["final_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         report["wall_time_s"] = round(time.time() - started, 1)
         (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+        write_model_card(export_dir, cfg, report)
+        log_samples(run_dir, report, trainer.loggers)  # samples.jsonl (+ wandb table)
+        write_run_report(run_dir)  # report.md + PNG plots
     return report
 
 
@@ -170,6 +176,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> l
     if rows:
         print_gold_table(rows, f"gold metric on {cfg.eval.num_prompts} held-out prompts")
     (run_dir / "pipeline.json").write_text(json.dumps(reports, indent=2))
+    write_pipeline_report(run_dir, reports)
     return reports
 
 

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from ptlight.data.shapes import BadRow, Example, parse_examples
 from ptlight.data.tokenize import Encoded, encode
 from ptlight.errors import ConfigError, DataError
+from ptlight.progress import MANY_ITEMS, track
 from ptlight.tasks import get_task
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -169,7 +170,9 @@ class PtlDataModule(L.LightningDataModule):
 
     def _encode_all(self, source: str, rows: list) -> list[Item]:
         out: list[Item] = []
-        for n, item in enumerate(rows):
+        show = len(rows) > MANY_ITEMS
+        for n, item in enumerate(track(rows, "tokenizing", total=len(rows), unit="rows",
+                                       show=show)):
             row_no, row = item if isinstance(item, tuple) else (n, item)
             try:
                 if not isinstance(row, dict):

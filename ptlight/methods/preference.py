@@ -15,9 +15,14 @@ The reference log-probs come from, by ``method.reference``:
 
 - ``copy``: a frozen copy of the starting policy, run under ``no_grad`` in the training
   precision; kept outside the module's registered children so checkpoints carry it once.
-- ``precompute``: the same frozen copy scores the whole train and val sets once before training
-  (same precision), then is freed; batches look the values up by example index. Not for
-  unpaired data: its mismatched rows change with every shuffled batch.
+- ``adapter``: with LoRA (``model.lora.enabled``), the policy itself with its adapters disabled
+  (the base), or with its frozen starting adapter active when ``model.path`` was an adapter
+  (:class:`ptlight.backbone.AdapterReference`); no second copy of the weights. Chosen
+  automatically when LoRA is on and ``method.reference=copy``.
+- ``precompute``: the same frozen copy (with LoRA: the adapter reference) scores the whole
+  train and val sets once before training (same precision), then is freed; batches look the
+  values up by example index. Not for unpaired data: its mismatched rows change with every
+  shuffled batch.
 - ``none``: no reference (reference-free objectives such as SimPO/ORPO); an objective with
   ``needs_reference = True`` refuses this before any weights load.
 """
@@ -29,12 +34,14 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
+from ptlight.backbone import AdapterReference, reference_scope
 from ptlight.errors import ConfigError
 from ptlight.logps import TokenScores, completion_logps
 from ptlight.methods.common import configure_optim, log_metrics, token_diagnostics
 from ptlight.objectives import Logps, Objective, ObjectiveOutput
+from ptlight.progress import MANY_ITEMS, track
 
-REFERENCE_MODES = ("copy", "precompute", "none")
+REFERENCE_MODES = ("copy", "adapter", "precompute", "none")
 
 
 def _columns(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,7 +64,8 @@ class PreferenceMethod(L.LightningModule):
 
     def __init__(
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
-        reference: PreTrainedModel | None = None, reference_mode: str = "copy",
+        reference: PreTrainedModel | AdapterReference | None = None,
+        reference_mode: str = "copy",
     ) -> None:
         super().__init__()
         if reference_mode == "precompute" and objective.data_kind == "unpaired":
@@ -74,11 +82,11 @@ class PreferenceMethod(L.LightningModule):
 
     # ---- reference ----------------------------------------------------------------------
     def _reference_sums(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[R]`` summed completion log-probs of every row under the frozen reference."""
-        with torch.no_grad():
+        """``[R]`` summed completion log-probs of every row under the reference (the frozen
+        copy, or the LoRA policy with adapters switched for the duration of the call)."""
+        with torch.no_grad(), reference_scope(self._reference[0]) as reference:
             scores = completion_logps(
-                self._reference[0], batch["input_ids"], batch["attention_mask"],
-                batch["loss_mask"],
+                reference, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
             )
         return scores.sequence_sum()
 
@@ -92,7 +100,9 @@ class PreferenceMethod(L.LightningModule):
             with self.trainer.precision_plugin.forward_context():
                 for split, loader in dm.ordered_loaders().items():
                     cache = None
-                    for batch in loader:
+                    for batch in track(loader, f"reference log-probs ({split})",
+                                       total=len(loader), unit="batch",
+                                       show=len(loader.dataset) > MANY_ITEMS):
                         batch = {k: v.to(self.device) for k, v in batch.items()}
                         b = batch["index"].shape[0]
                         sums = self._reference_sums(batch)

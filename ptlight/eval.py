@@ -1,0 +1,213 @@
+"""``python -m ptlight.eval``: evaluate an exported model, as its own Hydra app.
+
+    python -m ptlight.eval model.path=outputs/<date>/<time>/1-dpo/export
+    python -m ptlight.eval model.path=A eval.baseline=B        # + win rate of A vs B
+    python -m ptlight.eval model.path=A eval.reference=REF     # preference accuracy by log-ratio
+    python -m ptlight.eval model.path=A eval.do_sample=true eval.temperature=0.7
+    python -m ptlight.eval -m model.path=A,B                   # one job per model
+
+It composes the same root config as training (``conf/config.yaml``) and reads its ``model``,
+``data`` and ``eval`` groups only. Into its Hydra run dir it writes:
+
+- ``eval.json``: ``model``, ``task``; ``gold`` (mean gold reward, exact-match rate and the first
+  ``eval.num_samples`` generations on ``eval.num_prompts`` held-out prompts of ``data.task``);
+  with ``eval.baseline``: ``baseline`` (the same for the baseline) and ``win_rate`` (win = a
+  strictly higher gold reward on a prompt; ``tie_rate`` and ``loss_rate`` beside it);
+  ``preference`` (accuracy of the implicit reward on held-out pairs, see
+  :func:`ptlight.evaluate.preference_accuracy`): ``eval.num_pairs`` held-out pairs of the task,
+  or the validation split of ``data.path`` as training splits it; ``eval.num_pairs=0`` skips it.
+  ``eval.reference`` must share the model's tokenizer, as a training reference does.
+- ``samples.jsonl``: every held-out prompt with each model's generation and gold reward
+  (``stage`` "eval", ``when`` "model" or "baseline").
+- ``report.md`` and ``gold.png`` (model vs baseline).
+
+A model that cannot be loaded, or a config it cannot use, exits with status 2 and one line.
+Heavy imports (torch, transformers) happen after Hydra has parsed the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from ptlight.config import config_dir, register_resolvers
+from ptlight.errors import ConfigError, DataError, PtlightError
+from ptlight.report import md_table, plot_gold, samples_table
+
+register_resolvers()
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"eval.device={name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def _load(cfg: DictConfig, path: str, tokenizer=None):
+    """(model, tokenizer) of ``path`` with ``cfg.model``'s other settings, on ``eval.device``;
+    ``tokenizer`` given: the model must fit it (a reference scores the same token ids)."""
+    from ptlight.backbone import build_policy, load_tokenizer
+
+    model_cfg = OmegaConf.merge(cfg.model, {"path": path})
+    if path != cfg.model.path:
+        model_cfg.tokenizer = None  # a baseline brings its own tokenizer
+    tokenizer = tokenizer or load_tokenizer(model_cfg)
+    model = build_policy(model_cfg, tokenizer).to(_device(cfg.eval.device))
+    model.eval()
+    return model, tokenizer
+
+
+def _gold(cfg: DictConfig, model, tokenizer, baseline: str | None) -> tuple[dict, list[dict]]:
+    """Gold metric of the model (and the baseline, with the win rate); sample rows."""
+    from ptlight.evaluate import gold_samples, summarize, win_rate
+
+    result: dict[str, Any] = {}
+    runs = {"model": gold_samples(model, tokenizer, cfg.data.task, cfg.eval, "gold eval (model)")}
+    result["gold"] = summarize(runs["model"], cfg.eval.num_samples)
+    if baseline:
+        base_model, base_tok = _load(cfg, baseline)
+        runs["baseline"] = gold_samples(base_model, base_tok, cfg.data.task, cfg.eval,
+                                        "gold eval (baseline)")
+        result["baseline"] = {"path": baseline,
+                              **summarize(runs["baseline"], cfg.eval.num_samples)}
+        result["win_rate"] = win_rate(runs["model"], runs["baseline"])
+    rows = [{"stage": "eval", "when": when, "prompt": s.prompt, "generation": s.completion,
+             "reward": s.reward} for when, samples in runs.items() for s in samples]
+    return result, rows
+
+
+def _preference(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
+    """Preference accuracy on held-out pairwise rows, read through the DataModule."""
+    from ptlight.data.module import PtlDataModule
+    from ptlight.evaluate import preference_accuracy
+
+    overrides: dict[str, Any] = {"batch_size": cfg.eval.batch_size}
+    if cfg.data.path is None:  # the task's held-out split; one train row (unused) keeps setup cheap
+        overrides.update(num_train=1, val_size=cfg.eval.num_pairs)
+    data = OmegaConf.merge(cfg.data, overrides)
+    try:
+        dm = PtlDataModule(data, tokenizer, "pairwise")
+        dm.setup()
+    except DataError as exc:
+        raise DataError(f"{exc} (preference accuracy reads pairwise rows; "
+                        "eval.num_pairs=0 skips it)") from None
+    reference = _load(cfg, cfg.eval.reference, tokenizer)[0] if cfg.eval.reference else None
+    loader = dm.val_dataloader()
+    result = preference_accuracy(model, loader, total=len(loader), reference=reference)
+    return {**result, "reference": cfg.eval.reference}
+
+
+def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Evaluate ``model.path``; writes eval.json, samples.jsonl and report.md to ``run_dir``."""
+    from ptlight.evaluate import write_jsonl
+
+    if not cfg.model.path:
+        raise ConfigError("model.path is not set: pass model.path=<export dir or hub id>")
+    if not cfg.data.task and cfg.eval.num_pairs <= 0:
+        raise ConfigError("nothing to evaluate: data.task is null (no gold metric) and "
+                          "eval.num_pairs=0 (no preference accuracy)")
+    if cfg.eval.baseline and not cfg.data.task:
+        raise ConfigError("eval.baseline needs data.task: its gold reward judges the win rate")
+    _device(cfg.eval.device)  # a bad device fails before any weights load
+    model, tokenizer = _load(cfg, cfg.model.path)
+    result: dict[str, Any] = {"model": cfg.model.path, "task": cfg.data.task}
+    rows: list[dict] = []
+    if cfg.data.task:
+        gold, rows = _gold(cfg, model, tokenizer, cfg.eval.baseline)
+        result.update(gold)
+    if cfg.eval.num_pairs > 0:
+        result["preference"] = _preference(cfg, model, tokenizer)
+    result["eval"] = OmegaConf.to_container(cfg.eval, resolve=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    if rows:
+        write_jsonl(run_dir / "samples.jsonl", rows)
+    write_eval_report(run_dir, result)
+    return result
+
+
+def _summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for who in ("gold", "baseline"):
+        if who in result:
+            name = "model" if who == "gold" else "baseline"
+            rows += [(f"{name} gold reward", result[who]["gold/reward"]),
+                     (f"{name} exact match", result[who]["gold/exact"])]
+    if "win_rate" in result:
+        w = result["win_rate"]
+        rows += [("win rate vs baseline", w["win_rate"]), ("tie rate", w["tie_rate"]),
+                 ("loss rate", w["loss_rate"])]
+    if "preference" in result:
+        p = result["preference"]
+        rows.append((f"preference accuracy ({p['num_pairs']} pairs, {p['score']})",
+                     p["accuracy"]))
+    return rows
+
+
+def _setup_line(result: dict[str, Any]) -> str:
+    """What was measured how: task, prompts, decoding, baseline and reference."""
+    e = result["eval"]
+    decoding = f"sampled at temperature {e['temperature']}" if e["do_sample"] else "greedy"
+    words = [f"Task `{result['task']}`, {e['num_prompts']} held-out prompts, {decoding}"
+             if result["task"] else "No gold metric (data.task is null)"]
+    words += [f"{k} `{e[k]}`" for k in ("baseline", "reference") if e[k]]
+    return "; ".join(words) + ".\n"
+
+
+def write_eval_report(run_dir: Path, result: dict[str, Any]) -> Path:
+    """``report.md`` (+ ``gold.png``) of one evaluation."""
+    e = result["eval"]
+    parts = [f"# ptlight eval: `{result['model']}`\n", _setup_line(result),
+             md_table(("metric", "value"), _summary_rows(result))]
+    points = [(name, result[k]) for k, name in (("gold", "model"), ("baseline", "baseline"))
+              if k in result]
+    if plot_gold(points, f"Gold metric: {result['task']}, {e['num_prompts']} held-out prompts",
+                 run_dir / "gold.png"):
+        parts.append("![gold metric](gold.png)\n")
+    if result.get("gold", {}).get("samples"):
+        parts += ["## Sample generations (model)\n", samples_table(result["gold"]["samples"])]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(parts))
+    return out
+
+
+def _print_summary(result: dict[str, Any], run_dir: Path) -> None:
+    table = Table(title=f"eval of {result['model']}")
+    table.add_column("metric")
+    table.add_column("value")
+    for name, value in _summary_rows(result):
+        table.add_row(name, f"{value:.3f}")
+    Console().print(table)
+    print(f"wrote {run_dir / 'eval.json'}, samples.jsonl and report.md")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def _app(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = run_eval(cfg, run_dir)
+    except PtlightError as exc:
+        print(f"ptlight.eval: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    _print_summary(result, run_dir)
+    return result.get("gold", {}).get("gold/reward")
+
+
+def main() -> None:
+    _app()
+
+
+if __name__ == "__main__":
+    main()
