@@ -30,7 +30,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ptlight.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
-                              has_adapters, load_tokenizer, lora_reference_mode)
+                              has_adapters, load_tokenizer, lora_reference_mode,
+                              lora_settings)
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
 from ptlight.evaluate import gold_eval, log_samples
@@ -76,6 +77,11 @@ def _reference_mode(cfg: DictConfig, objective: Objective) -> str:
     if objective.needs_reference and mode == "none":
         raise ConfigError(
             f"objective {objective.name!r} needs a reference model but method.reference=none; "
+            "use method.reference=copy or precompute"
+        )
+    if mode == "adapter" and lora_settings(cfg.model) is None:
+        raise ConfigError(
+            "method.reference=adapter needs LoRA (model.lora.enabled=true); without adapters "
             "use method.reference=copy or precompute"
         )
     return mode if objective.needs_reference else "none"

@@ -52,3 +52,13 @@ def test_config_mistakes_fail_before_weights_load(compose_cfg, tmp_path, monkeyp
     monkeypatch.setattr(train, "build_policy", no_weights)
     with pytest.raises(ConfigError, match=match):
         train_stage(compose_cfg(*overrides), tmp_path)
+
+
+def test_adapter_reference_without_lora_fails_before_weights_load(compose_cfg, tmp_path,
+                                                                  monkeypatch):
+    import ptlight.train as train
+
+    monkeypatch.setattr(train, "build_policy", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("weights were loaded before the config was checked")))
+    with pytest.raises(ConfigError, match=r"method\.reference=adapter needs LoRA"):
+        train_stage(compose_cfg("method=dpo", "method.reference=adapter"), tmp_path)
