@@ -41,3 +41,14 @@ def test_gradient_accumulation_and_clipping_come_from_trainer_config(compose_cfg
     report = train_stage(cfg, tmp_path)
     assert report["global_step"] == 3  # optimizer steps, each over 2 batches
     assert report["data"]["train_rows"] == 64
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(compose_cfg, tmp_path):
+    cfg = compose_cfg("method=dpo", "eval.before=false", *TINY)
+    first = train_stage(cfg, tmp_path)
+    assert first["global_step"] == 3 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    resumed = train_stage(compose_cfg("method=dpo", "eval.before=false", *TINY,
+                                      "trainer.max_steps=5", "ckpt_path=last"), tmp_path)
+    assert resumed["global_step"] == 5
+    steps = [s for s, _ in _metrics(tmp_path)]
+    assert steps == [3, 4]  # the resumed run logged only the new steps
