@@ -28,6 +28,20 @@ TINY = [
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tiny_model_cfg():
+    """A ``model`` config for the same 3-layer, 64-wide LFM2, for tests that build it directly."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "path": None, "tokenizer": None, "trust_remote_code": False, "dtype": "float32",
+        "disable_dropout": True,
+        "arch": {"model_type": "lfm2", "hidden_size": 64, "intermediate_size": 128,
+                 "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "layer_types": ["conv", "conv", "full_attention"],
+                 "block_auto_adjust_ff_dim": False},
+    })
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m ptlight <args>`` in a subprocess; returns the completed process."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import TINY
+from helpers import tiny_model_cfg, TINY
 from ptlight.backbone import build_policy, frozen_copy, load_tokenizer
 from ptlight.data.module import PtlDataModule, mismatched_pairs
 from ptlight.errors import ConfigError
@@ -177,14 +177,7 @@ def test_a_last_batch_of_one_unpaired_example_is_dropped(tok, tmp_path):
 
 @pytest.fixture(scope="module")
 def policy_and_reference(tok):
-    cfg = OmegaConf.create({
-        "path": None, "tokenizer": None, "trust_remote_code": False, "dtype": "float32",
-        "disable_dropout": True,
-        "arch": {"model_type": "lfm2", "hidden_size": 64, "intermediate_size": 128,
-                 "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "layer_types": ["conv", "conv", "full_attention"],
-                 "block_auto_adjust_ff_dim": False},
-    })
+    cfg = tiny_model_cfg()
     torch.manual_seed(0)
     policy = build_policy(cfg, tok)
     reference = frozen_copy(policy)

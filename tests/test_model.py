@@ -5,6 +5,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
+from helpers import tiny_model_cfg
 from ptlight.backbone import build_policy, frozen_copy, load_tokenizer
 from ptlight.errors import ModelLoadError
 from ptlight.evaluate import generate
@@ -13,14 +14,7 @@ from ptlight.logps import completion_logps
 
 @pytest.fixture(scope="module")
 def tiny(request):
-    cfg = OmegaConf.create({
-        "path": None, "tokenizer": None, "trust_remote_code": False, "dtype": "float32",
-        "disable_dropout": True,
-        "arch": {"model_type": "lfm2", "hidden_size": 64, "intermediate_size": 128,
-                 "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "layer_types": ["conv", "conv", "full_attention"],
-                 "block_auto_adjust_ff_dim": False},
-    })
+    cfg = tiny_model_cfg()
     tok = load_tokenizer(cfg)
     torch.manual_seed(0)
     return cfg, tok, build_policy(cfg, tok)
