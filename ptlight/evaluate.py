@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig
@@ -173,16 +174,48 @@ def preference_accuracy(
             "score": "log-ratio vs reference" if reference is not None else "summed log-probs"}
 
 
+class ValidationSamples(L.Callback):
+    """At the end of every validation, generate on the first ``eval.val_samples`` held-out
+    prompts, log ``val/gold/reward`` and keep the rows for ``samples.jsonl`` (rank zero only).
+
+    The prompts are the same at every validation, so the rows show one answer evolving.
+    """
+
+    def __init__(self, tokenizer, task_name: str, cfg: DictConfig, stage: str) -> None:
+        self.tokenizer, self.task, self.stage = tokenizer, get_task(task_name), stage
+        self.prompts = [r["prompt"] for r in
+                        self.task.make_rows("prompt", cfg.val_samples, cfg.seed, "heldout")]
+        self.cfg = cfg
+        self.rows: list[dict[str, Any]] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        completions = generate(pl_module.policy, self.tokenizer, self.prompts,
+                               max_new_tokens=self.cfg.max_new_tokens,
+                               batch_size=self.cfg.batch_size, seed=self.cfg.seed)
+        rewards = []
+        for p, c in zip(self.prompts, completions):
+            rewards.append(self.task.gold_reward(p[-1]["content"], c))
+            self.rows.append({"stage": self.stage, "when": f"step {trainer.global_step}",
+                              "prompt": p[-1]["content"], "generation": c,
+                              "reward": rewards[-1]})
+        pl_module.log("val/gold/reward", sum(rewards) / len(rewards), rank_zero_only=True)
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def sample_rows(report: dict[str, Any], stage: str) -> list[dict[str, Any]]:
-    """Rows (``SAMPLE_COLUMNS``) of the generations kept in a run's report, before then after."""
-    return [{"stage": stage, "when": when, "prompt": s["prompt"], "generation": s["completion"],
-             "reward": s["reward"]}
-            for when in ("before", "after") if when in report
-            for s in report[when]["samples"]]
+    """Rows (``SAMPLE_COLUMNS``) of the generations kept in a run's report: before, at each
+    validation (``report["validation_samples"]``), then after."""
+    def kept(when: str) -> list[dict[str, Any]]:
+        return [{"stage": stage, "when": when, "prompt": s["prompt"],
+                 "generation": s["completion"], "reward": s["reward"]}
+                for s in report[when]["samples"]] if when in report else []
+
+    return kept("before") + list(report.get("validation_samples", [])) + kept("after")
 
 
 def log_samples(run_dir: Path, report: dict[str, Any], loggers: Sequence[Logger]) -> None:

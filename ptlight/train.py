@@ -34,7 +34,7 @@ from ptlight.backbone import (AdapterReference, build_policy, export_model, froz
                               lora_settings)
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
-from ptlight.evaluate import gold_eval, log_samples
+from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
 from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
@@ -124,6 +124,10 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
+    samples = (ValidationSamples(tokenizer, task, cfg.eval, objective.name)
+               if task and cfg.eval.val_samples else None)
+    if samples is not None:
+        callbacks.append(samples)
     trainer: L.Trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
         callbacks=callbacks,
@@ -139,6 +143,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         report["global_step"] = trainer.global_step
         report["final_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         report["wall_time_s"] = round(time.time() - started, 1)
+        report["validation_samples"] = samples.rows if samples is not None else []
         (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
         write_model_card(export_dir, cfg, report)
         log_samples(run_dir, report, trainer.loggers)  # samples.jsonl (+ wandb table)

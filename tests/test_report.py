@@ -262,5 +262,6 @@ def test_wandb_offline_run_holds_the_samples_table(tmp_path):
         "offline-run-*/files/media/table/gold/samples_*.table.json"))
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
-    assert table["columns"] == list(SAMPLE_COLUMNS) and len(table["data"]) == 16
-    assert {row[1] for row in table["data"]} == {"before", "after"}
+    # 8 prompts before and after, plus eval.val_samples (8) at the one validation (step 3)
+    assert table["columns"] == list(SAMPLE_COLUMNS) and len(table["data"]) == 24
+    assert {row[1] for row in table["data"]} == {"before", "step 3", "after"}

@@ -52,3 +52,16 @@ def test_resume_from_last_checkpoint_continues_the_step_count(compose_cfg, tmp_p
     assert resumed["global_step"] == 5
     steps = [s for s, _ in _metrics(tmp_path)]
     assert steps == [3, 4]  # the resumed run logged only the new steps
+
+
+def test_every_validation_writes_samples_and_a_gold_reward_point(compose_cfg, tmp_path):
+    import json
+
+    cfg = compose_cfg("method=sft", "eval.val_samples=3", *TINY)
+    train_stage(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    at_step = [r for r in rows if r["when"] == "step 3"]
+    assert len(at_step) == 3 and all(0.0 <= r["reward"] <= 1.0 for r in at_step)
+    assert {r["when"] for r in rows} == {"before", "step 3", "after"}
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert "val/gold/reward" in header
