@@ -321,18 +321,6 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def lora_reference_mode(policy: torch.nn.Module, mode: str) -> str:
-    """``method.reference`` for this policy: with LoRA, ``copy`` becomes ``adapter`` (no second
-    copy of the weights); ``precompute`` scores with the adapter reference; ``adapter`` without
-    LoRA is an error."""
-    if not has_adapters(policy):
-        if mode == "adapter":
-            raise ConfigError("method.reference=adapter needs LoRA: set model.lora.enabled=true, "
-                              "or use method.reference=copy")
-        return mode
-    return "adapter" if mode == "copy" else mode
-
-
 class AdapterReference:
     """The reference of a LoRA policy, with no second copy of any weight.
 

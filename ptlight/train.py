@@ -30,8 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ptlight.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
-                              has_adapters, load_tokenizer, lora_reference_mode,
-                              lora_settings)
+                              has_adapters, load_tokenizer, lora_settings)
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
 from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
@@ -79,12 +78,15 @@ def _reference_mode(cfg: DictConfig, objective: Objective) -> str:
             f"objective {objective.name!r} needs a reference model but method.reference=none; "
             "use method.reference=copy or precompute"
         )
-    if mode == "adapter" and lora_settings(cfg.model) is None:
+    lora = lora_settings(cfg.model) is not None
+    if mode == "adapter" and not lora:
         raise ConfigError(
             "method.reference=adapter needs LoRA (model.lora.enabled=true); without adapters "
             "use method.reference=copy or precompute"
         )
-    return mode if objective.needs_reference else "none"
+    if not objective.needs_reference:
+        return "none"
+    return "adapter" if lora and mode == "copy" else mode  # LoRA: no second copy of the weights
 
 
 def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -107,7 +109,6 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule.setup()
 
     policy = build_policy(cfg.model, tokenizer)
-    reference_mode = lora_reference_mode(policy, reference_mode)  # LoRA: copy -> adapter
     reference = None if reference_mode == "none" else (
         AdapterReference(policy) if has_adapters(policy) else frozen_copy(policy))
     task = cfg.data.task

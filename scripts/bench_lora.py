@@ -72,7 +72,7 @@ def child(lora: bool, shape: str, steps: int, pairs: int, length: int, threads: 
     from torch.utils.data import DataLoader
 
     from ptlight.backbone import (AdapterReference, build_policy, frozen_copy, has_adapters,
-                                  load_tokenizer, lora_reference_mode, parameter_counts)
+                                  load_tokenizer, parameter_counts)
     from ptlight.config import config_dir
     from ptlight.methods.preference import PreferenceMethod
     from ptlight.objectives import build_objective
@@ -84,7 +84,7 @@ def child(lora: bool, shape: str, steps: int, pairs: int, length: int, threads: 
     torch.manual_seed(0)
     tok = load_tokenizer(cfg.model)
     policy = build_policy(cfg.model, tok)
-    mode = lora_reference_mode(policy, "copy")
+    mode = "adapter" if has_adapters(policy) else "copy"
     reference = AdapterReference(policy) if has_adapters(policy) else frozen_copy(policy)
     trainable, total = parameter_counts(policy)
     held = total + (parameter_counts(reference)[1] if mode == "copy" else 0)
