@@ -31,6 +31,7 @@ from rich.table import Table
 
 from ptlight.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
                               has_adapters, load_tokenizer, lora_settings)
+from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, RngState
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
 from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
@@ -104,6 +105,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"method.module={cfg.method.module!r} handles {method_cls.data_kinds}"
         )
     reference_mode = _reference_mode(cfg, objective)
+    guard = NonFiniteGuard(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive,
+                           checkpoint_dir=str(run_dir / "checkpoints"))
     tokenizer = load_tokenizer(cfg.model)
     datamodule = PtlDataModule(cfg.data, tokenizer, objective.data_kind)
     datamodule.setup()
@@ -122,6 +125,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps),
+        guard, RngState(),
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
@@ -131,7 +135,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         callbacks.append(samples)
     trainer: L.Trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
-        callbacks=callbacks,
+        callbacks=callbacks, plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
@@ -142,6 +146,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             report["after"] = gold_eval(policy, tokenizer, task, cfg.eval)
         report["export_dir"] = str(export_dir)
         report["global_step"] = trainer.global_step
+        report["skipped_steps"] = guard.skipped
+        report["world_size"] = trainer.world_size
         report["final_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         report["wall_time_s"] = round(time.time() - started, 1)
         report["validation_samples"] = samples.rows if samples is not None else []
@@ -149,6 +155,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         write_model_card(export_dir, cfg, report)
         log_samples(run_dir, report, trainer.loggers)  # samples.jsonl (+ wandb table)
         write_run_report(run_dir)  # report.md + PNG plots
+    trainer.strategy.barrier("export")  # other ranks wait: a next stage reads this export
     return report
 
 

@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from ptlight.data.sampler import ResumableLoader, ResumableSampler
 from ptlight.data.shapes import BadRow, Example, parse_examples
 from ptlight.data.tokenize import Encoded, encode
 from ptlight.errors import ConfigError, DataError
@@ -252,7 +253,16 @@ class PtlDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
+        """Shuffled by ``(data.seed, epoch)`` and sharded over ranks by
+        :class:`~ptlight.data.sampler.ResumableSampler`; resumable mid-epoch (see there)."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        examples = list(enumerate(self.train))
+        sampler = ResumableSampler(examples, num_replicas=world, rank=rank, shuffle=True,
+                                   seed=self.cfg.seed)
+        return ResumableLoader(examples, batch_size=self.cfg.batch_size, sampler=sampler,
+                               collate_fn=self.collate,
+                               drop_last=self._drop_last(len(self.train)))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val, shuffle=False)
