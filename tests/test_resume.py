@@ -151,3 +151,75 @@ def test_ranks_split_each_global_batch_of_one_process():
     ranks = [list(_loader(batch=4, world=2, rank=r)) for r in range(2)]
     for step, batch in enumerate(single):
         assert sorted(batch) == sorted(ranks[0][step] + ranks[1][step])
+
+
+# ---- non-finite loss or gradients --------------------------------------------------------------
+from ptlight.errors import ConfigError, TrainingError  # noqa: E402
+from ptlight.methods.sft import SFTMethod  # noqa: E402
+from ptlight.train import train_stage  # noqa: E402
+
+
+def _poison(monkeypatch, steps: set[int], where: str) -> dict:
+    """Make the sft loss (``where="loss"``) or only its gradients (``"grads"``) non-finite at
+    the given optimizer steps; returns the policy weights seen at train start."""
+    seen: dict = {}
+    step = SFTMethod._step
+
+    def poisoned(self, batch, split):
+        loss = step(self, batch, split)
+        if split == "train" and self.global_step in steps:
+            if where == "loss":
+                return loss * float("nan")
+            p = next(self.policy.parameters())
+            return loss + 0.0 * torch.sqrt((p - p.detach()).sum())  # value 0, gradient nan
+        return loss
+
+    monkeypatch.setattr(SFTMethod, "_step", poisoned)
+    monkeypatch.setattr(SFTMethod, "on_train_start", lambda self: seen.update(
+        {k: v.detach().clone() for k, v in self.policy.state_dict().items()}), raising=False)
+    return seen
+
+
+def test_skip_policy_counts_steps_and_never_moves_the_weights(compose_cfg, tmp_path,
+                                                              monkeypatch):
+    start = _poison(monkeypatch, {0, 1, 2}, "loss")
+    cfg = compose_cfg("method=sft", "eval.before=false", *TINY)
+    report = train_stage(cfg, tmp_path)
+    assert report["global_step"] == 3 and report["skipped_steps"] == 3
+    final = load_file(tmp_path / "export" / "model.safetensors")
+    assert final.keys() <= start.keys()  # (tied lm_head is not saved twice)
+    for name, value in final.items():
+        assert torch.equal(start[name], value), name
+    header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    col = header.split(",").index("train/skipped_steps")
+    assert [float(r.split(",")[col]) for r in rows if r.split(",")[col]] == [1.0, 2.0, 3.0]
+
+
+def test_stop_policy_names_the_step_and_keeps_the_last_good_checkpoint(compose_cfg, tmp_path,
+                                                                       monkeypatch):
+    _poison(monkeypatch, {2}, "grads")
+    cfg = compose_cfg("method=sft", "nonfinite.policy=stop", "eval.before=false", *TINY,
+                      "trainer.max_steps=4", "checkpoint.every_n_train_steps=1")
+    with pytest.raises(TrainingError, match=r"non-finite gradients .* at step 3; stopped "
+                       r"\(nonfinite\.policy=stop\).*last good checkpoint is kept in .*checkpoints"):
+        train_stage(cfg, tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert not (tmp_path / "export").exists()  # a stopped run exports nothing
+
+
+def test_skipping_forever_stops_after_max_consecutive(compose_cfg, tmp_path, monkeypatch):
+    _poison(monkeypatch, {0, 1, 2}, "loss")
+    cfg = compose_cfg("method=sft", "nonfinite.max_consecutive=2", "eval.before=false", *TINY)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 2; stopped \(2 "
+                       r"non-finite steps in a row \(nonfinite\.max_consecutive=2\)\)"):
+        train_stage(cfg, tmp_path)
+
+
+def test_unknown_nonfinite_policy_fails_before_weights_load(compose_cfg, tmp_path, monkeypatch):
+    import ptlight.train
+
+    monkeypatch.setattr(ptlight.train, "build_policy", lambda *a: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match=r"nonfinite\.policy='ignore'; use one of"):
+        train_stage(compose_cfg("method=sft", "nonfinite.policy=ignore", *TINY), tmp_path)
