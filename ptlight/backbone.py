@@ -45,6 +45,12 @@ _WAYS_OUT = (
 
 def _check_local_dir(path: str) -> None:
     p = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") >= 2  # hub ids: org/name
+    if looks_local and not p.exists():
+        raise ModelLoadError(
+            f"model.path={path!r} does not exist (relative to {Path.cwd()}); a hub id looks "
+            f"like org/name. {_WAYS_OUT}"
+        )
     if p.exists() and not p.is_dir():
         raise ModelLoadError(f"model.path={path!r} is a file, not a model directory. {_WAYS_OUT}")
     if p.is_dir() and not any((p / f).is_file() for f in ("config.json", "adapter_config.json")):
@@ -109,11 +115,8 @@ def load_tokenizer(model_cfg: DictConfig):
         # Many base models ship without a pad token; a dedicated one would change the vocab, so
         # reuse EOS. Padding is always masked out of losses, and EOS labels are kept by position.
         tok.pad_token = tok.eos_token
-    if tok.chat_template is None:
-        raise ModelLoadError(
-            f"the tokenizer of {source!r} has no chat template; conversational data needs one. "
-            "Set model.tokenizer=<dir of a tokenizer with a chat template> or use plain-text data."
-        )
+    # No chat template is fine for plain-string data; the data module refuses message lists
+    # (and data.task, whose prompts are messages) with such a tokenizer, naming the row.
     return tok
 
 

@@ -37,7 +37,7 @@ from ptlight.data.shapes import BadRow, Example, parse_examples
 from ptlight.data.tokenize import Encoded, encode
 from ptlight.errors import ConfigError, DataError
 from ptlight.progress import MANY_ITEMS, track
-from ptlight.tasks import get_task
+from ptlight.tasks import TASKS, get_task
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -47,6 +47,8 @@ def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
     import datasets
 
     p = Path(path).expanduser()
+    if not p.exists() and (p.suffix in _FORMATS or path.startswith((".", "/", "~"))):
+        raise DataError(f"{path!r}: no such file or directory (relative to {Path.cwd()})")
     try:
         if p.is_file():
             if p.suffix not in _FORMATS:
@@ -56,16 +58,45 @@ def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
             ds = datasets.load_dataset(_FORMATS[p.suffix], data_files=str(p), split="train")
         else:
             ds = datasets.load_dataset(path, split=split)
+        return ds.to_list()
     except DataError:
         raise
     except Exception as exc:
+        if p.is_file() and p.suffix == ".jsonl":
+            _diagnose_json_lines(p)  # raises a DataError naming the line, when it finds one
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise DataError(
             f"could not read data set {path!r} ({type(exc).__name__}: {first}). Check that the "
             "file exists and is valid UTF-8 JSON Lines / JSON / Parquet / CSV (one object per "
             "line for .jsonl), or that the hub id is cached locally."
         ) from exc
-    return ds.to_list()
+
+
+def _diagnose_json_lines(path: Path) -> None:
+    """Find the first line of a JSON Lines file that is not UTF-8 or not one JSON object
+    (a truncated last line, a stray byte) and raise a DataError naming it (1-based line)."""
+    import json
+
+    raw = path.read_bytes()
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path}, line {n}: not valid UTF-8 (byte {line[exc.start]:#04x} at column "
+                f"{exc.start + 1}); save the file as UTF-8"
+            ) from None
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            cut = " (the file looks truncated)" if n == raw.count(b"\n") + 1 else ""
+            raise DataError(f"{path}, line {n}: not valid JSON ({exc.msg}, column "
+                            f"{exc.colno}){cut}; JSON Lines needs one object per line") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{path}, line {n}: a JSON {type(value).__name__}, not an object "
+                            "with named columns")
 
 
 @dataclass
@@ -130,6 +161,15 @@ class PtlDataModule(L.LightningDataModule):
                 "another example's completion of the same batch to estimate its KL reference "
                 "point, so it needs a per-device batch of at least 2; set data.batch_size>=2"
             )
+        if cfg.task is not None and cfg.task not in TASKS:
+            raise ConfigError(f"data.task={cfg.task!r} is unknown; bundled tasks: "
+                              f"{', '.join(sorted(TASKS))} (or null with data.path)")
+        if cfg.task is not None and tokenizer.chat_template is None:
+            raise ConfigError(
+                f"data.task={cfg.task!r} writes its prompts as chat messages, but the tokenizer "
+                f"{tokenizer.name_or_path!r} has no chat template. Set model.tokenizer=<dir of a "
+                "tokenizer with a chat template>, or data.task=null with plain-string data."
+            )
         self.cfg, self.tokenizer, self.kind = cfg, tokenizer, kind
         self.train: list[Item] = []
         self.val: list[Item] = []
@@ -178,7 +218,16 @@ class PtlDataModule(L.LightningDataModule):
             try:
                 if not isinstance(row, dict):
                     raise BadRow(f"expected an object with named columns, got {type(row).__name__}")
-                items = [self._encode(ex, out) for ex in parse_examples(row, self.kind)]
+                examples = parse_examples(row, self.kind)
+                if self.tokenizer.chat_template is None and any(
+                        isinstance(ex.prompt, list) for ex in examples):
+                    raise DataError(
+                        f"{source}, row {row_no}: message lists are rendered with the "
+                        f"tokenizer's chat template, but the tokenizer "
+                        f"{self.tokenizer.name_or_path!r} has none. Set model.tokenizer=<dir of "
+                        "a tokenizer with a chat template>, or use plain-string columns."
+                    )
+                items = [self._encode(ex, out) for ex in examples]
             except BadRow as exc:
                 if self.cfg.on_bad_row == "error":
                     raise DataError(
@@ -190,7 +239,11 @@ class PtlDataModule(L.LightningDataModule):
             self.truncated += sum(it.enc.truncated for it in items)
             out.extend(items)
         if not out:
-            raise DataError(f"{source}: no usable rows ({sum(self.dropped.values())} dropped)")
+            reasons = "; ".join(f"{n}x {why}" for why, n in self.dropped.most_common(3))
+            raise DataError(
+                f"{source}: no usable rows ({sum(self.dropped.values())} dropped"
+                + (f": {reasons}" if reasons else "") + ")"
+            )
         return out
 
     def setup(self, stage: str | None = None) -> None:

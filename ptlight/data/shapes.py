@@ -54,9 +54,15 @@ class Example:
     scores: list[float] | None = None
 
 
+def _present(row: dict[str, Any]) -> list[str]:
+    """The columns this row has a value in (``datasets`` fills a column some other row has with
+    None, so a misspelt column shows up as None everywhere else)."""
+    return sorted(k for k, v in row.items() if v is not None)
+
+
 def _check_text(row: dict[str, Any], key: str, allow_empty: bool = False) -> Text:
     if key not in row or row[key] is None:
-        raise BadRow(f"missing column {key!r}")
+        raise BadRow(f"missing column {key!r} (this row has {_present(row)})")
     return _check_value(row[key], key, allow_empty)
 
 
@@ -123,7 +129,7 @@ def _parse_sft(row: dict[str, Any]) -> Example:
         if "completion" not in row:
             raise BadRow(
                 f"sft data needs 'prompt'+'completion', 'messages' or 'text' columns; "
-                f"found {sorted(row)}"
+                f"found {_present(row)}"
             )
         prompt, completion = _check_text(row, "prompt"), _check_text(row, "completion")
     _same_format(prompt, completion)
@@ -132,7 +138,7 @@ def _parse_sft(row: dict[str, Any]) -> Example:
 
 def _parse_pairwise(row: dict[str, Any]) -> Example:
     if "chosen" not in row or "rejected" not in row:
-        raise BadRow(f"pairwise data needs 'chosen' and 'rejected' columns; found {sorted(row)}")
+        raise BadRow(f"pairwise data needs 'chosen' and 'rejected' columns; found {_present(row)}")
     chosen, rejected = _check_text(row, "chosen"), _check_text(row, "rejected")
     if "prompt" in row:
         prompt = _check_text(row, "prompt")
@@ -161,7 +167,7 @@ def _parse_unpaired(row: dict[str, Any]) -> Example:
     if "completion" not in row:
         raise BadRow(
             "unpaired data needs 'prompt'+'completion'+'label' columns (or 'chosen'+'rejected', "
-            f"which give one desirable and one undesirable example); found {sorted(row)}"
+            f"which give one desirable and one undesirable example); found {_present(row)}"
         )
     prompt, completion = _check_text(row, "prompt"), _check_text(row, "completion")
     _same_format(prompt, completion)
@@ -198,7 +204,7 @@ def _listwise_scores(row: dict[str, Any], k: int) -> list[float]:
 
 def _parse_listwise(row: dict[str, Any]) -> Example:
     if not isinstance(row.get("completions"), list):
-        raise BadRow(f"listwise data needs a 'completions' list column; found {sorted(row)}")
+        raise BadRow(f"listwise data needs a 'completions' list column; found {_present(row)}")
     if len(row["completions"]) < 2:
         raise BadRow(f"'completions' needs at least 2 completions, got {len(row['completions'])}")
     prompt = _check_text(row, "prompt")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from ptlight.errors import ConfigError
 from ptlight.methods.preference import PreferenceMethod
 from ptlight.methods.sft import SFTMethod
 
@@ -15,5 +16,6 @@ METHODS: dict[str, type[L.LightningModule]] = {
 
 def get_method(name: str) -> type[L.LightningModule]:
     if name not in METHODS:
-        raise KeyError(f"unknown method module {name!r}; available: {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"method.module={name!r} is unknown; available: "
+                          f"{', '.join(sorted(METHODS))}")
     return METHODS[name]
