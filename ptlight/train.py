@@ -16,6 +16,7 @@ from the previous stage's export (``model.path``).
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -39,6 +41,9 @@ from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
 from ptlight.report import write_model_card, write_pipeline_report, write_run_report
+from ptlight.strategy import ShardReference, build_strategy, check_pipeline_launch
+
+log = logging.getLogger(__name__)
 
 
 # The CSV logger shares the stage dir with config.yaml and checkpoints; only its own
@@ -94,7 +99,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one method on one config; returns the eval report (also written to eval.json)."""
     started = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     objective = _objective(cfg)
@@ -125,7 +131,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps),
-        guard, RngState(),
+        guard, RngState(), ShardReference(),
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
@@ -133,15 +139,17 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                if task and cfg.eval.val_samples else None)
     if samples is not None:
         callbacks.append(samples)
+    trainer_cfg, strategy = build_strategy(cfg.trainer, policy)  # FSDP: wrap policy resolved
     trainer: L.Trainer = instantiate(
-        cfg.trainer, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
-        callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
+        callbacks=callbacks, plugins=[AtomicCheckpointIO()], **strategy,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
     export_dir = run_dir / "export"
     if trainer.is_global_zero:
         export_model(policy, tokenizer, export_dir, cfg.model)
+        log.info("rank %d of %d wrote %s", trainer.global_rank, trainer.world_size, export_dir)
         if task:
             report["after"] = gold_eval(policy, tokenizer, task, cfg.eval)
         report["export_dir"] = str(export_dir)
@@ -177,6 +185,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> l
     """Run ``cfg.pipeline`` stage by stage; each stage starts from the previous export."""
     from hydra import compose  # the caller holds an initialised Hydra (the app or a test)
 
+    check_pipeline_launch(cfg.trainer)
     reports, previous = [], None
     for i, stage in enumerate(cfg.pipeline):
         overrides = [f"method={stage.method}", *stage.overrides, *user_overrides]
