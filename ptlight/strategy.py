@@ -38,8 +38,6 @@ from ptlight.backbone import peft_wrapper
 from ptlight.errors import ConfigError
 
 DECODER_LAYERS = "decoder_layers"
-_FSDP_TARGETS = ("lightning.pytorch.strategies.FSDPStrategy",
-                 "lightning.pytorch.strategies.fsdp.FSDPStrategy")
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
@@ -64,7 +62,16 @@ def _policy(value: Any, model: torch.nn.Module, key: str) -> Any:
 
 
 def is_fsdp(strategy_cfg: Any) -> bool:
-    return isinstance(strategy_cfg, DictConfig) and strategy_cfg.get("_target_") in _FSDP_TARGETS
+    """Whether a ``trainer.strategy`` node builds Lightning's ``FSDPStrategy`` (or a subclass)."""
+    if not isinstance(strategy_cfg, DictConfig) or not strategy_cfg.get("_target_"):
+        return False
+    from hydra.utils import get_class
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    try:
+        return issubclass(get_class(strategy_cfg._target_), FSDPStrategy)
+    except Exception:  # not importable: let the Trainer report it
+        return False
 
 
 def build_strategy(trainer_cfg: DictConfig,
@@ -141,3 +148,21 @@ class ShardReference(L.Callback):
             use_orig_params=True,
         )
         holder[0].eval()
+
+
+def full_policy_state(trainer: L.Trainer, module: L.LightningModule,
+                      ) -> dict[str, torch.Tensor] | None:
+    """Under FSDP: the policy's full (unsharded) state dict, gathered onto rank 0 (CPU), keys as
+    ``policy.state_dict()`` has them; ``{}`` on other ranks. Every rank must call it. Without
+    FSDP: None (export the policy as it is)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return None
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(trainer.strategy.model, StateDictType.FULL_STATE_DICT, config):
+        state = trainer.strategy.model.state_dict()
+    prefix = "policy."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

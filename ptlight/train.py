@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ptlight.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
-                              has_adapters, load_tokenizer, lora_settings)
+                              has_adapters, load_export, load_tokenizer, lora_settings)
 from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, RngState
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
@@ -41,7 +41,8 @@ from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
 from ptlight.report import write_model_card, write_pipeline_report, write_run_report
-from ptlight.strategy import ShardReference, build_strategy, check_pipeline_launch
+from ptlight.strategy import (ShardReference, build_strategy, check_pipeline_launch,
+                              full_policy_state)
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,11 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
     export_dir = run_dir / "export"
+    full_state = full_policy_state(trainer, module)  # FSDP: gathered on rank 0 (all ranks call)
     if trainer.is_global_zero:
-        export_model(policy, tokenizer, export_dir, cfg.model)
+        export_model(policy, tokenizer, export_dir, cfg.model, state_dict=full_state)
+        if full_state is not None:  # the sharded policy cannot generate on one rank: reload
+            policy = load_export(export_dir, cfg.model)
         log.info("rank %d of %d wrote %s", trainer.global_rank, trainer.world_size, export_dir)
         if task:
             report["after"] = gold_eval(policy, tokenizer, task, cfg.eval)
