@@ -215,7 +215,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> l
 def run(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> float | None:
     """Entry of the app: one stage when ``method`` is set, otherwise the pipeline.
 
-    Returns the final ``val/loss`` (what a Hydra sweeper optimises), when there is one.
+    Returns the final ``sweep_metric`` (default ``val/loss``; what a Hydra sweeper such as
+    Optuna optimises), or None with a warning naming the metrics there are.
     """
     if cfg.method is not None:
         report = train_stage(cfg, run_dir)
@@ -225,4 +226,8 @@ def run(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> float | No
                              f"gold metric on {cfg.eval.num_prompts} held-out prompts")
     else:
         report = run_pipeline(cfg, run_dir, user_overrides)[-1]
-    return report.get("final_metrics", {}).get("val/loss")
+    metrics = report.get("final_metrics", {})  # empty on ranks other than 0
+    if metrics and cfg.sweep_metric not in metrics:
+        log.warning("sweep_metric=%s was not logged; final metrics: %s", cfg.sweep_metric,
+                    ", ".join(sorted(metrics)))
+    return metrics.get(cfg.sweep_metric)
