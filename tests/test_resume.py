@@ -223,3 +223,10 @@ def test_unknown_nonfinite_policy_fails_before_weights_load(compose_cfg, tmp_pat
     monkeypatch.setattr(ptlight.train, "build_policy", lambda *a: pytest.fail("weights loaded"))
     with pytest.raises(ConfigError, match=r"nonfinite\.policy='ignore'; use one of"):
         train_stage(compose_cfg("method=sft", "nonfinite.policy=ignore", *TINY), tmp_path)
+
+
+def test_ckpt_path_last_without_a_checkpoint_starts_fresh(compose_cfg, tmp_path):
+    """What a requeued job needs: resume when there is a checkpoint, start when there is none."""
+    cfg = compose_cfg("method=sft", "ckpt_path=last", "eval.before=false", "eval.val_samples=0",
+                      *TINY)
+    assert train_stage(cfg, tmp_path)["global_step"] == 3
