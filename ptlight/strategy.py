@@ -107,17 +107,39 @@ def multiprocess(trainer_cfg: DictConfig) -> bool:
     return count * int(trainer_cfg.get("num_nodes", 1)) > 1
 
 
-def check_pipeline_launch(trainer_cfg: DictConfig) -> None:
-    """The pipeline builds one Trainer per stage in one process. When Lightning launches the
-    ranks itself (``trainer=ddp`` from a plain ``python -m ptlight``), each new Trainer would
-    launch them again; under torchrun/SLURM the ranks exist already and every stage joins them."""
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def check_pipeline_launch(trainer_cfg: DictConfig, pipeline: bool = True) -> None:
+    """Refuse what Lightning's own launcher cannot do: start ranks once per Trainer.
+
+    From a plain ``python -m ptlight``, Lightning starts ranks 1..N-1 of a DDP/FSDP Trainer by
+    re-running the command line. A pipeline (one Trainer per stage) or a Hydra multirun (one
+    per job, each rank re-running the whole sweep with its own timestamped dirs) would then be
+    run by every rank, not joined by them. Under torchrun/SLURM the ranks exist before Python
+    starts and each Trainer joins them; ``ddp_spawn`` starts fresh ranks for every ``fit``.
+    """
+    spec = trainer_cfg.get("strategy")
     launched_externally = "LOCAL_RANK" in os.environ or "SLURM_PROCID" in os.environ
-    if multiprocess(trainer_cfg) and not launched_externally:
+    if not multiprocess(trainer_cfg) or launched_externally or spec == "ddp_spawn":
+        return
+    if pipeline:
         raise ConfigError(
             "the pipeline (no method=...) runs one stage after another in one process, and "
             "Lightning can launch its DDP/FSDP processes once per command. Run the stages one by "
             "one (python -m ptlight method=sft trainer=ddp, then method=dpo "
             "model.path=<its export> trainer=ddp), or launch with torchrun / srun (README: Scale)"
+        )
+    if _in_multirun():
+        raise ConfigError(
+            "a multirun (-m) with a multi-process trainer needs a launcher that starts each "
+            "job's processes: hydra/launcher=ptlight_slurm (SLURM), or "
+            "trainer.strategy=ddp_spawn; Lightning's re-launch of the command would re-run the "
+            "whole sweep in every rank (README: Scale)"
         )
 
 

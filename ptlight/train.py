@@ -219,6 +219,7 @@ def run(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> float | No
     Optuna optimises), or None with a warning naming the metrics there are.
     """
     if cfg.method is not None:
+        check_pipeline_launch(cfg.trainer, pipeline=False)  # refuses a DDP multirun
         report = train_stage(cfg, run_dir)
         if "after" in report and "before" in report:
             print_gold_table([_gold_row("before", report["before"], None),

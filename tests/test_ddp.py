@@ -65,3 +65,20 @@ def test_multiprocess_detection(compose_cfg):
     assert not multiprocess(compose_cfg().trainer)
     assert not multiprocess(compose_cfg("trainer=ddp", "trainer.devices=1").trainer)
     assert multiprocess(compose_cfg("trainer.devices=2").trainer)
+
+
+def test_a_ddp_multirun_needs_a_launcher_that_starts_the_ranks(compose_cfg, monkeypatch):
+    import ptlight.strategy as strategy
+    from ptlight.errors import ConfigError
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    monkeypatch.setattr(strategy, "_in_multirun", lambda: True)
+    ddp = compose_cfg("trainer=ddp").trainer
+    with pytest.raises(ConfigError, match=r"hydra/launcher=ptlight_slurm .*ddp_spawn"):
+        strategy.check_pipeline_launch(ddp, pipeline=False)
+    strategy.check_pipeline_launch(compose_cfg("trainer=ddp", "trainer.strategy=ddp_spawn")
+                                   .trainer, pipeline=False)  # spawns fresh ranks per fit
+    monkeypatch.setenv("SLURM_PROCID", "0")  # srun started the ranks: every job joins them
+    strategy.check_pipeline_launch(ddp, pipeline=False)
+    strategy.check_pipeline_launch(ddp, pipeline=True)
