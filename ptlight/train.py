@@ -124,7 +124,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     task = cfg.data.task
     report: dict[str, Any] = {"method": cfg.method.module, "objective": objective.name,
                               "data": datamodule.report()}
-    if task and cfg.eval.before:
+    if task and cfg.eval.before and rank_zero_only.rank == 0:
         report["before"] = gold_eval(policy, tokenizer, task, cfg.eval)
 
     module = method_cls(policy=policy, objective=objective, optim=cfg.method.optim,
@@ -148,6 +148,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
     export_dir = run_dir / "export"
+    report["export_dir"] = str(export_dir)  # every rank: a next pipeline stage starts from it
     full_state = full_policy_state(trainer, module)  # FSDP: gathered on rank 0 (all ranks call)
     if trainer.is_global_zero:
         export_model(policy, tokenizer, export_dir, cfg.model, state_dict=full_state)
@@ -156,7 +157,6 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         log.info("rank %d of %d wrote %s", trainer.global_rank, trainer.world_size, export_dir)
         if task:
             report["after"] = gold_eval(policy, tokenizer, task, cfg.eval)
-        report["export_dir"] = str(export_dir)
         report["global_step"] = trainer.global_step
         report["skipped_steps"] = guard.skipped
         report["world_size"] = trainer.world_size
@@ -199,6 +199,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> l
         report = train_stage(stage_cfg, run_dir / f"{i}-{stage.name}")
         reports.append({"stage": stage.name, **report})
         previous = report["export_dir"]
+    if rank_zero_only.rank != 0:  # torchrun/srun: every rank runs the stages; one reports
+        return reports
     rows = []
     for r in reports:
         if "before" in r:

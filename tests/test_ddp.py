@@ -82,3 +82,30 @@ def test_a_ddp_multirun_needs_a_launcher_that_starts_the_ranks(compose_cfg, monk
     monkeypatch.setenv("SLURM_PROCID", "0")  # srun started the ranks: every job joins them
     strategy.check_pipeline_launch(ddp, pipeline=False)
     strategy.check_pipeline_launch(ddp, pipeline=True)
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_whole_pipeline_on_every_rank(tmp_path):
+    """torchrun starts the ranks (as on a cluster): each stage's Trainer joins them, rank 0
+    exports and reports, rank 1 waits at the barrier and starts the next stage from it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(port), "-m", "ptlight", "trainer=ddp", *TINY,
+         "trainer.max_steps=2", "eval.val_samples=0", "eval.num_prompts=4",
+         f"hydra.run.dir={run_dir}"],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stages = json.loads((run_dir / "pipeline.json").read_text())
+    assert [(s["stage"], s["world_size"], s["global_step"]) for s in stages] == [
+        ("sft", 2, 2), ("dpo", 2, 2)]
+    assert (out.stdout + out.stderr).count("gold metric on 4 held-out prompts") == 1
