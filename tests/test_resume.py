@@ -59,6 +59,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         if proc.poll() is None:
             proc.kill()
     killed_at = _step_of(last)
+    print(f"killed at step {killed_at} of 16")
     assert 3 <= killed_at < 16 and not (killed_dir / "export").exists()
 
     resumed = subprocess.run(_cli(killed_dir, "ckpt_path=last"), env=env, capture_output=True,
