@@ -105,7 +105,14 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
     reference_mode = _reference_mode(cfg, objective)
     tokenizer = load_tokenizer(cfg.model)
-    datamodule = PtlDataModule(cfg.data, tokenizer, objective.data_kind)
+    # Method hooks (all optional): which data shape feeds the objective (rm: pairwise rows for
+    # a "scores" objective; ppo: prompts for a "rollout" one), constructed extras (ppo: the
+    # reward plugin), whether the trained model generates (the gold metric needs it).
+    data_kind = (method_cls.data_kind_for(cfg.method, objective)
+                 if hasattr(method_cls, "data_kind_for") else objective.data_kind)
+    extra = method_cls.extra_args(cfg, tokenizer) if hasattr(method_cls, "extra_args") else {}
+    generates = getattr(method_cls, "generates", True)
+    datamodule = PtlDataModule(cfg.data, tokenizer, data_kind)
     datamodule.setup()
 
     policy = build_policy(cfg.model, tokenizer)
@@ -114,11 +121,11 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     task = cfg.data.task
     report: dict[str, Any] = {"method": cfg.method.module, "objective": objective.name,
                               "data": datamodule.report()}
-    if task and cfg.eval.before:
+    if task and cfg.eval.before and generates:
         report["before"] = gold_eval(policy, tokenizer, task, cfg.eval)
 
     module = method_cls(policy=policy, objective=objective, optim=cfg.method.optim,
-                        reference=reference, reference_mode=reference_mode)
+                        reference=reference, reference_mode=reference_mode, **extra)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps),
@@ -126,20 +133,25 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     samples = (ValidationSamples(tokenizer, task, cfg.eval, objective.name)
-               if task and cfg.eval.val_samples else None)
+               if task and cfg.eval.val_samples and generates else None)
     if samples is not None:
         callbacks.append(samples)
+    overrides = method_cls.trainer_overrides(cfg) if hasattr(method_cls, "trainer_overrides") else {}
     trainer: L.Trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
-        callbacks=callbacks,
+        callbacks=callbacks, **overrides,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
     export_dir = run_dir / "export"
     if trainer.is_global_zero:
         export_model(policy, tokenizer, export_dir, cfg.model)
-        if task:
+        if hasattr(module, "export_extras"):  # rm: the score head; ppo: the value head
+            module.export_extras(export_dir)
+        if task and generates:
             report["after"] = gold_eval(policy, tokenizer, task, cfg.eval)
+        elif task and hasattr(module, "evaluate"):  # rm: held-out pairwise accuracy
+            report["heldout"] = module.evaluate(tokenizer, task, cfg.eval)
         report["export_dir"] = str(export_dir)
         report["global_step"] = trainer.global_step
         report["final_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}

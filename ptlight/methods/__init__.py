@@ -5,11 +5,15 @@ from __future__ import annotations
 import lightning as L
 
 from ptlight.methods.preference import PreferenceMethod
+from ptlight.methods.ppo import PPOMethod
+from ptlight.methods.reward import RewardMethod
 from ptlight.methods.sft import SFTMethod
 
 METHODS: dict[str, type[L.LightningModule]] = {
     "sft": SFTMethod,
     "preference": PreferenceMethod,
+    "rm": RewardMethod,
+    "ppo": PPOMethod,
 }
 
 
