@@ -16,6 +16,7 @@ from the previous stage's export (``model.path``).
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -178,25 +179,63 @@ def print_gold_table(rows: list[list[str]], title: str) -> None:
     Console().print(table)
 
 
+_EXPORT_REF = re.compile(r"\{export:([^}]+)\}")
+
+
+def stage_overrides(stage: DictConfig, exports: dict[str, str], previous: str | None,
+                    user_overrides: list[str]) -> list[str]:
+    """The overrides one pipeline stage is composed with.
+
+    ``method=<stage.method>``, the stage's own overrides with ``{export:<stage>}`` replaced by
+    that earlier stage's export dir, the user's command-line overrides, and ``model.path``: the
+    export of ``stage.model_from`` when set (a stage name, or null for the config's own model),
+    else of the previous stage. So ``rm`` and ``ppo`` can both start from ``sft`` while ``ppo``
+    reads its reward model from ``{export:rm}``.
+    """
+    def resolve(text: str) -> str:
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in exports:
+                raise ConfigError(f"pipeline stage {stage.name!r}: {m.group(0)} names no earlier "
+                                  f"stage (earlier: {', '.join(exports) or 'none'})")
+            return exports[m.group(1)]
+        return _EXPORT_REF.sub(sub, text)
+
+    overrides = [f"method={stage.method}", *(resolve(o) for o in stage.overrides),
+                 *user_overrides]
+    if "model_from" in stage:
+        source = stage.model_from
+        if source is not None and source not in exports:
+            raise ConfigError(f"pipeline stage {stage.name!r}: model_from={source!r} names no "
+                              f"earlier stage (earlier: {', '.join(exports) or 'none'})")
+        start = exports[source] if source is not None else None
+    else:
+        start = previous
+    if start is not None:
+        overrides.append(f"model.path={start}")
+    return overrides
+
+
 def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> list[dict]:
-    """Run ``cfg.pipeline`` stage by stage; each stage starts from the previous export."""
+    """Run ``cfg.pipeline`` stage by stage (see :func:`stage_overrides` for what each starts from)."""
     from hydra import compose  # the caller holds an initialised Hydra (the app or a test)
 
-    reports, previous = [], None
+    reports, previous, exports = [], None, {}
     for i, stage in enumerate(cfg.pipeline):
-        overrides = [f"method={stage.method}", *stage.overrides, *user_overrides]
-        if previous is not None:
-            overrides.append(f"model.path={previous}")
+        overrides = stage_overrides(stage, exports, previous, user_overrides)
         stage_cfg = compose(config_name="config", overrides=overrides)
         report = train_stage(stage_cfg, run_dir / f"{i}-{stage.name}")
         reports.append({"stage": stage.name, **report})
-        previous = report["export_dir"]
+        previous = exports[stage.name] = report["export_dir"]
     rows = []
     for r in reports:
         if "before" in r:
             rows.append(_gold_row("start (before " + r["stage"] + ")", r["before"], None))
         if "after" in r:
             rows.append(_gold_row("after " + r["stage"], r["after"], r["wall_time_s"]))
+        if "heldout" in r:  # a reward model: pairwise accuracy on held-out pairs
+            Console().print(f"{r['stage']}: reward model accuracy "
+                            f"{r['heldout']['rm/accuracy']:.3f} on "
+                            f"{r['heldout']['num_pairs']} held-out pairs")
     if rows:
         print_gold_table(rows, f"gold metric on {cfg.eval.num_prompts} held-out prompts")
     (run_dir / "pipeline.json").write_text(json.dumps(reports, indent=2))
@@ -211,6 +250,9 @@ def run(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> float | No
     """
     if cfg.method is not None:
         report = train_stage(cfg, run_dir)
+        if "heldout" in report:
+            Console().print(f"reward model accuracy {report['heldout']['rm/accuracy']:.3f} on "
+                            f"{report['heldout']['num_pairs']} held-out pairs")
         if "after" in report and "before" in report:
             print_gold_table([_gold_row("before", report["before"], None),
                               _gold_row("after", report["after"], report["wall_time_s"])],

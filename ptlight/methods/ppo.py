@@ -131,7 +131,9 @@ class PPOMethod(L.LightningModule):
 
     @staticmethod
     def trainer_overrides(cfg: DictConfig) -> dict[str, Any]:  # noqa: ARG004
-        return {"gradient_clip_val": None}  # clipped per minibatch by the method itself
+        # clipped per minibatch by the method itself; one training batch is a whole rollout
+        # (num_ppo_epochs x num_mini_batches optimiser steps), so its metrics are logged each time
+        return {"gradient_clip_val": None, "log_every_n_steps": 1}
 
     def __init__(
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
