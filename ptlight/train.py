@@ -44,6 +44,8 @@ from ptlight.report import write_model_card, write_pipeline_report, write_run_re
 # The CSV logger shares the stage dir with config.yaml and checkpoints; only its own
 # metrics.csv is replaced, so its "directory not empty" warning is noise.
 warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+# PPO (manual optimisation) checkpoints after its optimiser steps, which is what resuming needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:

@@ -237,6 +237,8 @@ def test_rm_run_logs_metrics_and_exports_a_head_next_to_the_backbone(rm_run):
     report = json.loads((run_dir / "eval.json").read_text())
     assert 0.0 <= report["heldout"]["rm/accuracy"] <= 1.0 and report["heldout"]["num_pairs"] == 16
     assert "reward model accuracy" in stdout
+    assert (run_dir / "reward_model.png").stat().st_size > 0
+    assert "held-out pairs" in (run_dir / "report.md").read_text()
     head = json.loads((run_dir / "export" / "reward_head.json").read_text())
     assert head["format"] == "ptlight.reward_head/1" and head["token"] == "last"
 
@@ -295,6 +297,7 @@ def test_short_ppo_run_with_the_learned_rm_logs_finite_kl_and_reward(rm_run, tmp
     assert val and math.isfinite(float(val[-1]["val/loss"]))
     assert (run_dir / "export" / "value_head.safetensors").is_file()
     assert (run_dir / "samples.jsonl").is_file()
+    assert (run_dir / "ppo.png").stat().st_size > 0 and "ppo.png" in (run_dir / "report.md").read_text()
 
 
 def test_ppo_refuses_bad_settings_before_loading_weights(tmp_path):
