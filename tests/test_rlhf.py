@@ -338,3 +338,18 @@ def test_rlhf_experiment_chains_sft_rm_ppo_from_one_command(tmp_path):
     assert f"path: {sft_export}" in rm_cfg and f"path: {sft_export}" in ppo_cfg
     assert f"path: {tmp_path / '1-rm' / 'export'}" in ppo_cfg  # the reward model
     assert "reward model accuracy" in proc.stdout and "after ppo" in proc.stdout
+
+
+def test_eval_scores_and_judges_win_rate_with_a_trained_reward_model(rm_run, tmp_path):
+    export = rm_run[0] / "export"  # also a causal LM (its LM head is the SFT one): a generator
+    proc = subprocess.run(
+        [sys.executable, "-m", "ptlight.eval", f"model.path={export}", f"eval.baseline={export}",
+         "eval.num_prompts=8", "eval.max_new_tokens=6", "eval.num_pairs=0",
+         "eval.judge={name: reward_model, path: " + str(export) + "}",
+         f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    judge = json.loads((tmp_path / "eval.json").read_text())["judge"]
+    assert judge["spec"]["name"] == "reward_model"
+    assert judge["model/mean"] == pytest.approx(judge["baseline/mean"])  # same model, greedy
+    assert judge["win_rate"]["tie_rate"] == 1.0
+    assert "under judge 'reward_model'" in (tmp_path / "report.md").read_text()
