@@ -341,6 +341,35 @@ def _usage(export_dir: Path, adapter: bool) -> str:
             "tokenizer = AutoTokenizer.from_pretrained(path)\n```\n")
 
 
+def _method_sections(export_dir: Path, cfg: DictConfig, report: dict[str, Any]) -> list[str]:
+    """Card sections only a reward model (head file, held-out accuracy) or a PPO policy
+    (reward source, PPO settings, value head) has."""
+    parts: list[str] = []
+    if (export_dir / "reward_head.json").is_file():
+        held = report.get("heldout")
+        parts.append("## Reward model\n")
+        if held:
+            parts.append(f"Pairwise accuracy on {held['num_pairs']} held-out pairs: "
+                         f"**{held['rm/accuracy']:.3f}** (mean margin {held['rm/margin']:.3f}).\n")
+        parts.append(
+            "The scalar head is `reward_head.safetensors` (`weight [1, H]`, `bias [1]`; rewards "
+            "centred on the validation set, shift in `reward_head.json`), read at the last "
+            "token of prompt + completion:\n\n```python\nimport torch, safetensors.torch\n"
+            "from transformers import AutoModel, AutoTokenizer\n"
+            "tok = AutoTokenizer.from_pretrained(d); base = AutoModel.from_pretrained(d)\n"
+            "head = safetensors.torch.load_file(f\"{d}/reward_head.safetensors\")\n"
+            "h = base(input_ids=ids, attention_mask=mask).last_hidden_state\n"
+            "reward = h[torch.arange(len(ids)), mask.sum(1) - 1] @ head[\"weight\"].T + head[\"bias\"]\n"
+            "```\n\nIn ptlight: `method=ppo reward=reward_model reward.path=<this dir>` "
+            "or `python -m ptlight.eval 'eval.judge={name: reward_model, path: <this dir>}'`.\n")
+    if cfg.method.module == "ppo":
+        reward = OmegaConf.to_container(cfg.reward, resolve=True)
+        settings = OmegaConf.to_container(cfg.method.ppo, resolve=True)
+        parts += ["## PPO\n", f"Reward: `{reward}`. Value head: `value_head.safetensors`.\n",
+                  md_table(("setting", "value"), [(k, str(v)) for k, v in settings.items()])]
+    return parts
+
+
 def write_model_card(export_dir: Path, cfg: DictConfig, report: dict[str, Any]) -> Path:
     """``README.md`` of an HF export: hub front matter, training summary, metrics, usage."""
     objective = str(report.get("objective", cfg.method.objective.name))
@@ -358,6 +387,7 @@ def write_model_card(export_dir: Path, cfg: DictConfig, report: dict[str, Any]) 
                    if k.startswith("val/"))
     if final:
         parts += ["## Final validation metrics\n", md_table(("metric", "value"), final)]
+    parts += _method_sections(export_dir, cfg, report)
     parts += ["## Usage\n", _usage(export_dir, adapter)]
     out = export_dir / "README.md"
     out.write_text("\n".join(parts))
@@ -375,6 +405,7 @@ SWEEP_COLUMNS = (  # header, value from a job's eval.json (None: not measured by
     ("exact match", lambda r: _gold(r, "gold/exact")),
     ("win rate", lambda r: r.get("win_rate", {}).get("win_rate")),
     ("pref. accuracy", lambda r: r.get("preference", {}).get("accuracy")),
+    ("RM accuracy", lambda r: r.get("heldout", {}).get("rm/accuracy")),
     ("val loss", lambda r: r.get("final_metrics", {}).get("val/loss")),
     ("val reward acc.", lambda r: r.get("final_metrics", {}).get("val/rewards/accuracies")),
     ("steps", lambda r: r.get("global_step")),

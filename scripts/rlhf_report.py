@@ -81,8 +81,8 @@ def main(argv: list[str]) -> None:
     common = [f"model.path={sft_export}", "eval.before=false", "trainer.max_steps=-1", budget,
               "trainer.val_check_interval=1000000", "eval.val_samples=0"]
     dpo = run(args.out / "dpo", "method=dpo", *common, *ov)
-    ppo_rm = run(args.out / "ppo-rm", "method=ppo", *common, *PPO, "method.reward.name=reward_model",
-                 "~method.reward.task", f"+method.reward.path={rm_export}", *ov)
+    ppo_rm = run(args.out / "ppo-rm", "method=ppo", *common, *PPO, "reward=reward_model",
+                 f"reward.path={rm_export}", *ov)
     ppo_gold = run(args.out / "ppo-gold", "method=ppo", *common, *PPO, *ov)
 
     if start is not None:

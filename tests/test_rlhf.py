@@ -212,7 +212,7 @@ def test_builtin_rewards_are_entry_points_and_gold_scores_the_task():
 def test_reward_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="unknown reward 'nope'.*gold"):
         build_reward({"name": "nope"})
-    with pytest.raises(ConfigError, match="method.reward.temperature.*valid keys: task"):
+    with pytest.raises(ConfigError, match="reward.temperature.*valid keys: task"):
         build_reward({"name": "gold", "temperature": 1})
     with pytest.raises(ConfigError, match="reward_model needs path"):
         build_reward({"name": "reward_model"})
@@ -278,8 +278,8 @@ def test_short_ppo_run_with_the_learned_rm_logs_finite_kl_and_reward(rm_run, tmp
     run_dir = tmp_path / "ppo"
     proc = run_cli("method=ppo", *TINY, f"hydra.run.dir={run_dir}", "trainer.max_steps=8",
                    "trainer.val_check_interval=1", "method.ppo.num_ppo_epochs=2",
-                   "method.ppo.max_new_tokens=6", "method.reward.name=reward_model",
-                   "~method.reward.task", f"+method.reward.path={rm_run[0] / 'export'}",
+                   "method.ppo.max_new_tokens=6", "reward=reward_model",
+                   f"reward.path={rm_run[0] / 'export'}",
                    "method.ppo.adaptive_kl=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     import csv
@@ -303,8 +303,8 @@ def test_short_ppo_run_with_the_learned_rm_logs_finite_kl_and_reward(rm_run, tmp
 def test_ppo_refuses_bad_settings_before_loading_weights(tmp_path):
     proc = run_cli("method=ppo", *TINY, f"hydra.run.dir={tmp_path}", "method.ppo.num_mini_batches=3")
     assert proc.returncode == 2 and "method.ppo.num_mini_batches=3 must divide" in proc.stderr
-    proc = run_cli("method=ppo", *TINY, f"hydra.run.dir={tmp_path}", "method.reward.name=nope")
-    assert proc.returncode == 2 and "method.reward.name: unknown reward 'nope'" in proc.stderr
+    proc = run_cli("method=ppo", *TINY, f"hydra.run.dir={tmp_path}", "reward.name=nope")
+    assert proc.returncode == 2 and "reward.name: unknown reward 'nope'" in proc.stderr
 
 
 # ---- pipelines --------------------------------------------------------------------------------
@@ -314,10 +314,10 @@ def test_stage_overrides_resolve_model_from_and_export_references():
     from ptlight.train import stage_overrides
 
     stage = OmegaConf.create({"name": "ppo", "method": "ppo", "model_from": "sft",
-                              "overrides": ["+method.reward.path={export:rm}"]})
+                              "overrides": ["reward.path={export:rm}"]})
     exports = {"sft": "/runs/0-sft/export", "rm": "/runs/1-rm/export"}
     ov = stage_overrides(stage, exports, "/runs/1-rm/export", ["seed=1"])
-    assert ov == ["method=ppo", "+method.reward.path=/runs/1-rm/export", "seed=1",
+    assert ov == ["method=ppo", "reward.path=/runs/1-rm/export", "seed=1",
                   "model.path=/runs/0-sft/export"]
     plain = OmegaConf.create({"name": "dpo", "method": "dpo", "overrides": []})
     assert stage_overrides(plain, exports, "/prev", [])[-1] == "model.path=/prev"

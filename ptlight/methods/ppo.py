@@ -8,8 +8,9 @@ One training batch = one rollout batch of prompts (``data.batch_size``), then
    ``max_new_tokens``. Prompts are left-padded; positions follow the attention mask, so a
    padded row gets exactly the tokens and log-probs it would get alone (tested). The response
    is cut after its first EOS.
-2. **Scores**: the reward source ``method.reward`` (a ``ptlight.rewards`` plugin: the task's
-   ``gold`` reward, a trained ``reward_model`` export, or a third party's) scores the decoded
+2. **Scores**: the reward source, the top-level ``reward`` config group (a ``ptlight.rewards``
+   plugin: the task's ``gold`` reward, a trained ``reward_model`` export with ``reward.path``, or
+   a third party's; built in train.py, handed to the method as an object) scores the decoded
    responses. A response with no EOS scores ``penalty_reward_value`` (−1), or, when
    ``missing_eos_penalty`` is set, its score minus that amount (TRL's two options).
 3. **Log-probs and values** of the response tokens under the policy (from logits / T, as the
@@ -116,7 +117,7 @@ class PPOMethod(L.LightningModule):
             raise ConfigError(
                 f"data.batch_size={cfg.data.batch_size}: PPO whitens advantages over the rollout "
                 "batch, which needs at least 8 samples per device; set data.batch_size>=8")
-        reward = build_reward(OmegaConf.to_container(cfg.method.reward, resolve=True))
+        reward = build_reward(OmegaConf.to_container(cfg.reward, resolve=True), key="reward")
         ptx = None
         if settings.ptx_coef > 0:
             from ptlight.data.module import PtlDataModule

@@ -1,7 +1,7 @@
 """Reward plugins: scalar rewards of (prompt, completion) pairs, discovered through the
 ``ptlight.rewards`` entry-point group exactly as objectives are through ``ptlight.objectives``.
 
-PPO scores its rollouts with one (``method.reward``), evaluation and labelling can use any of
+PPO scores its rollouts with one (the ``reward`` config group), evaluation and labelling can use any of
 them, and a third party ships a rule-based or judge reward as its own pip package::
 
     # my_pkg/reward.py
@@ -19,7 +19,7 @@ them, and a third party ships a rule-based or judge reward as its own pip packag
     [project.entry-points."ptlight.rewards"]
     brevity = "my_pkg.reward:Brevity"
 
-then ``python -m ptlight method=ppo method.reward.name=brevity method.reward.max_words=10``.
+then ``python -m ptlight method=ppo reward.name=brevity ~reward.task +reward.max_words=10``.
 ``python -m ptlight.rewards`` lists the installed rewards.
 
 Contract: ``name`` (class attribute); keyword-only hyperparameters; :meth:`Reward.score` takes
@@ -102,7 +102,7 @@ def get_reward(name: str) -> type[Reward]:
     return cls
 
 
-def build_reward(spec: dict[str, Any], key: str = "method.reward") -> Reward:
+def build_reward(spec: dict[str, Any], key: str = "reward") -> Reward:
     """Instantiate the reward ``spec["name"]`` with the other keys as hyperparameters; errors
     name ``<key>.<field>`` and list the valid keys."""
     spec = dict(spec)
