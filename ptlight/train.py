@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 # The CSV logger shares the stage dir with config.yaml and checkpoints; only its own
 # metrics.csv is replaced, so its "directory not empty" warning is noise.
 warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+# PPO (manual optimisation) checkpoints after its optimiser steps, which is what resuming needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
@@ -115,7 +118,14 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     guard = NonFiniteGuard(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive,
                            checkpoint_dir=str(run_dir / "checkpoints"))
     tokenizer = load_tokenizer(cfg.model)
-    datamodule = PtlDataModule(cfg.data, tokenizer, objective.data_kind)
+    # Method hooks (all optional): which data shape feeds the objective (rm: pairwise rows for
+    # a "scores" objective; ppo: prompts for a "rollout" one), constructed extras (ppo: the
+    # reward plugin), whether the trained model generates (the gold metric needs it).
+    data_kind = (method_cls.data_kind_for(cfg.method, objective)
+                 if hasattr(method_cls, "data_kind_for") else objective.data_kind)
+    extra = method_cls.extra_args(cfg, tokenizer) if hasattr(method_cls, "extra_args") else {}
+    generates = getattr(method_cls, "generates", True)
+    datamodule = PtlDataModule(cfg.data, tokenizer, data_kind)
     datamodule.setup()
 
     policy = build_policy(cfg.model, tokenizer)
@@ -124,11 +134,11 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     task = cfg.data.task
     report: dict[str, Any] = {"method": cfg.method.module, "objective": objective.name,
                               "data": datamodule.report()}
-    if task and cfg.eval.before and rank_zero_only.rank == 0:
+    if task and cfg.eval.before and generates and rank_zero_only.rank == 0:
         report["before"] = gold_eval(policy, tokenizer, task, cfg.eval)
 
     module = method_cls(policy=policy, objective=objective, optim=cfg.method.optim,
-                        reference=reference, reference_mode=reference_mode)
+                        reference=reference, reference_mode=reference_mode, **extra)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps),
@@ -137,13 +147,14 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     samples = (ValidationSamples(tokenizer, task, cfg.eval, objective.name)
-               if task and cfg.eval.val_samples else None)
+               if task and cfg.eval.val_samples and generates else None)
     if samples is not None:
         callbacks.append(samples)
+    overrides = method_cls.trainer_overrides(cfg) if hasattr(method_cls, "trainer_overrides") else {}
     trainer_cfg, strategy = build_strategy(cfg.trainer, policy)  # FSDP: wrap policy resolved
     trainer: L.Trainer = instantiate(
         trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
-        callbacks=callbacks, plugins=[AtomicCheckpointIO()], **strategy,
+        callbacks=callbacks, plugins=[AtomicCheckpointIO()], **strategy, **overrides,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
@@ -155,8 +166,12 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if full_state is not None:  # the sharded policy cannot generate on one rank: reload
             policy = load_export(export_dir, cfg.model)
         log.info("rank %d of %d wrote %s", trainer.global_rank, trainer.world_size, export_dir)
-        if task:
+        if hasattr(module, "export_extras"):  # rm: the score head; ppo: the value head
+            module.export_extras(export_dir)
+        if task and generates:
             report["after"] = gold_eval(policy, tokenizer, task, cfg.eval)
+        elif task and hasattr(module, "evaluate"):  # rm: held-out pairwise accuracy
+            report["heldout"] = module.evaluate(tokenizer, task, cfg.eval)
         report["global_step"] = trainer.global_step
         report["skipped_steps"] = guard.skipped
         report["world_size"] = trainer.world_size
@@ -185,20 +200,54 @@ def print_gold_table(rows: list[list[str]], title: str) -> None:
     Console().print(table)
 
 
+_EXPORT_REF = re.compile(r"\{export:([^}]+)\}")
+
+
+def stage_overrides(stage: DictConfig, exports: dict[str, str], previous: str | None,
+                    user_overrides: list[str]) -> list[str]:
+    """The overrides one pipeline stage is composed with.
+
+    ``method=<stage.method>``, the stage's own overrides with ``{export:<stage>}`` replaced by
+    that earlier stage's export dir, the user's command-line overrides, and ``model.path``: the
+    export of ``stage.model_from`` when set (a stage name, or null for the config's own model),
+    else of the previous stage. So ``rm`` and ``ppo`` can both start from ``sft`` while ``ppo``
+    reads its reward model from ``{export:rm}``.
+    """
+    def resolve(text: str) -> str:
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in exports:
+                raise ConfigError(f"pipeline stage {stage.name!r}: {m.group(0)} names no earlier "
+                                  f"stage (earlier: {', '.join(exports) or 'none'})")
+            return exports[m.group(1)]
+        return _EXPORT_REF.sub(sub, text)
+
+    overrides = [f"method={stage.method}", *(resolve(o) for o in stage.overrides),
+                 *user_overrides]
+    if "model_from" in stage:
+        source = stage.model_from
+        if source is not None and source not in exports:
+            raise ConfigError(f"pipeline stage {stage.name!r}: model_from={source!r} names no "
+                              f"earlier stage (earlier: {', '.join(exports) or 'none'})")
+        start = exports[source] if source is not None else None
+    else:
+        start = previous
+    if start is not None:
+        overrides.append(f"model.path={start}")
+    return overrides
+
+
 def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> list[dict]:
-    """Run ``cfg.pipeline`` stage by stage; each stage starts from the previous export."""
+    """Run ``cfg.pipeline`` stage by stage (see :func:`stage_overrides` for what each starts from)."""
     from hydra import compose  # the caller holds an initialised Hydra (the app or a test)
 
     check_pipeline_launch(cfg.trainer)
-    reports, previous = [], None
+    reports, previous, exports = [], None, {}
     for i, stage in enumerate(cfg.pipeline):
-        overrides = [f"method={stage.method}", *stage.overrides, *user_overrides]
-        if previous is not None:
-            overrides.append(f"model.path={previous}")
+        overrides = stage_overrides(stage, exports, previous, user_overrides)
         stage_cfg = compose(config_name="config", overrides=overrides)
         report = train_stage(stage_cfg, run_dir / f"{i}-{stage.name}")
         reports.append({"stage": stage.name, **report})
-        previous = report["export_dir"]
+        previous = exports[stage.name] = report["export_dir"]
     if rank_zero_only.rank != 0:  # torchrun/srun: every rank runs the stages; one reports
         return reports
     rows = []
@@ -207,6 +256,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> l
             rows.append(_gold_row("start (before " + r["stage"] + ")", r["before"], None))
         if "after" in r:
             rows.append(_gold_row("after " + r["stage"], r["after"], r["wall_time_s"]))
+        if "heldout" in r:  # a reward model: pairwise accuracy on held-out pairs
+            Console().print(f"{r['stage']}: reward model accuracy "
+                            f"{r['heldout']['rm/accuracy']:.3f} on "
+                            f"{r['heldout']['num_pairs']} held-out pairs")
     if rows:
         print_gold_table(rows, f"gold metric on {cfg.eval.num_prompts} held-out prompts")
     (run_dir / "pipeline.json").write_text(json.dumps(reports, indent=2))
@@ -223,6 +276,9 @@ def run(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> float | No
     if cfg.method is not None:
         check_pipeline_launch(cfg.trainer, pipeline=False)  # refuses a DDP multirun
         report = train_stage(cfg, run_dir)
+        if "heldout" in report:
+            Console().print(f"reward model accuracy {report['heldout']['rm/accuracy']:.3f} on "
+                            f"{report['heldout']['num_pairs']} held-out pairs")
         if "after" in report and "before" in report:
             print_gold_table([_gold_row("before", report["before"], None),
                               _gold_row("after", report["after"], report["wall_time_s"])],

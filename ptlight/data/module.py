@@ -104,11 +104,15 @@ class Item:
     """One tokenized example plus what its loss needs besides tokens.
 
     label:  unpaired data: True = desirable. scores: listwise data: ``[K]``, best first.
+    margin: pairwise data with a ``margin`` column (reward models). prompt: the prompt as the
+    data gave it (prompt-only data: reward plugins score the text, not the token ids).
     """
 
     enc: Encoded
     label: bool | None = None
     scores: list[float] | None = None
+    margin: float | None = None
+    prompt: Any = None
 
 
 def pad_rows(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -124,6 +128,17 @@ def pad_rows(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
         attn[i, :n] = 1
         loss_mask[i, len(p) : n] = True
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids``/``attention_mask`` ``[B, P]`` of prompts, for generation."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[i, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": attn}
 
 
 def mismatched_pairs(items: list[Item], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -207,7 +222,8 @@ class PtlDataModule(L.LightningDataModule):
                 f"{len(done[0].enc.completions)}; listwise batches are [B, K], so every row "
                 "needs the same number K"
             )
-        return Item(enc, label=example.label, scores=example.scores)
+        return Item(enc, label=example.label, scores=example.scores, margin=example.margin,
+                    prompt=example.prompt if self.kind == "prompt" else None)
 
     def _encode_all(self, source: str, rows: list) -> list[Item]:
         out: list[Item] = []
@@ -273,9 +289,15 @@ class PtlDataModule(L.LightningDataModule):
         chosen block first; listwise K ordered best first). Unpaired data (K=1) appends a block
         of B mismatched rows (:func:`mismatched_pairs`), so R = 2B.
         Per example: ``index`` ``[B]``; ``labels`` ``[B]`` bool (unpaired); ``scores``
-        ``[B, K]`` float (listwise).
+        ``[B, K]`` float (listwise); ``margins`` ``[B]`` (pairwise rows with a margin column).
+        Prompt-only data: left-padded ``input_ids``/``attention_mask`` ``[B, P]``, ``index``
+        and ``prompts`` (the raw prompts, a list).
         """
         items = [item for _, item in batch]
+        index = torch.tensor([i for i, _ in batch])
+        if self.kind == "prompt":  # left-padded prompts for generation + the raw prompts
+            return {**left_pad([it.enc.prompt for it in items], self.tokenizer.pad_token_id),
+                    "index": index, "prompts": [it.prompt for it in items]}
         k = len(items[0].enc.completions)
         seqs = [(it.enc.prompt, it.enc.completions[j]) for j in range(k) for it in items]
         extra: dict[str, torch.Tensor] = {}
@@ -284,7 +306,8 @@ class PtlDataModule(L.LightningDataModule):
             extra["labels"] = torch.tensor([it.label for it in items], dtype=torch.bool)
         if self.kind == "listwise":
             extra["scores"] = torch.tensor([it.scores for it in items], dtype=torch.float32)
-        index = torch.tensor([i for i, _ in batch])
+        if self.kind == "pairwise" and any(it.margin is not None for it in items):
+            extra["margins"] = torch.tensor([it.margin or 0.0 for it in items])
         return {**pad_rows(seqs, self.tokenizer.pad_token_id), "index": index, **extra}
 
     def _drop_last(self, n: int) -> bool:

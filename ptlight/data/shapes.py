@@ -6,6 +6,10 @@
 | pairwise | ``prompt``+``chosen``+``rejected``; or ``chosen``+``rejected`` sharing a prefix |
 | unpaired | ``prompt``+``completion``+``label`` (bool, True = desirable); or a pairwise row |
 | listwise | ``prompt``+``completions`` (list, K >= 2) + ``ranks`` (1 = best) or ``scores``  |
+| prompt   | ``prompt`` (PPO rollouts; other columns are ignored)                        |
+
+Pairwise rows may carry a ``margin`` column (a finite number, reward-model training: the
+Bradley–Terry margin m of OBJECTIVES.md §3, TRL's ``margin``); other methods ignore it.
 
 Unpaired data (KTO) also accepts pairwise rows: :func:`parse_examples` turns one
 ``chosen``/``rejected`` row into TWO examples, the chosen completion labelled True and the
@@ -52,6 +56,7 @@ class Example:
     completions: list[Text]
     label: bool | None = None
     scores: list[float] | None = None
+    margin: float | None = None
 
 
 def _present(row: dict[str, Any]) -> list[str]:
@@ -149,7 +154,18 @@ def _parse_pairwise(row: dict[str, Any]) -> Example:
     _same_format(prompt, chosen, rejected)
     if chosen == rejected:
         raise BadRow("chosen == rejected (the pair carries no preference)")
-    return Example(prompt=prompt, completions=[chosen, rejected])
+    margin = _number(row["margin"], "margin", 0, False) if row.get("margin") is not None else None
+    return Example(prompt=prompt, completions=[chosen, rejected], margin=margin)
+
+
+def _parse_prompt(row: dict[str, Any]) -> Example:
+    if "prompt" not in row and "messages" in row:
+        raise BadRow("prompt-only data (PPO) needs a 'prompt' column; found 'messages' "
+                     "(rename it to 'prompt', without the assistant's answer)")
+    prompt = _check_text(row, "prompt")
+    if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
+        raise BadRow("the prompt's last message is the assistant's; PPO generates that turn")
+    return Example(prompt=prompt, completions=[])
 
 
 def _check_label(row: dict[str, Any]) -> bool:
@@ -225,6 +241,7 @@ _PARSERS = {
     "pairwise": _parse_pairwise,
     "unpaired": _parse_unpaired,
     "listwise": _parse_listwise,
+    "prompt": _parse_prompt,
 }
 
 

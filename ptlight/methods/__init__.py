@@ -6,11 +6,15 @@ import lightning as L
 
 from ptlight.errors import ConfigError
 from ptlight.methods.preference import PreferenceMethod
+from ptlight.methods.ppo import PPOMethod
+from ptlight.methods.reward import RewardMethod
 from ptlight.methods.sft import SFTMethod
 
 METHODS: dict[str, type[L.LightningModule]] = {
     "sft": SFTMethod,
     "preference": PreferenceMethod,
+    "rm": RewardMethod,
+    "ppo": PPOMethod,
 }
 
 
