@@ -156,7 +156,9 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
         callbacks=callbacks, plugins=[AtomicCheckpointIO()], **strategy, **overrides,
     )
+    fit_started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    fit_time = round(time.time() - fit_started, 1)
 
     export_dir = run_dir / "export"
     report["export_dir"] = str(export_dir)  # every rank: a next pipeline stage starts from it
@@ -177,6 +179,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         report["world_size"] = trainer.world_size
         report["final_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         report["wall_time_s"] = round(time.time() - started, 1)
+        report["fit_time_s"] = fit_time  # trainer.fit alone (no loading, no gold evals)
         report["validation_samples"] = samples.rows if samples is not None else []
         (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
         write_model_card(export_dir, cfg, report)
