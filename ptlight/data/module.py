@@ -338,7 +338,10 @@ class PtlDataModule(L.LightningDataModule):
                                    seed=self.cfg.seed)
         return ResumableLoader(examples, batch_size=self.cfg.batch_size, sampler=sampler,
                                collate_fn=self.collate,
-                               drop_last=self._drop_last(len(self.train)))
+                               drop_last=self._drop_last(len(self.train)),
+                               # its own generator: creating an iterator draws a worker seed,
+                               # which must not consume the global RNG that dropout uses
+                               generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val, shuffle=False)
