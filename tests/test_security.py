@@ -51,6 +51,22 @@ def test_lightning_checkpoints_are_read_weights_only(compose_cfg, tmp_path):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt")
 
 
+def test_model_loading_has_one_home_that_passes_trust_remote_code():
+    """Every transformers load goes through backbone.py, and each passes the config's flag."""
+    loads = [(p, line) for p, line, _ in _calls("from_pretrained")
+             if str(p) != "ptlight/backbone.py"]
+    assert loads == [], f"from_pretrained outside ptlight/backbone.py: {loads}"
+    for path, line, call in _calls("from_pretrained"):
+        target = ast.unparse(call.func.value)
+        if target.startswith("Peft"):  # adapters: peft has no remote code
+            continue
+        keys = {k.arg for k in call.keywords}
+        assert "trust_remote_code" in keys or None in keys, f"{path}:{line}"
+    for node in ast.walk(ast.parse((PACKAGE / "backbone.py").read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_from_pretrained":
+            assert "trust_remote_code" in {k.arg for k in node.keywords}, node.lineno
+
+
 def test_trust_remote_code_is_off_unless_asked(compose_cfg, tmp_path, monkeypatch):
     import transformers
 
