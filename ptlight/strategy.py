@@ -172,6 +172,19 @@ class ShardReference(L.Callback):
         holder[0].eval()
 
 
+def fsdp_without_rank0_generation(trainer_cfg: DictConfig) -> bool:
+    """True (with a warning) under a multi-process FSDP: validation samples are generated on
+    rank 0 alone, which a sharded policy cannot do, so they are off; the gold evaluation after
+    training runs on the gathered export."""
+    if not (is_fsdp(trainer_cfg.get("strategy")) and multiprocess(trainer_cfg)):
+        return False
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn("trainer=fsdp: eval.val_samples (rank-0 generation during validation) is "
+                   "off; the gold evaluation after training uses the gathered export")
+    return True
+
+
 def full_policy_state(trainer: L.Trainer, module: L.LightningModule,
                       ) -> dict[str, torch.Tensor] | None:
     """Under FSDP: the policy's full (unsharded) state dict, gathered onto rank 0 (CPU), keys as

@@ -43,7 +43,7 @@ from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
 from ptlight.report import write_model_card, write_pipeline_report, write_run_report
 from ptlight.strategy import (ShardReference, build_strategy, check_pipeline_launch,
-                              full_policy_state)
+                              fsdp_without_rank0_generation, full_policy_state)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     samples = (ValidationSamples(tokenizer, task, cfg.eval, objective.name)
-               if task and cfg.eval.val_samples and generates else None)
+               if task and cfg.eval.val_samples and generates
+               and not fsdp_without_rank0_generation(cfg.trainer) else None)
     if samples is not None:
         callbacks.append(samples)
     overrides = method_cls.trainer_overrides(cfg) if hasattr(method_cls, "trainer_overrides") else {}

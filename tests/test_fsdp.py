@@ -68,6 +68,15 @@ def test_any_hf_causal_lm_is_wrapped_by_its_no_split_modules(model_type, layer):
     assert {c.__name__ for c in decoder_layer_classes(model)} == {layer}
 
 
+def test_rank0_validation_samples_are_off_under_multi_gpu_fsdp(compose_cfg):
+    from ptlight.strategy import fsdp_without_rank0_generation
+
+    assert fsdp_without_rank0_generation(compose_cfg("trainer=fsdp").trainer)
+    assert not fsdp_without_rank0_generation(compose_cfg("trainer=fsdp", "trainer.devices=1")
+                                             .trainer)
+    assert not fsdp_without_rank0_generation(compose_cfg("trainer=ddp").trainer)
+
+
 def test_a_model_without_decoder_layer_names_is_refused(compose_cfg):
     with pytest.raises(ConfigError, match=r"names no decoder layer class"):
         build_strategy(compose_cfg("trainer=fsdp").trainer, torch.nn.Linear(2, 2))
