@@ -353,3 +353,45 @@ def test_eval_scores_and_judges_win_rate_with_a_trained_reward_model(rm_run, tmp
     assert judge["model/mean"] == pytest.approx(judge["baseline/mean"])  # same model, greedy
     assert judge["win_rate"]["tie_rate"] == 1.0
     assert "under judge 'reward_model'" in (tmp_path / "report.md").read_text()
+
+
+class _Constant(Reward):
+    name = "constant"
+
+    def score(self, prompts, completions):
+        return [0.5] * len(completions)
+
+
+@pytest.mark.parametrize("missing_eos_penalty", [None, 0.3])
+def test_rollout_scores_responses_without_eos_by_the_configured_penalty(missing_eos_penalty):
+    from omegaconf import OmegaConf
+
+    from ptlight.backbone import build_policy, frozen_copy, load_tokenizer
+    from ptlight.config import config_dir
+    from ptlight.data.module import left_pad
+    from ptlight.methods.ppo import PPOMethod
+
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg()
+    tok = load_tokenizer(cfg)
+    policy = build_policy(cfg, tok)
+    method_cfg = OmegaConf.load(f"{config_dir()}/method/ppo.yaml")
+    method_cfg.ppo.max_new_tokens = 4
+    method_cfg.ppo.missing_eos_penalty = missing_eos_penalty
+    module = PPOMethod(policy, get_objective("ppo")(), method_cfg.optim, frozen_copy(policy), "copy",
+                       _Constant(), tok, method_cfg.ppo)
+    prompts = [[{"role": "user", "content": f"Sort these words alphabetically: cat {w}"}]
+               for w in ("dog", "emu", "fox", "gnu")]
+    ids = [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False),
+               add_special_tokens=False).input_ids for p in prompts]
+    batch = {**left_pad(ids, tok.pad_token_id), "prompts": prompts}
+    roll = module.rollout(batch)
+    responses = roll["seqs"][:, batch["input_ids"].shape[1]:]
+    has_eos = (responses == tok.eos_token_id).any(1)
+    no_eos = 0.5 - missing_eos_penalty if missing_eos_penalty is not None else -1.0
+    expected = torch.where(has_eos, torch.tensor(0.5), torch.tensor(no_eos))
+    torch.testing.assert_close(roll["scores"], expected)
+    assert (~has_eos).any()  # an untrained model does not stop within 4 tokens
+    # the KL-free first rollout: policy == reference, so every per-token KL is 0
+    assert roll["kl_seq"].abs().max() < 1e-5
+    assert torch.isfinite(roll["advantages"]).all() and torch.isfinite(roll["returns"]).all()
