@@ -22,10 +22,12 @@ def _curve(run_dir, key):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(compose_cfg,
+                                                                         tmp_path):
+    from ptlight.train import train_stage
+
     one, two = tmp_path / "one", tmp_path / "two"
-    out = run_cli(*COMMON, "data.batch_size=8", f"hydra.run.dir={one}", cwd=REPO)
-    assert out.returncode == 0, out.stderr[-3000:]
+    train_stage(compose_cfg(*COMMON, "data.batch_size=8"), one)  # the 1-process reference
     out = run_cli(*COMMON, "trainer=ddp", "trainer.devices=2", "data.batch_size=4",
                   f"hydra.run.dir={two}", cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
