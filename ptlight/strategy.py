@@ -100,8 +100,8 @@ def multiprocess(trainer_cfg: DictConfig) -> bool:
     devices = trainer_cfg.get("devices", 1)
     if isinstance(devices, (list, tuple, ListConfig)):
         count = len(devices)
-    elif str(devices) in ("auto", "-1"):  # every visible accelerator; one process on CPU
-        count = 1 if trainer_cfg.get("accelerator") == "cpu" else 2
+    elif str(devices) in ("auto", "-1"):  # every visible GPU; one process on CPU
+        count = 1 if trainer_cfg.get("accelerator") == "cpu" else torch.cuda.device_count()
     else:
         count = int(devices)
     return count * int(trainer_cfg.get("num_nodes", 1)) > 1

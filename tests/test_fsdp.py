@@ -38,7 +38,8 @@ def test_fsdp_wraps_the_decoder_layers_with_bf16_and_sharded_checkpoints(compose
     assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
     assert strategy._state_dict_type == "sharded"
     assert "strategy" not in rest and rest.precision == "bf16-mixed" and rest.accelerator == "gpu"
-    assert multiprocess(cfg.trainer)
+    assert multiprocess(cfg.trainer) == (torch.cuda.device_count() > 1)  # devices=-1: every GPU
+    assert multiprocess(compose_cfg("trainer=fsdp", "trainer.devices=2").trainer)
 
 
 def test_activation_checkpointing_and_other_options_come_from_config(compose_cfg, tiny):
@@ -71,7 +72,8 @@ def test_any_hf_causal_lm_is_wrapped_by_its_no_split_modules(model_type, layer):
 def test_rank0_validation_samples_are_off_under_multi_gpu_fsdp(compose_cfg):
     from ptlight.strategy import fsdp_without_rank0_generation
 
-    assert fsdp_without_rank0_generation(compose_cfg("trainer=fsdp").trainer)
+    assert fsdp_without_rank0_generation(compose_cfg("trainer=fsdp", "trainer.devices=2")
+                                         .trainer)
     assert not fsdp_without_rank0_generation(compose_cfg("trainer=fsdp", "trainer.devices=1")
                                              .trainer)
     assert not fsdp_without_rank0_generation(compose_cfg("trainer=ddp").trainer)
