@@ -111,3 +111,27 @@ def test_torchrun_runs_the_whole_pipeline_on_every_rank(tmp_path):
     assert [(s["stage"], s["world_size"], s["global_step"]) for s in stages] == [
         ("sft", 2, 2), ("dpo", 2, 2)]
     assert (out.stdout + out.stderr).count("gold metric on 4 held-out prompts") == 1
+
+
+@pytest.mark.slow
+def test_a_diverging_ddp_run_stops_on_every_rank_with_the_last_good_checkpoint(tmp_path):
+    """lr=1e30 makes the gradients non-finite within a few steps; the decision is all-reduced,
+    so both ranks stop at the same step (no hang) and the checkpoint holds finite weights."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    out = run_cli(*TINY, "method=sft", "trainer=ddp", "data.batch_size=4",
+                  "trainer.max_steps=20", "checkpoint.every_n_train_steps=1",
+                  "method.optim.lr=1e30", "trainer.gradient_clip_val=null",
+                  "nonfinite.policy=stop", "eval.before=false", "eval.val_samples=0",
+                  f"hydra.run.dir={run_dir}", cwd=REPO, timeout=300)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("ptlight: error:")]
+    # rank 0's line; rank 1 raises the same at the same step, unless Lightning's launcher has
+    # already ended it (rank 0's exception handler kills the ranks it started)
+    assert errors and all(e == errors[0] for e in errors)
+    assert "stopped (nonfinite.policy=stop)" in errors[0]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert f"at step {ckpt['global_step'] + 1};" in errors[0]
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert not (run_dir / "export").exists()
