@@ -1,7 +1,7 @@
 """Data order that is a function of ``(seed, epoch)`` only, so a killed run resumes exactly.
 
 :class:`ResumableSampler` is torch's :class:`~torch.utils.data.DistributedSampler` (epoch ``e``
-draws ``randperm(N)`` from a generator seeded with ``seed + e``; rank ``r`` of ``W`` takes
+draws a permutation that is a function of ``(seed, e)``, see :meth:`ResumableSampler.order`; rank ``r`` of ``W`` takes
 positions ``r, r + W, ...``) that can start part-way into an epoch. Being a
 ``DistributedSampler``, Lightning leaves it in place under DDP/FSDP and calls ``set_epoch``
 on it; one process is simply ``W = 1``. With ``W`` ranks of per-device batch ``b``, global
@@ -17,9 +17,11 @@ a loader with a length, so "handed out" equals "trained on" when the checkpoint 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -32,9 +34,34 @@ class ResumableSampler(DistributedSampler):
                          seed=seed, drop_last=drop_last)
         self.skip = 0
 
+    def order(self) -> list[int]:
+        """The epoch's permutation of the whole data set (before rank subsampling).
+
+        ``Generator().manual_seed(seed)`` replayed once per epoch up to this one, each time one
+        int64 draw then ``randperm(N)``: epoch 0 is exactly the order of a plain
+        ``DataLoader(shuffle=True, generator=Generator().manual_seed(seed))`` (which draws its
+        workers' base seed first), so runs and figures made before resumable sampling keep
+        their data order. Still a function of ``(seed, epoch)`` only.
+        """
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            perm = torch.randperm(n, generator=g)
+        return perm.tolist()
+
     def __iter__(self) -> Iterator[int]:
         skip, self.skip = self.skip, 0  # applies to one iteration only
-        return itertools.islice(super().__iter__(), skip, None)
+        indices = self.order()
+        if not self.drop_last:  # pad to a multiple of the ranks, as DistributedSampler does
+            pad = self.total_size - len(indices)
+            indices += (indices * math.ceil(pad / len(indices)))[:pad] if pad > 0 else []
+        else:
+            indices = indices[: self.total_size]
+        mine = indices[self.rank : self.total_size : self.num_replicas]
+        return itertools.islice(iter(mine), skip, None)
 
 
 class ResumableLoader(DataLoader):

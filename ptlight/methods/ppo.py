@@ -49,7 +49,7 @@ from transformers import PreTrainedModel
 
 from ptlight.backbone import AdapterReference, reference_scope
 from ptlight.errors import ConfigError
-from ptlight.methods.common import configure_optim
+from ptlight.methods.common import check_finite, configure_optim
 from ptlight.objectives import Objective, Rollout
 from ptlight.reward_model import backbone_hidden
 from ptlight.rewards import Reward, build_reward
@@ -273,13 +273,10 @@ class PPOMethod(L.LightningModule):
                     nll = self._ptx_nll()
                     loss = loss + s.ptx_coef * nll
                     metrics["loss/ptx"] = nll.detach()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"ppo: non-finite loss at step {self.global_step} (policy/value/ptx "
-                        f"terms: {[float(metrics[k]) for k in ('loss/policy', 'loss/value')]}); "
-                        "lower method.optim.lr or method.ppo.kl_coef")
                 opt.zero_grad()
-                self.manual_backward(loss)
+                # a non-finite loss or gradient: the step is skipped or the run stops, per
+                # nonfinite.policy (ptlight.callbacks.NonFiniteGuard)
+                self.manual_backward(check_finite(self, loss))
                 if self.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm,
                                         gradient_clip_algorithm="norm")

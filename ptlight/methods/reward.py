@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from ptlight.errors import ConfigError
-from ptlight.methods.common import configure_optim, log_metrics
+from ptlight.methods.common import check_finite, configure_optim, log_metrics
 from ptlight.objectives import Objective, ObjectiveOutput, Rewards
 from ptlight.reward_model import RewardModel
 
@@ -79,7 +79,7 @@ class RewardMethod(L.LightningModule):
         return out.loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return check_finite(self, self._step(batch, "train"))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
