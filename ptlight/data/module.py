@@ -275,6 +275,9 @@ class PtlDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.cfg.get("sampler"):  # data.sampler: active sampling (ptlight/data/active.py)
+            from ptlight.data.active import active_loader
+            return active_loader(self)
         return self._loader(self.train, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = {"sort": "ptlight.tasks.sort"}
+TASKS = {"sort": "ptlight.tasks.sort", "safety": "ptlight.tasks.safety"}
 
 
 def get_task(name: str) -> ModuleType:
