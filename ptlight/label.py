@@ -270,9 +270,8 @@ def grow_prompts(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     pool = list(dict.fromkeys(seeds))
     reasons: Counter[str] = Counter()
     rounds = 0
-    for rounds in range(1, si.max_rounds + 1):
-        if len(kept) >= si.num_new:
-            break
+    while len(kept) < si.num_new and rounds < si.max_rounds:
+        rounds += 1
         requests = [[{"role": "user", "content": self_instruct_request(
             rng.sample(pool, min(si.examples_per_query, len(pool))))}]
             for _ in range(si.batch_size)]
