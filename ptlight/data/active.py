@@ -29,7 +29,8 @@ appends one line to ``<run dir>/sampler.jsonl`` with the step and every candidat
 priority and whether it was drawn.
 
 An epoch is ``len(train)`` examples as with uniform shuffling (``trainer.max_steps`` budgets
-are comparable). Generation for the scores costs extra compute, which the evidence script
+are comparable); pools are drawn independently, so an example may come twice in an epoch and
+another not at all (within one pool there are no repeats). Generation for the scores costs extra compute, which the evidence script
 (``scripts/active_report.py``) reports as wall time. Single process only: ``trainer.devices``
 > 1 is refused (the pool is not split across ranks).
 """
