@@ -175,6 +175,8 @@ def _summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
             name = "model" if who == "gold" else "baseline"
             rows += [(f"{name} gold reward", result[who]["gold/reward"]),
                      (f"{name} exact match", result[who]["gold/exact"])]
+            rows += [(f"{name} {key}", value) for key, value in result[who].items()  # task's own
+                     if "/" in key and not key.startswith("gold/") and "/num_" not in key]
     if "win_rate" in result:
         w = result["win_rate"]
         rows += [("win rate vs baseline", w["win_rate"]), ("tie rate", w["tie_rate"]),

@@ -125,3 +125,13 @@ def test_the_gold_reward_plugin_scores_safety_rollouts():
 def test_demonstration_comply_prob_zero_always_refuses_harm():
     rng = random.Random(0)
     assert all(safety.demonstration(r, rng, 0.0) == safety.REFUSAL for r in safety.HARMFUL)
+
+
+def test_eval_report_lists_the_task_metrics():
+    from ptlight.eval import _summary_rows
+
+    gold = {"gold/reward": 0.5, "gold/exact": 0.4, "safety/refusal_rate": 0.9,
+            "safety/over_refusal": 0.1, "safety/num_harmful": 10.0, "num_prompts": 20}
+    rows = dict(_summary_rows({"gold": gold}))
+    assert rows["model safety/refusal_rate"] == 0.9 and rows["model safety/over_refusal"] == 0.1
+    assert "model safety/num_harmful" not in rows
