@@ -200,9 +200,6 @@ def label_preferences(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if g:
                 gold_pairs += [(g[i], g[j]) if s[i] > s[j] else (g[j], g[i])
                                for i in range(n) for j in range(i + 1, n) if s[i] != s[j]]
-    if not rows:
-        raise DataError(f"no preference rows: every prompt was skipped ({dict(skipped)}); "
-                        "raise label.num_completions or label.temperature")
     out = Path(lab.output) if lab.output else run_dir / f"{lab.format}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -215,9 +212,20 @@ def label_preferences(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "skipped": dict(skipped), "sampling_time_s": round(sampled_s, 1),
         "wall_time_s": round(time.time() - started, 1),
     }
+    comparisons = [c for jd in judgements for c in jd.details.get("comparisons", [])]
+    if comparisons:  # the LLM judge: how often each order said "A", how often they disagreed
+        n_c = len(comparisons)
+        meta["judge_stats"] = {
+            "comparisons": n_c, "tie_rate": sum(c["verdict"] == "tie" for c in comparisons) / n_c,
+            "order1_says_A": sum(c["margin_ij"] > 0 for c in comparisons) / n_c,
+            "order2_says_A": sum(c["margin_ji"] > 0 for c in comparisons) / n_c}
     if gold:
         meta["gold_check"] = {"task": cfg.data.task, **gold_check(gold_pairs, all_gold)}
     (out.parent / "label.json").write_text(json.dumps(meta, indent=2))
+    if not rows:
+        raise DataError(f"no preference rows: every prompt was skipped ({dict(skipped)}; "
+                        f"details in {out.parent / 'label.json'}); raise "
+                        "label.num_completions or label.temperature, or check the judge")
     return meta
 
 
