@@ -36,17 +36,31 @@ def main() -> None:
     parser.add_argument("--sft", help="SFT export to start from (default: train one)")
     parser.add_argument("--steps", type=int, default=100, help="DPO steps of each run")
     parser.add_argument("extra", nargs="*", help="overrides for every run (after --)")
+    parser.add_argument("--report-only", metavar="ROOT",
+                        help="print the table and plot of finished runs in ROOT")
     args = parser.parse_args()
-    root = Path("outputs") / f"active-{time.strftime('%Y%m%d-%H%M%S')}"
-    sft = args.sft
-    if sft is None:
-        run(["method=sft", "trainer.max_steps=250", "eval.before=false", *args.extra],
-            root / "sft")
+    if args.report_only:
+        root = Path(args.report_only)
         sft = str(root / "sft" / "export")
-    common = ["method=dpo", f"model.path={sft}", f"trainer.max_steps={args.steps}",
-              "eval.before=false", *args.extra]
-    reports = {"uniform": run(common, root / "uniform"),
-               "active (entropy)": run([*common, *ACTIVE], root / "active")}
+        reports = {name: json.loads((root / d / "eval.json").read_text())
+                   for name, d in (("uniform", "uniform"), ("active (entropy)", "active"))}
+    else:
+        root = Path("outputs") / f"active-{time.strftime('%Y%m%d-%H%M%S')}"
+        sft = args.sft
+        if sft is None:
+            run(["method=sft", "trainer.max_steps=250", "eval.before=false", *args.extra],
+                root / "sft")
+            sft = str(root / "sft" / "export")
+        common = ["method=dpo", f"model.path={sft}", f"trainer.max_steps={args.steps}",
+                  "eval.before=false", *args.extra]
+        reports = {"uniform": run(common, root / "uniform"),
+                   "active (entropy)": run([*common, *ACTIVE], root / "active")}
+    from ptlight.report import plot_gold
+
+    points = [(name, r["after"]) for name, r in reports.items()]
+    if (root / "sft" / "eval.json").exists():
+        points.insert(0, ("sft (start)", json.loads((root / "sft" / "eval.json").read_text())["after"]))
+    plot_gold(points, f"DPO {args.steps} steps: uniform vs active sampling", root / "active.png")
     print(f"\nDPO {args.steps} steps from {sft} (runs in {root})\n")
     print("| sampling | gold reward | exact match | fit s | wall s |")
     print("|---|---|---|---|---|")
@@ -60,7 +74,8 @@ def main() -> None:
     ent = sum(x["sampler/entropy"] / x["max_entropy"] for x in lines) / len(lines)
     print(f"\nactive sampler: {len(lines)} refreshes; mean priority (predictive entropy, nats) "
           f"of the pools {pool:.2f}, of the drawn examples {drawn:.2f}; sampling entropy "
-          f"{ent:.2f} of uniform's. {r['after']['num_prompts']} held-out prompts, greedy.")
+          f"{ent:.2f} of uniform's. {r['after']['num_prompts']} held-out prompts, greedy. "
+          f"Plot: {root / 'active.png'}")
 
 
 if __name__ == "__main__":
