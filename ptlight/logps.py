@@ -7,6 +7,10 @@ logits of prompt and padding positions out of memory entirely.
 
 Models whose head is more than a linear layer (logit soft-capping, logit scaling) take the
 plain path through ``model(...).logits`` so that results stay exact.
+
+``pack=K`` (the DPO fast path, :mod:`ptlight.packing`) runs each example's prompt once with its
+K completions as branches, packed without padding; the scores are the same tokens in the same
+order, equal to the plain path within fp tolerance.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+
+from ptlight.packing import pack as pack_batch
+from ptlight.packing import packed_hidden, supports_packing
 
 _NON_LINEAR_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -62,10 +69,14 @@ def _has_linear_head(model: PreTrainedModel) -> bool:
 
 
 def _score_rows(
-    logits: torch.Tensor, targets: torch.Tensor, with_mean_logp: bool
+    logits: torch.Tensor, targets: torch.Tensor, with_mean_logp: bool,
+    with_diagnostics: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     logp_all = torch.log_softmax(logits.float(), dim=-1)  # (m, V) fp32
     logps = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    if not with_diagnostics:
+        empty = logps.new_zeros(0)
+        return logps, empty.bool(), empty, logp_all.mean(-1) if with_mean_logp else None
     with torch.no_grad():
         p = logp_all.detach().exp()
         entropy = -(p * logp_all.detach()).sum(-1)
@@ -135,23 +146,37 @@ def completion_logps(
     *,
     chunk_size: int = 2048,
     with_mean_logp: bool = False,
+    with_diagnostics: bool = True,
+    pack: int | None = None,
+    pack_max_tokens: int = 2048,
 ) -> TokenScores:
     """Score every token where ``loss_mask`` is True (the token at t is predicted from t−1).
 
     input_ids, attention_mask, loss_mask: ``[B, T]``. Padding must be on the right or masked.
+    with_diagnostics=False skips ``correct``/``entropy`` (empty tensors; reference scoring).
+    pack=K: rows are K blocks of the same prompts (pairwise K=2: chosen block, rejected block);
+    score them prefix-shared and packed into rows of at most ``pack_max_tokens`` tokens when
+    the model supports it (:func:`ptlight.packing.supports_packing`), else the plain way.
     """
     mask, targets, rows = _targets(input_ids, loss_mask)
-    if _has_linear_head(model):
+    packed = pack is not None and _has_linear_head(model) and supports_packing(model)
+    if packed:
+        pb = pack_batch(input_ids, attention_mask, loss_mask, pack, pack_max_tokens)
+        if not torch.equal(pb.targets, targets):  # a layout the packer does not understand
+            raise ValueError("packed targets differ from the plain batch's completion tokens")
+        h = packed_hidden(model, pb)  # (M, H), same order as the plain path's targets
+    elif _has_linear_head(model):
         h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
+    if _has_linear_head(model):
         head = model.get_output_embeddings()
         parts = [
             _score_rows(F.linear(h[i : i + chunk_size], head.weight, head.bias),
-                        targets[i : i + chunk_size], with_mean_logp)
+                        targets[i : i + chunk_size], with_mean_logp, with_diagnostics)
             for i in range(0, h.shape[0], chunk_size)
         ]
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        parts = [_score_rows(logits[:, :-1][mask], targets, with_mean_logp)]
+        parts = [_score_rows(logits[:, :-1][mask], targets, with_mean_logp, with_diagnostics)]
     if not parts:  # no completion token in the batch
         empty = torch.zeros(0, device=input_ids.device)
         parts = [(empty, empty.bool(), empty, empty if with_mean_logp else None)]
