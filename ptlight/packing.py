@@ -1,15 +1,19 @@
 """Prefix sharing + padding-free packing of preference batches, exact for LFM2.
 
 A pairwise batch holds every prompt twice (chosen block, rejected block) and pads every row to
-the longest one. Here each example becomes one *group* ``[x | y_1 | ... | y_K]`` — the prompt
-once, then its K completions as branches — and groups are packed back to back into rows of at
-most ``max_tokens`` tokens (OBJECTIVES.md §11, arXiv 2410.20305). Nothing any token sees
-changes:
+the longest one. Here each example becomes one *group*: the token trie of its K rows — the
+prompt once, then its K completions as branches, and where completions start with the same
+tokens (a near-miss rejected answer often repeats the chosen one's first words) that common
+start once too — laid out in depth-first preorder, and groups are packed back to back into
+rows of at most ``max_tokens`` tokens (OBJECTIVES.md §11, arXiv 2410.20305). Nothing any token
+sees changes:
 
 - attention: token i attends token j iff j is i itself or one of its ancestors (the prompt
   tokens before it, and the earlier tokens of its own branch) — never another branch, another
-  group or padding (a 4-D boolean mask, one ``[N, N]`` block per row);
-- positions: each branch starts at ``|x|``, as it would after its prompt in its own row;
+  group or padding (a 4-D boolean mask, one ``[N, N]`` block per row; in preorder, j is an
+  ancestor of i iff ``j <= i < end(j)``, the end of j's subtree);
+- positions: a token's depth in the trie, so each branch starts at ``|x|`` as it would after
+  its prompt in its own row;
 - LFM2's short convolutions (``conv_L_cache`` = 3 taps) read the *predecessor chain* of each
   token instead of the previous slots of the row: the first token of ``y_2`` sees the last
   prompt tokens, not the end of ``y_1``, and a group's first token sees zeros, not the group
@@ -92,15 +96,71 @@ def _groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: to
     return groups
 
 
+def _trie(prompt: list[int], branches: list[tuple[int, list[int]]]
+          ) -> tuple[list[int], list[int], list[int], list[int], list[tuple[int, int, int]]]:
+    """One group as a token trie laid out in depth-first preorder.
+
+    Returns per node: token, parent (−1: root), depth (= position id), subtree end (exclusive,
+    in preorder indices); and per scored token, in branch then token order:
+    ``(plain row, predicting node, target)``. Rows that start alike (the prompt, and any
+    common start of the completions) share their nodes.
+    """
+    tokens, parent, children = [], [], []
+
+    def child(node: int, token: int) -> int:
+        kids = children[node] if node >= 0 else root
+        if token not in kids:
+            kids[token] = len(tokens)
+            tokens.append(token)
+            parent.append(node)
+            children.append({})
+        return kids[token]
+
+    root: dict[int, int] = {}
+    node = -1
+    for t in prompt:
+        node = child(node, t)
+    last_prompt = node
+    paths = []
+    for row, completion in branches:
+        node, path = last_prompt, []
+        for t in completion:
+            node = child(node, t)
+            path.append(node)
+        paths.append((row, path))
+    # depth-first preorder: ancestors come first and every subtree is one interval
+    order, stack = [], list(reversed(root.values()))
+    while stack:
+        n = stack.pop()
+        order.append(n)
+        stack.extend(reversed(children[n].values()))
+    new = {old: i for i, old in enumerate(order)}
+    depth, end = [0] * len(order), [0] * len(order)
+    for i, old in enumerate(order):
+        depth[i] = depth[new[parent[old]]] + 1 if parent[old] >= 0 else 0
+    for i in range(len(order) - 1, -1, -1):  # subtree end: after the last descendant
+        end[i] = max([i + 1] + [end[new[c]] for c in children[order[i]].values()])
+    scored = []
+    for row, path in paths:
+        before = new[last_prompt] if last_prompt >= 0 else -1
+        for old in path:
+            if before >= 0:
+                scored.append((row, before, tokens[old]))
+            before = new[old]
+    return ([tokens[o] for o in order], [new[parent[o]] if parent[o] >= 0 else -1 for o in order],
+            depth, end, scored)
+
+
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
          k: int, max_tokens: int = 2048, pad_id: int = 0) -> PackedBatch:
     """Pack a plain batch (rows ``[K·B, T]``, right padding, K completions per example)."""
-    groups = _groups(input_ids, attention_mask, loss_mask, k)
+    groups = [_trie(prompt, branches)
+              for prompt, branches in _groups(input_ids, attention_mask, loss_mask, k)]
     # first fit, in order: a group longer than max_tokens gets a row of its own
     bins: list[list[int]] = []
     lengths: list[int] = []
-    for g, (prompt, branches) in enumerate(groups):
-        n = len(prompt) + sum(len(c) for _, c in branches)
+    for g, group in enumerate(groups):
+        n = len(group[0])
         for i in range(len(bins)):
             if lengths[i] + n <= max_tokens:
                 bins[i].append(g)
@@ -114,42 +174,29 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch
     ids = [[pad_id] * width for _ in range(n_rows)]
     pos = [[0] * width for _ in range(n_rows)]
     prev = [[-1] * width for _ in range(n_rows)]
-    grp = [[-(i + 1) for i in range(width)] for _ in range(n_rows)]  # padding: its own group
-    seg = [[0] * width for _ in range(n_rows)]
-    scored: dict[int, list[tuple[int, int]]] = {}  # plain row -> [(flat src, target)]
+    end = [list(range(1, width + 1)) for _ in range(n_rows)]  # padding: sees only itself
+    scored = []  # (plain row, flat src, target)
     for row, members in enumerate(bins):
-        col = 0
+        off = 0
         for g in members:
-            prompt, branches = groups[g]
-            start = col
-            for i, t in enumerate(prompt):
-                ids[row][col], pos[row][col], grp[row][col] = t, i, g
-                prev[row][col] = col - 1 if i else -1
-                col += 1
-            last_prompt = col - 1 if prompt else -1
-            for s, (plain_row, completion) in enumerate(branches, start=1):
-                before = last_prompt
-                out = scored.setdefault(plain_row, [])
-                for i, t in enumerate(completion):
-                    ids[row][col], pos[row][col], grp[row][col] = t, len(prompt) + i, g
-                    seg[row][col], prev[row][col] = s, before
-                    if before >= 0:
-                        out.append((row * width + before, t))
-                    before = col
-                    col += 1
-            assert col - start == len(prompt) + sum(len(c) for _, c in branches)
-    flat = [(r, src, t) for r in sorted(scored) for src, t in scored[r]]
+            tokens, parent, depth, stop, group_scored = groups[g]
+            n = len(tokens)
+            ids[row][off : off + n] = tokens
+            pos[row][off : off + n] = depth
+            prev[row][off : off + n] = [p + off if p >= 0 else -1 for p in parent]
+            end[row][off : off + n] = [e + off for e in stop]
+            scored += [(r, row * width + off + src, t) for r, src, t in group_scored]
+            off += n
+    scored.sort(key=lambda x: x[0])  # stable: plain row order, then token order
     device = input_ids.device
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    grp_t, seg_t = as_long(grp), as_long(seg)
-    j_le_i = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    allowed = (j_le_i[None]
-               & (grp_t[:, :, None] == grp_t[:, None, :])
-               & ((seg_t[:, None, :] == 0) | (seg_t[:, :, None] == seg_t[:, None, :])))
+    col = torch.arange(width, device=device)
+    # i may attend j iff j is i or an ancestor of i: j <= i < end(j) in preorder
+    allowed = (col[None, :, None] >= col[None, None, :]) & (col[None, :, None] < as_long(end)[:, None, :])
     return PackedBatch(
         input_ids=as_long(ids), position_ids=as_long(pos), prev=as_long(prev),
-        allowed=allowed[:, None], src=as_long([s for _, s, _ in flat]),
-        targets=as_long([t for _, _, t in flat]), rows=as_long([r for r, _, _ in flat]),
+        allowed=allowed[:, None], src=as_long([s for _, s, _ in scored]),
+        targets=as_long([t for _, _, t in scored]), rows=as_long([r for r, _, _ in scored]),
         num_tokens=sum(lengths),
     )
 

@@ -155,3 +155,27 @@ def test_dpo_training_with_and_without_packing_gives_the_same_losses(compose_cfg
         runs[pack] = _losses(tmp_path / pack)
     assert len(runs["true"]) == 4
     assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)
+
+
+def test_completions_that_start_alike_share_their_common_start(model):
+    """A token trie: c1 = abc, c2 = ad, c3 = abe share 'a' (and c1/c3 'ab'); each row's scores
+    still equal its own separate row. Also the order case where creation order is not
+    depth-first (the layout is re-ordered so every subtree is one interval)."""
+    prompt = [11, 12, 13, 14]
+    a, b, c, d, e = 21, 22, 23, 24, 25
+    completions = [[a, b, c, 9], [a, d, 9], [a, b, e, 9]]
+    seqs = [(prompt, x) for x in completions] + [([15, 16], [a, b]), ([15, 16], [a, b, c])]
+    batch = pad_rows(seqs, 0)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    pb = packing.pack(*args, k=1)  # k=1: every row its own example ...
+    assert pb.num_tokens == int(batch["attention_mask"].sum())  # ... so nothing is shared
+    batch3 = pad_rows(seqs[:3], 0)
+    args3 = (batch3["input_ids"], batch3["attention_mask"], batch3["loss_mask"])
+    pb3 = packing.pack(*args3, k=3)
+    assert pb3.num_tokens == len(prompt) + len({"a", "ab", "abc", "abc9", "ad", "ad9", "abe",
+                                                "abe9"})
+    with torch.no_grad():
+        for b_, k in ((batch3, 3), (pad_rows(seqs[3:], 0), 2)):
+            args = (b_["input_ids"], b_["attention_mask"], b_["loss_mask"])
+            torch.testing.assert_close(completion_logps(model, *args, pack=k).logps,
+                                       completion_logps(model, *args).logps, atol=1e-5, rtol=0)
