@@ -85,6 +85,43 @@ def _score_rows(
     return logps, correct, entropy, mean_logp
 
 
+def _score_shared(
+    h: torch.Tensor, inverse: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+    chunk_size: int, with_mean_logp: bool, with_diagnostics: bool,
+) -> list[tuple[torch.Tensor, ...]]:
+    """:func:`_score_rows` for M targets whose hidden states are ``h[inverse]`` (U distinct
+    rows): the head and log-softmax run on the U rows only, in chunks; one part, in target
+    order."""
+    order, parts = [], []
+    for i in range(0, h.shape[0], chunk_size):
+        sel = ((inverse >= i) & (inverse < i + chunk_size)).nonzero().squeeze(1)
+        local = inverse[sel] - i
+        logp_all = torch.log_softmax(
+            F.linear(h[i : i + chunk_size], head.weight, head.bias).float(), dim=-1)
+        logps = logp_all[local, targets[sel]]
+        mean_logp = logp_all.mean(-1)[local] if with_mean_logp else None
+        if with_diagnostics:
+            with torch.no_grad():
+                lp = logp_all.detach()
+                entropy = -(lp.exp() * lp).sum(-1)[local]
+                correct = lp.argmax(-1)[local] == targets[sel]
+        else:
+            entropy = correct = logps.new_zeros(0)
+        order.append(sel)
+        parts.append((logps, correct.bool(), entropy, mean_logp))
+    if not parts:
+        return []
+    perm = torch.cat(order)
+    back = torch.empty_like(perm)
+    back[perm] = torch.arange(perm.numel(), device=perm.device)
+
+    def joined(i: int) -> torch.Tensor | None:
+        x = None if parts[0][i] is None else torch.cat([p[i] for p in parts])
+        return x if x is None or (i in (1, 2) and not with_diagnostics) else x[back]
+
+    return [tuple(joined(i) for i in range(4))]
+
+
 def _targets(
     input_ids: torch.Tensor, loss_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,7 +165,9 @@ def completion_logits(
     through a linear head; other heads take ``model(...).logits``), but the ``[M, V]`` block is
     returned whole instead of being reduced chunk by chunk."""
     mask, targets, rows = _targets(input_ids, loss_mask)
-    if _has_linear_head(model):
+    if packed:
+        pass
+    elif _has_linear_head(model):
         head = model.get_output_embeddings()
         h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
         logits = F.linear(h, head.weight, head.bias)
@@ -164,10 +203,14 @@ def completion_logps(
         pb = pack_batch(input_ids, attention_mask, loss_mask, pack, pack_max_tokens)
         if not torch.equal(pb.targets, targets):  # a layout the packer does not understand
             raise ValueError("packed targets differ from the plain batch's completion tokens")
-        h = packed_hidden(model, pb)  # (M, H), same order as the plain path's targets
+        # a shared trie node predicts the next token of every row through it: run the head
+        # once per distinct node (U <= M), then pick each row's target
+        positions, inverse = torch.unique(pb.src, return_inverse=True)
+        h = packed_hidden(model, pb, positions)  # (U, H)
+        parts = _score_shared(h, inverse, targets, model.get_output_embeddings(), chunk_size,
+                              with_mean_logp, with_diagnostics)
     elif _has_linear_head(model):
         h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
-    if _has_linear_head(model):
         head = model.get_output_embeddings()
         parts = [
             _score_rows(F.linear(h[i : i + chunk_size], head.weight, head.bias),

@@ -248,8 +248,10 @@ def _tree_convs(model, prev: torch.Tensor) -> Iterator[None]:
             del m.forward, m._ptl_prev
 
 
-def packed_hidden(model, packed: PackedBatch) -> torch.Tensor:
-    """Last hidden states ``[M, H]`` at the positions that predict each target of ``packed``."""
+def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Last hidden states at flat ``positions`` (default ``packed.src``: ``[M, H]``, the one
+    that predicts each target)."""
     base = getattr(model, model.base_model_prefix)
     allowed = packed.allowed
     if model.config._attn_implementation == "eager":
@@ -261,4 +263,5 @@ def packed_hidden(model, packed: PackedBatch) -> torch.Tensor:
         out = base(input_ids=packed.input_ids, attention_mask=masks,
                    position_ids=packed.position_ids, use_cache=False)
     h = out.last_hidden_state
-    return h.reshape(-1, h.shape[-1]).index_select(0, packed.src)
+    return h.reshape(-1, h.shape[-1]).index_select(
+        0, packed.src if positions is None else positions)

@@ -179,3 +179,21 @@ def test_completions_that_start_alike_share_their_common_start(model):
             args = (b_["input_ids"], b_["attention_mask"], b_["loss_mask"])
             torch.testing.assert_close(completion_logps(model, *args, pack=k).logps,
                                        completion_logps(model, *args).logps, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 2048])
+def test_shared_head_chunks_give_the_plain_scores(model, chunk_size):
+    """The LM head runs once per distinct predicting node, in chunks; every per-token field
+    (log-prob, mean log-prob, entropy, argmax) still equals the plain path's."""
+    prompt = [11, 12, 13]
+    seqs = [(prompt, [21, 22, 23, 9]), (prompt, [21, 22, 9])]
+    batch = pad_rows(seqs, 0)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    with torch.no_grad():
+        plain = completion_logps(model, *args, with_mean_logp=True)
+        packed = completion_logps(model, *args, with_mean_logp=True, pack=2,
+                                  chunk_size=chunk_size)
+    for field in ("logps", "mean_logp", "entropy"):
+        torch.testing.assert_close(getattr(packed, field), getattr(plain, field), atol=1e-5,
+                                   rtol=0)
+    assert torch.equal(packed.correct, plain.correct) and torch.equal(packed.rows, plain.rows)

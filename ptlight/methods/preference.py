@@ -173,7 +173,12 @@ class PreferenceMethod(L.LightningModule):
                 if key is not None and self.trainer.is_global_zero:
                     path = refcache.save(self.reference_cache, key, self._ref_cache, meta)
                     print(f"[ptlight] reference log-probs: saved {path}")
-            self._reference[0] = None  # frees the copy: the cache is all we need
+            self._reference[0] = None  # the cache is all we need from here on
+            if isinstance(ref, PreTrainedModel):
+                # The caller (train_stage) still holds the copy object until fit returns, so
+                # drop its weights here: the memory goes to gradients and optimiser state.
+                for t in [*ref.parameters(), *ref.buffers()]:
+                    t.data = t.data.new_empty(0)
 
     def _reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor | None:
         """``[R]`` reference sums of every row (same layout as the policy's), or None."""
@@ -234,4 +239,15 @@ class PreferenceMethod(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self) -> dict:
-        return configure_optim(self, self.optim_cfg)
+        out = configure_optim(self, self.optim_cfg)
+        # Fused AdamW (one kernel over all tensors; TRL/transformers' default optimiser since
+        # torch 2.8): ~6x faster steps than the per-tensor loop torch uses by default on CPU,
+        # same update within fp tolerance. Set per group before the first step, so the state
+        # is created for it; plain tensors on CPU/CUDA only (not DTensor/FSDP shards).
+        params = [p for g in out["optimizer"].param_groups for p in g["params"]]
+        if params and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda")
+                          and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                          for p in params):
+            for group in out["optimizer"].param_groups:
+                group["fused"], group["foreach"] = True, False
+        return out
