@@ -165,9 +165,7 @@ def completion_logits(
     through a linear head; other heads take ``model(...).logits``), but the ``[M, V]`` block is
     returned whole instead of being reduced chunk by chunk."""
     mask, targets, rows = _targets(input_ids, loss_mask)
-    if packed:
-        pass
-    elif _has_linear_head(model):
+    if _has_linear_head(model):
         head = model.get_output_embeddings()
         h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
         logits = F.linear(h, head.weight, head.bias)

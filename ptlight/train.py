@@ -117,9 +117,9 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if task and cfg.eval.before:
         report["before"] = gold_eval(policy, tokenizer, task, cfg.eval)
 
-    options = {k: cfg.method[k] for k in getattr(method_cls, "config_keys", ()) if k in cfg.method}
+    extra = method_cls.extra_args(cfg, tokenizer) if hasattr(method_cls, "extra_args") else {}
     module = method_cls(policy=policy, objective=objective, optim=cfg.method.optim,
-                        reference=reference, reference_mode=reference_mode, **options)
+                        reference=reference, reference_mode=reference_mode, **extra)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps),

@@ -197,3 +197,27 @@ def test_shared_head_chunks_give_the_plain_scores(model, chunk_size):
         torch.testing.assert_close(getattr(packed, field), getattr(plain, field), atol=1e-5,
                                    rtol=0)
     assert torch.equal(packed.correct, plain.correct) and torch.equal(packed.rows, plain.rows)
+
+
+@pytest.mark.slow
+def test_bench_script_smoke_on_a_tiny_fixture(tmp_path):
+    """scripts/bench_dpo.py builds its fixtures and runs ptlight's real training path (TRL is
+    an optional extra: not needed here). Tiny sizes; the real benchmark is not run by CI."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_dpo.py"), "--out", str(tmp_path),
+         "--fixtures", "tiny", "--precisions", "32-true", "--frameworks", "ptlight",
+         "--steps", "1", "--warmup", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rec = json.loads((tmp_path / "bench.json").read_text())[0]
+    fast = rec["ptlight"]["fast"]
+    assert rec["fixture"] == "tiny" and rec["ptlight_pairs_per_s"] > 0
+    assert fast["tokens_run_per_step"] < fast["tokens_per_step"]  # the prompt ran once per pair
+    assert (tmp_path / "bench.md").read_text().startswith("| fixture |")

@@ -75,8 +75,12 @@ class PreferenceMethod(L.LightningModule):
     """Policy (+ reference) + a pairwise, listwise or unpaired sequence-level objective."""
 
     data_kinds = ("pairwise", "listwise", "unpaired")
-    # keys of ``method`` that train_stage passes to the constructor when the config has them
-    config_keys = ("pack", "pack_max_tokens", "reference_cache")
+    _config_keys = ("pack", "pack_max_tokens", "reference_cache")
+
+    @classmethod
+    def extra_args(cls, cfg: DictConfig, tokenizer) -> dict:
+        """Constructor arguments from ``method.*`` beyond the common ones (train_stage hook)."""
+        return {k: cfg.method[k] for k in cls._config_keys if k in cfg.method}
 
     def __init__(
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
