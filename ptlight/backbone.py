@@ -45,6 +45,12 @@ _WAYS_OUT = (
 
 def _check_local_dir(path: str) -> None:
     p = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") >= 2  # hub ids: org/name
+    if looks_local and not p.exists():
+        raise ModelLoadError(
+            f"model.path={path!r} does not exist (relative to {Path.cwd()}); a hub id looks "
+            f"like org/name. {_WAYS_OUT}"
+        )
     if p.exists() and not p.is_dir():
         raise ModelLoadError(f"model.path={path!r} is a file, not a model directory. {_WAYS_OUT}")
     if p.is_dir() and not any((p / f).is_file() for f in ("config.json", "adapter_config.json")):
@@ -109,11 +115,8 @@ def load_tokenizer(model_cfg: DictConfig):
         # Many base models ship without a pad token; a dedicated one would change the vocab, so
         # reuse EOS. Padding is always masked out of losses, and EOS labels are kept by position.
         tok.pad_token = tok.eos_token
-    if tok.chat_template is None:
-        raise ModelLoadError(
-            f"the tokenizer of {source!r} has no chat template; conversational data needs one. "
-            "Set model.tokenizer=<dir of a tokenizer with a chat template> or use plain-text data."
-        )
+    # No chat template is fine for plain-string data; the data module refuses message lists
+    # (and data.task, whose prompts are messages) with such a tokenizer, naming the row.
     return tok
 
 
@@ -367,7 +370,8 @@ def reference_scope(reference: PreTrainedModel | AdapterReference):
 
 
 def export_model(policy: PreTrainedModel, tokenizer, export_dir: Path,
-                 model_cfg: DictConfig) -> None:
+                 model_cfg: DictConfig, state_dict: dict[str, torch.Tensor] | None = None,
+                 ) -> None:
     """HF-format export of the policy (+ tokenizer) into ``export_dir``; rank zero only.
 
     Full fine-tuning: ``save_pretrained`` (loads with ``AutoModelForCausalLM``). LoRA: the
@@ -376,10 +380,12 @@ def export_model(policy: PreTrainedModel, tokenizer, export_dir: Path,
     absolute path or hub id; a base built from ``model.arch`` is saved to ``export_dir/base``.
     With ``model.lora.merge`` also ``export_dir/merged``: the base reloaded from disk in
     ``model.dtype`` (never 4-bit) with the exported adapter merged in, a plain transformers model.
+    ``state_dict``: the full weights when the policy itself holds shards (FSDP; full fine-tuning
+    only), see :func:`ptlight.strategy.full_policy_state`.
     """
     peft_model = peft_wrapper(policy)
     if peft_model is None:
-        policy.save_pretrained(export_dir, safe_serialization=True)
+        policy.save_pretrained(export_dir, safe_serialization=True, state_dict=state_dict)
     else:
         config = peft_model.peft_config[TRAINED_ADAPTER]
         config.base_model_name_or_path = _export_base(peft_model, export_dir)
@@ -387,6 +393,15 @@ def export_model(policy: PreTrainedModel, tokenizer, export_dir: Path,
         if model_cfg.lora.merge:
             _export_merged(export_dir, config.base_model_name_or_path, model_cfg, tokenizer)
     tokenizer.save_pretrained(export_dir)
+
+
+def load_export(export_dir: Path, model_cfg: DictConfig) -> PreTrainedModel:
+    """A full-model export read back (eval mode, ``model.dtype``): what rank 0 evaluates after
+    FSDP training, whose own policy object holds only its shard."""
+    model = AutoModelForCausalLM.from_pretrained(
+        export_dir, dtype=_dtype(model_cfg.dtype), local_files_only=True,
+        trust_remote_code=model_cfg.trust_remote_code)
+    return model.eval()
 
 
 def _export_base(peft_model: PeftModel, export_dir: Path) -> str:

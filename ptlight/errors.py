@@ -19,3 +19,8 @@ class ModelLoadError(PtlightError, OSError):
 
 class PluginError(PtlightError, ImportError):
     """An entry-point plugin failed to import or breaks the contract; names the entry point."""
+
+
+class TrainingError(PtlightError, RuntimeError):
+    """Training cannot go on (e.g. non-finite loss under nonfinite.policy=stop); says why and
+    where the last good checkpoint is."""

@@ -3,6 +3,8 @@
     python -m ptlight.eval model.path=outputs/<date>/<time>/1-dpo/export
     python -m ptlight.eval model.path=A eval.baseline=B        # + win rate of A vs B
     python -m ptlight.eval model.path=A eval.reference=REF     # preference accuracy by log-ratio
+    python -m ptlight.eval model.path=A eval.baseline=B \
+        'eval.judge={name: reward_model, path: RM}'             # score and win rate under an RM
     python -m ptlight.eval model.path=A eval.do_sample=true eval.temperature=0.7
     python -m ptlight.eval -m model.path=A,B                   # one job per model
 
@@ -17,6 +19,9 @@ It composes the same root config as training (``conf/config.yaml``) and reads it
   :func:`ptlight.evaluate.preference_accuracy`): ``eval.num_pairs`` held-out pairs of the task,
   or the validation split of ``data.path`` as training splits it; ``eval.num_pairs=0`` skips it.
   ``eval.reference`` must share the model's tokenizer, as a training reference does.
+  With ``eval.judge`` (a ``ptlight.rewards`` plugin spec: ``name`` + its settings, e.g. a trained
+  ``reward_model`` with ``path``): ``judge`` holds the judge's mean score of the model's (and the
+  baseline's) generations on the same prompts, and the win rate under that judge.
 - ``samples.jsonl``: every held-out prompt with each model's generation and gold reward
   (``stage`` "eval", ``when`` "model" or "baseline").
 - ``report.md`` and ``gold.png`` (model vs baseline).
@@ -85,7 +90,31 @@ def _gold(cfg: DictConfig, model, tokenizer, baseline: str | None) -> tuple[dict
         result["win_rate"] = win_rate(runs["model"], runs["baseline"])
     rows = [{"stage": "eval", "when": when, "prompt": s.prompt, "generation": s.completion,
              "reward": s.reward} for when, samples in runs.items() for s in samples]
+    if cfg.eval.get("judge"):
+        result["judge"] = _judge(cfg, runs)
     return result, rows
+
+
+def _judge(cfg: DictConfig, runs: dict[str, list]) -> dict[str, Any]:
+    """Score every run's generations with the ``eval.judge`` reward plugin (prompts as the
+    task's user turn, so a reward model sees them in its training format); win rate of the
+    model vs the baseline under that judge."""
+    from ptlight.evaluate import Sample, win_rate
+    from ptlight.rewards import build_reward
+
+    spec = OmegaConf.to_container(cfg.eval.judge, resolve=True)
+    judge = build_reward(spec, key="eval.judge").to(_device(cfg.eval.device))
+    scored: dict[str, list[Sample]] = {}
+    for who, samples in runs.items():
+        prompts = [[{"role": "user", "content": s.prompt}] for s in samples]
+        scores = judge(prompts, [s.completion for s in samples]).tolist()
+        scored[who] = [Sample(s.prompt, s.completion, r) for s, r in zip(samples, scores)]
+    out: dict[str, Any] = {"spec": spec}
+    for who, samples in scored.items():
+        out[f"{who}/mean"] = sum(s.reward for s in samples) / len(samples)
+    if "baseline" in scored:
+        out["win_rate"] = win_rate(scored["model"], scored["baseline"])
+    return out
 
 
 def _preference(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
@@ -149,6 +178,13 @@ def _summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
         w = result["win_rate"]
         rows += [("win rate vs baseline", w["win_rate"]), ("tie rate", w["tie_rate"]),
                  ("loss rate", w["loss_rate"])]
+    if "judge" in result:
+        j = result["judge"]
+        rows += [(f"{who} score under judge {j['spec']['name']!r}", j[f"{who}/mean"])
+                 for who in ("model", "baseline") if f"{who}/mean" in j]
+        if "win_rate" in j:
+            rows.append((f"win rate vs baseline under judge {j['spec']['name']!r}",
+                         j["win_rate"]["win_rate"]))
     if "preference" in result:
         p = result["preference"]
         rows.append((f"preference accuracy ({p['num_pairs']} pairs, {p['score']})",

@@ -8,8 +8,9 @@ What each writer reads and writes (all in the directory it is given):
 - :func:`write_run_report` (end of every training stage): ``metrics.csv`` (Lightning's
   CSVLogger: one row per logging event keyed by ``step``, columns sparse across rows),
   ``eval.json`` and ``config.yaml`` -> ``report.md``, ``loss.png`` (train and val loss),
-  ``rewards.png`` (preference methods: reward margins and accuracies), ``gold.png`` (gold
-  reward and exact match before/after, when the run has a gold eval).
+  ``rewards.png`` (preference methods: reward margins and accuracies), ``ppo.png`` (PPO:
+  rollout reward, KL with β, clip fraction), ``reward_model.png`` (``rm``: pairwise accuracy and
+  margin), ``gold.png`` (gold reward and exact match before/after, when the run has a gold eval).
 - :func:`write_pipeline_report`: ``report.md`` linking each stage's report and ``gold.png``
   across stages (start, after each stage).
 - :func:`write_eval_report` (``python -m ptlight.eval``): ``report.md`` + ``gold.png``.
@@ -114,6 +115,45 @@ def plot_rewards(series: Series, out: Path) -> bool:
     right.axhline(0.5, color="grey", lw=1, ls="--", label="chance")
     right.set_ylim(-0.03, 1.03)
     right.legend(loc="best")
+    fig.savefig(out, dpi=120)
+    return True
+
+
+def plot_ppo(series: Series, out: Path) -> bool:
+    """PPO at a glance: reward (score and KL-penalised), KL to the reference with β, clip
+    fractions, and the validation score."""
+    if "train/objective/kl" not in series:
+        return False
+    fig, axes = _figure(ncols=3, width=5.0)
+    _curves(axes[0], series, "objective/scores", "Reward of the rollouts", "mean score")
+    if series.get("val/objective/scores"):
+        steps, values = zip(*series["val/objective/scores"])
+        axes[0].plot(steps, values, color="tab:orange", lw=2, marker="o", ms=4, label="val")
+        axes[0].legend(loc="best")
+    _curves(axes[1], series, "objective/kl", "KL to the reference (per sequence)", "nats")
+    if series.get("train/objective/kl_coef"):
+        twin = axes[1].twinx()
+        steps, values = zip(*series["train/objective/kl_coef"])
+        twin.plot(steps, values, color="tab:red", lw=1, ls="--")
+        twin.set_ylabel("β (dashed)", color="tab:red")
+    _curves(axes[2], series, "policy/clipfrac", "Fraction of clipped ratios", "clipfrac")
+    for ax in axes:
+        ax.set_xlabel("rollout batch")
+    fig.savefig(out, dpi=120)
+    return True
+
+
+def plot_reward_model(series: Series, out: Path) -> bool:
+    """Reward-model accuracy and margin (``method=rm``)."""
+    if "train/center_loss" not in series:
+        return False
+    fig, (left, right) = _figure(ncols=2, width=5.6)
+    _curves(left, series, "accuracy", "Pairwise accuracy", "fraction with r(chosen) > r(rejected)")
+    left.axhline(0.5, color="grey", lw=1, ls="--", label="chance")
+    left.set_ylim(-0.03, 1.03)
+    left.legend(loc="best")
+    _curves(right, series, "margin", "Reward margin (chosen − rejected)", "reward margin")
+    right.axhline(0, color="grey", lw=1, ls="--")
     fig.savefig(out, dpi=120)
     return True
 
@@ -232,6 +272,15 @@ def write_run_report(run_dir: Path) -> Path:
         parts.append("![loss](loss.png)\n")
     if plot_rewards(series, run_dir / "rewards.png"):
         parts.append("![reward margins and accuracies](rewards.png)\n")
+    if plot_ppo(series, run_dir / "ppo.png"):
+        parts.append("![PPO: reward, KL, clip fraction](ppo.png)\n")
+    if plot_reward_model(series, run_dir / "reward_model.png"):
+        parts.append("![reward model accuracy and margin](reward_model.png)\n")
+    if "heldout" in report:
+        held = report["heldout"]
+        parts += [f"## Reward model on {held['num_pairs']} held-out pairs\n",
+                  md_table(("metric", "value"), [("pairwise accuracy", held["rm/accuracy"]),
+                                                 ("mean margin", held["rm/margin"])])]
     final = report.get("final_metrics", {})
     if final:
         parts += ["## Final metrics\n", md_table(("metric", "value"), sorted(final.items()))]
@@ -292,6 +341,35 @@ def _usage(export_dir: Path, adapter: bool) -> str:
             "tokenizer = AutoTokenizer.from_pretrained(path)\n```\n")
 
 
+def _method_sections(export_dir: Path, cfg: DictConfig, report: dict[str, Any]) -> list[str]:
+    """Card sections only a reward model (head file, held-out accuracy) or a PPO policy
+    (reward source, PPO settings, value head) has."""
+    parts: list[str] = []
+    if (export_dir / "reward_head.json").is_file():
+        held = report.get("heldout")
+        parts.append("## Reward model\n")
+        if held:
+            parts.append(f"Pairwise accuracy on {held['num_pairs']} held-out pairs: "
+                         f"**{held['rm/accuracy']:.3f}** (mean margin {held['rm/margin']:.3f}).\n")
+        parts.append(
+            "The scalar head is `reward_head.safetensors` (`weight [1, H]`, `bias [1]`; rewards "
+            "centred on the validation set, shift in `reward_head.json`), read at the last "
+            "token of prompt + completion:\n\n```python\nimport torch, safetensors.torch\n"
+            "from transformers import AutoModel, AutoTokenizer\n"
+            "tok = AutoTokenizer.from_pretrained(d); base = AutoModel.from_pretrained(d)\n"
+            "head = safetensors.torch.load_file(f\"{d}/reward_head.safetensors\")\n"
+            "h = base(input_ids=ids, attention_mask=mask).last_hidden_state\n"
+            "reward = h[torch.arange(len(ids)), mask.sum(1) - 1] @ head[\"weight\"].T + head[\"bias\"]\n"
+            "```\n\nIn ptlight: `method=ppo reward=reward_model reward.path=<this dir>` "
+            "or `python -m ptlight.eval 'eval.judge={name: reward_model, path: <this dir>}'`.\n")
+    if cfg.method.module == "ppo":
+        reward = OmegaConf.to_container(cfg.reward, resolve=True)
+        settings = OmegaConf.to_container(cfg.method.ppo, resolve=True)
+        parts += ["## PPO\n", f"Reward: `{reward}`. Value head: `value_head.safetensors`.\n",
+                  md_table(("setting", "value"), [(k, str(v)) for k, v in settings.items()])]
+    return parts
+
+
 def write_model_card(export_dir: Path, cfg: DictConfig, report: dict[str, Any]) -> Path:
     """``README.md`` of an HF export: hub front matter, training summary, metrics, usage."""
     objective = str(report.get("objective", cfg.method.objective.name))
@@ -309,6 +387,7 @@ def write_model_card(export_dir: Path, cfg: DictConfig, report: dict[str, Any]) 
                    if k.startswith("val/"))
     if final:
         parts += ["## Final validation metrics\n", md_table(("metric", "value"), final)]
+    parts += _method_sections(export_dir, cfg, report)
     parts += ["## Usage\n", _usage(export_dir, adapter)]
     out = export_dir / "README.md"
     out.write_text("\n".join(parts))
@@ -326,6 +405,7 @@ SWEEP_COLUMNS = (  # header, value from a job's eval.json (None: not measured by
     ("exact match", lambda r: _gold(r, "gold/exact")),
     ("win rate", lambda r: r.get("win_rate", {}).get("win_rate")),
     ("pref. accuracy", lambda r: r.get("preference", {}).get("accuracy")),
+    ("RM accuracy", lambda r: r.get("heldout", {}).get("rm/accuracy")),
     ("val loss", lambda r: r.get("final_metrics", {}).get("val/loss")),
     ("val reward acc.", lambda r: r.get("final_metrics", {}).get("val/rewards/accuracies")),
     ("steps", lambda r: r.get("global_step")),

@@ -16,6 +16,8 @@ from the previous stage's export (``model.path``).
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 import warnings
 from pathlib import Path
@@ -25,12 +27,14 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from ptlight.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
-                              has_adapters, load_tokenizer, lora_settings)
+                              has_adapters, load_export, load_tokenizer, lora_settings)
+from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, RngState
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
 from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
@@ -38,11 +42,17 @@ from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
 from ptlight.report import write_model_card, write_pipeline_report, write_run_report
+from ptlight.strategy import (ShardReference, build_strategy, check_pipeline_launch,
+                              fsdp_without_rank0_generation, full_policy_state)
+
+log = logging.getLogger(__name__)
 
 
 # The CSV logger shares the stage dir with config.yaml and checkpoints; only its own
 # metrics.csv is replaced, so its "directory not empty" warning is noise.
 warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+# PPO (manual optimisation) checkpoints after its optimiser steps, which is what resuming needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
@@ -93,7 +103,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one method on one config; returns the eval report (also written to eval.json)."""
     started = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     objective = _objective(cfg)
@@ -104,8 +115,17 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"method.module={cfg.method.module!r} handles {method_cls.data_kinds}"
         )
     reference_mode = _reference_mode(cfg, objective)
+    guard = NonFiniteGuard(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive,
+                           checkpoint_dir=str(run_dir / "checkpoints"))
     tokenizer = load_tokenizer(cfg.model)
-    datamodule = PtlDataModule(cfg.data, tokenizer, objective.data_kind)
+    # Method hooks (all optional): which data shape feeds the objective (rm: pairwise rows for
+    # a "scores" objective; ppo: prompts for a "rollout" one), constructed extras (ppo: the
+    # reward plugin), whether the trained model generates (the gold metric needs it).
+    data_kind = (method_cls.data_kind_for(cfg.method, objective)
+                 if hasattr(method_cls, "data_kind_for") else objective.data_kind)
+    extra = method_cls.extra_args(cfg, tokenizer) if hasattr(method_cls, "extra_args") else {}
+    generates = getattr(method_cls, "generates", True)
+    datamodule = PtlDataModule(cfg.data, tokenizer, data_kind)
     datamodule.setup()
 
     policy = build_policy(cfg.model, tokenizer)
@@ -114,42 +134,59 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     task = cfg.data.task
     report: dict[str, Any] = {"method": cfg.method.module, "objective": objective.name,
                               "data": datamodule.report()}
-    if task and cfg.eval.before:
+    if task and cfg.eval.before and generates and rank_zero_only.rank == 0:
         report["before"] = gold_eval(policy, tokenizer, task, cfg.eval)
 
-    extra = method_cls.extra_args(cfg, tokenizer) if hasattr(method_cls, "extra_args") else {}
     module = method_cls(policy=policy, objective=objective, optim=cfg.method.optim,
                         reference=reference, reference_mode=reference_mode, **extra)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps),
+        guard, RngState(), ShardReference(),
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     samples = (ValidationSamples(tokenizer, task, cfg.eval, objective.name)
-               if task and cfg.eval.val_samples else None)
+               if task and cfg.eval.val_samples and generates
+               and not fsdp_without_rank0_generation(cfg.trainer) else None)
     if samples is not None:
         callbacks.append(samples)
+    overrides = method_cls.trainer_overrides(cfg) if hasattr(method_cls, "trainer_overrides") else {}
+    trainer_cfg, strategy = build_strategy(cfg.trainer, policy)  # FSDP: wrap policy resolved
     trainer: L.Trainer = instantiate(
-        cfg.trainer, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
-        callbacks=callbacks,
+        trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
+        callbacks=callbacks, plugins=[AtomicCheckpointIO()], **strategy, **overrides,
     )
+    fit_started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    fit_time = round(time.time() - fit_started, 1)
 
     export_dir = run_dir / "export"
+    report["export_dir"] = str(export_dir)  # every rank: a next pipeline stage starts from it
+    full_state = full_policy_state(trainer, module)  # FSDP: gathered on rank 0 (all ranks call)
     if trainer.is_global_zero:
-        export_model(policy, tokenizer, export_dir, cfg.model)
-        if task:
+        export_model(policy, tokenizer, export_dir, cfg.model, state_dict=full_state)
+        if full_state is not None:  # the sharded policy cannot generate on one rank: reload
+            policy = load_export(export_dir, cfg.model)
+        log.info("rank %d of %d wrote %s", trainer.global_rank, trainer.world_size, export_dir)
+        if hasattr(module, "export_extras"):  # rm: the score head; ppo: the value head
+            module.export_extras(export_dir)
+        if task and generates:
             report["after"] = gold_eval(policy, tokenizer, task, cfg.eval)
-        report["export_dir"] = str(export_dir)
+        elif task and hasattr(module, "evaluate"):  # rm: held-out pairwise accuracy
+            report["heldout"] = module.evaluate(tokenizer, task, cfg.eval)
         report["global_step"] = trainer.global_step
+        report["skipped_steps"] = guard.skipped
+        report["world_size"] = trainer.world_size
         report["final_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         report["wall_time_s"] = round(time.time() - started, 1)
+        report["fit_time_s"] = fit_time  # trainer.fit alone (no loading, no gold evals)
         report["validation_samples"] = samples.rows if samples is not None else []
         (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
         write_model_card(export_dir, cfg, report)
         log_samples(run_dir, report, trainer.loggers)  # samples.jsonl (+ wandb table)
         write_run_report(run_dir)  # report.md + PNG plots
+    trainer.strategy.barrier("export")  # other ranks wait: a next stage reads this export
     return report
 
 
@@ -167,25 +204,66 @@ def print_gold_table(rows: list[list[str]], title: str) -> None:
     Console().print(table)
 
 
+_EXPORT_REF = re.compile(r"\{export:([^}]+)\}")
+
+
+def stage_overrides(stage: DictConfig, exports: dict[str, str], previous: str | None,
+                    user_overrides: list[str]) -> list[str]:
+    """The overrides one pipeline stage is composed with.
+
+    ``method=<stage.method>``, the stage's own overrides with ``{export:<stage>}`` replaced by
+    that earlier stage's export dir, the user's command-line overrides, and ``model.path``: the
+    export of ``stage.model_from`` when set (a stage name, or null for the config's own model),
+    else of the previous stage. So ``rm`` and ``ppo`` can both start from ``sft`` while ``ppo``
+    reads its reward model from ``{export:rm}``.
+    """
+    def resolve(text: str) -> str:
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in exports:
+                raise ConfigError(f"pipeline stage {stage.name!r}: {m.group(0)} names no earlier "
+                                  f"stage (earlier: {', '.join(exports) or 'none'})")
+            return exports[m.group(1)]
+        return _EXPORT_REF.sub(sub, text)
+
+    overrides = [f"method={stage.method}", *(resolve(o) for o in stage.overrides),
+                 *user_overrides]
+    if "model_from" in stage:
+        source = stage.model_from
+        if source is not None and source not in exports:
+            raise ConfigError(f"pipeline stage {stage.name!r}: model_from={source!r} names no "
+                              f"earlier stage (earlier: {', '.join(exports) or 'none'})")
+        start = exports[source] if source is not None else None
+    else:
+        start = previous
+    if start is not None:
+        overrides.append(f"model.path={start}")
+    return overrides
+
+
 def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> list[dict]:
-    """Run ``cfg.pipeline`` stage by stage; each stage starts from the previous export."""
+    """Run ``cfg.pipeline`` stage by stage (see :func:`stage_overrides` for what each starts from)."""
     from hydra import compose  # the caller holds an initialised Hydra (the app or a test)
 
-    reports, previous = [], None
+    check_pipeline_launch(cfg.trainer)
+    reports, previous, exports = [], None, {}
     for i, stage in enumerate(cfg.pipeline):
-        overrides = [f"method={stage.method}", *stage.overrides, *user_overrides]
-        if previous is not None:
-            overrides.append(f"model.path={previous}")
+        overrides = stage_overrides(stage, exports, previous, user_overrides)
         stage_cfg = compose(config_name="config", overrides=overrides)
         report = train_stage(stage_cfg, run_dir / f"{i}-{stage.name}")
         reports.append({"stage": stage.name, **report})
-        previous = report["export_dir"]
+        previous = exports[stage.name] = report["export_dir"]
+    if rank_zero_only.rank != 0:  # torchrun/srun: every rank runs the stages; one reports
+        return reports
     rows = []
     for r in reports:
         if "before" in r:
             rows.append(_gold_row("start (before " + r["stage"] + ")", r["before"], None))
         if "after" in r:
             rows.append(_gold_row("after " + r["stage"], r["after"], r["wall_time_s"]))
+        if "heldout" in r:  # a reward model: pairwise accuracy on held-out pairs
+            Console().print(f"{r['stage']}: reward model accuracy "
+                            f"{r['heldout']['rm/accuracy']:.3f} on "
+                            f"{r['heldout']['num_pairs']} held-out pairs")
     if rows:
         print_gold_table(rows, f"gold metric on {cfg.eval.num_prompts} held-out prompts")
     (run_dir / "pipeline.json").write_text(json.dumps(reports, indent=2))
@@ -196,14 +274,23 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> l
 def run(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> float | None:
     """Entry of the app: one stage when ``method`` is set, otherwise the pipeline.
 
-    Returns the final ``val/loss`` (what a Hydra sweeper optimises), when there is one.
+    Returns the final ``sweep_metric`` (default ``val/loss``; what a Hydra sweeper such as
+    Optuna optimises), or None with a warning naming the metrics there are.
     """
     if cfg.method is not None:
+        check_pipeline_launch(cfg.trainer, pipeline=False)  # refuses a DDP multirun
         report = train_stage(cfg, run_dir)
+        if "heldout" in report:
+            Console().print(f"reward model accuracy {report['heldout']['rm/accuracy']:.3f} on "
+                            f"{report['heldout']['num_pairs']} held-out pairs")
         if "after" in report and "before" in report:
             print_gold_table([_gold_row("before", report["before"], None),
                               _gold_row("after", report["after"], report["wall_time_s"])],
                              f"gold metric on {cfg.eval.num_prompts} held-out prompts")
     else:
         report = run_pipeline(cfg, run_dir, user_overrides)[-1]
-    return report.get("final_metrics", {}).get("val/loss")
+    metrics = report.get("final_metrics", {})  # empty on ranks other than 0
+    if metrics and cfg.sweep_metric not in metrics:
+        log.warning("sweep_metric=%s was not logged; final metrics: %s", cfg.sweep_metric,
+                    ", ".join(sorted(metrics)))
+    return metrics.get(cfg.sweep_metric)

@@ -243,3 +243,33 @@ def test_cli_pipeline_with_lora_retrains_the_sft_adapter(tmp_path):
     ids = torch.tensor([[1, 5, 9, 12]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_model_with_lora_trains_adapters_and_head_and_reloads(compose_cfg, tmp_path,
+                                                                     monkeypatch):
+    from ptlight.rewards import build_reward
+
+    report, captured = _stage(compose_cfg, tmp_path, "method=rm", "method.optim.lr=1e-3",
+                              "eval.num_pairs=8", *LORA, monkeypatch=monkeypatch)
+    changed = captured.changed()
+    assert changed and all("lora_" in k for k in changed)  # the backbone's base never moves
+    export = tmp_path / "export"
+    assert (export / "adapter_config.json").is_file() and (export / "reward_head.safetensors").is_file()
+    head = __import__("safetensors.torch").torch.load_file(str(export / "reward_head.safetensors"))
+    assert head["weight"].abs().sum() > 0
+    reward = build_reward({"name": "reward_model", "path": str(export)})  # adapter merged on load
+    prompt = [{"role": "user", "content": "Sort these words alphabetically: b a"}]
+    assert torch.isfinite(reward([prompt, prompt], ["a b", "b a"])).all()
+
+
+def test_ppo_with_lora_takes_the_reference_from_the_disabled_adapters(compose_cfg, tmp_path,
+                                                                      monkeypatch):
+    report, captured = _stage(compose_cfg, tmp_path, "method=ppo", "method.optim.lr=1e-3",
+                              "method.ppo.max_new_tokens=6", *LORA, monkeypatch=monkeypatch)
+    changed = captured.changed()
+    assert changed and all("lora_" in k for k in changed)
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("train/objective/kl")]
+    assert float(rows[0]["train/objective/kl"]) == pytest.approx(0.0, abs=1e-5)  # B = 0 at start
+    assert float(rows[0]["train/first_ratio"]) == pytest.approx(1.0, abs=1e-5)
+    value = __import__("safetensors.torch").torch.load_file(str(tmp_path / "export" / "value_head.safetensors"))
+    assert value["weight"].abs().sum() > 0  # the value head trained alongside the adapter

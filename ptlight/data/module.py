@@ -32,11 +32,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from ptlight.data.sampler import ResumableLoader, ResumableSampler
 from ptlight.data.shapes import BadRow, Example, parse_examples
 from ptlight.data.tokenize import Encoded, encode
 from ptlight.errors import ConfigError, DataError
 from ptlight.progress import MANY_ITEMS, track
-from ptlight.tasks import get_task
+from ptlight.tasks import TASKS, get_task
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -46,6 +47,8 @@ def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
     import datasets
 
     p = Path(path).expanduser()
+    if not p.exists() and (p.suffix in _FORMATS or path.startswith((".", "/", "~"))):
+        raise DataError(f"{path!r}: no such file or directory (relative to {Path.cwd()})")
     try:
         if p.is_file():
             if p.suffix not in _FORMATS:
@@ -55,16 +58,45 @@ def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
             ds = datasets.load_dataset(_FORMATS[p.suffix], data_files=str(p), split="train")
         else:
             ds = datasets.load_dataset(path, split=split)
+        return ds.to_list()
     except DataError:
         raise
     except Exception as exc:
+        if p.is_file() and p.suffix == ".jsonl":
+            _diagnose_json_lines(p)  # raises a DataError naming the line, when it finds one
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise DataError(
             f"could not read data set {path!r} ({type(exc).__name__}: {first}). Check that the "
             "file exists and is valid UTF-8 JSON Lines / JSON / Parquet / CSV (one object per "
             "line for .jsonl), or that the hub id is cached locally."
         ) from exc
-    return ds.to_list()
+
+
+def _diagnose_json_lines(path: Path) -> None:
+    """Find the first line of a JSON Lines file that is not UTF-8 or not one JSON object
+    (a truncated last line, a stray byte) and raise a DataError naming it (1-based line)."""
+    import json
+
+    raw = path.read_bytes()
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path}, line {n}: not valid UTF-8 (byte {line[exc.start]:#04x} at column "
+                f"{exc.start + 1}); save the file as UTF-8"
+            ) from None
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            cut = " (the file looks truncated)" if n == raw.count(b"\n") + 1 else ""
+            raise DataError(f"{path}, line {n}: not valid JSON ({exc.msg}, column "
+                            f"{exc.colno}){cut}; JSON Lines needs one object per line") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{path}, line {n}: a JSON {type(value).__name__}, not an object "
+                            "with named columns")
 
 
 @dataclass
@@ -72,11 +104,15 @@ class Item:
     """One tokenized example plus what its loss needs besides tokens.
 
     label:  unpaired data: True = desirable. scores: listwise data: ``[K]``, best first.
+    margin: pairwise data with a ``margin`` column (reward models). prompt: the prompt as the
+    data gave it (prompt-only data: reward plugins score the text, not the token ids).
     """
 
     enc: Encoded
     label: bool | None = None
     scores: list[float] | None = None
+    margin: float | None = None
+    prompt: Any = None
 
 
 def pad_rows(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -92,6 +128,17 @@ def pad_rows(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
         attn[i, :n] = 1
         loss_mask[i, len(p) : n] = True
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids``/``attention_mask`` ``[B, P]`` of prompts, for generation."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[i, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": attn}
 
 
 def mismatched_pairs(items: list[Item], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -128,6 +175,15 @@ class PtlDataModule(L.LightningDataModule):
                 f"data.batch_size={cfg.batch_size}: unpaired data (KTO) pairs each prompt with "
                 "another example's completion of the same batch to estimate its KL reference "
                 "point, so it needs a per-device batch of at least 2; set data.batch_size>=2"
+            )
+        if cfg.task is not None and cfg.task not in TASKS:
+            raise ConfigError(f"data.task={cfg.task!r} is unknown; bundled tasks: "
+                              f"{', '.join(sorted(TASKS))} (or null with data.path)")
+        if cfg.task is not None and tokenizer.chat_template is None:
+            raise ConfigError(
+                f"data.task={cfg.task!r} writes its prompts as chat messages, but the tokenizer "
+                f"{tokenizer.name_or_path!r} has no chat template. Set model.tokenizer=<dir of a "
+                "tokenizer with a chat template>, or data.task=null with plain-string data."
             )
         self.cfg, self.tokenizer, self.kind = cfg, tokenizer, kind
         self.train: list[Item] = []
@@ -166,7 +222,8 @@ class PtlDataModule(L.LightningDataModule):
                 f"{len(done[0].enc.completions)}; listwise batches are [B, K], so every row "
                 "needs the same number K"
             )
-        return Item(enc, label=example.label, scores=example.scores)
+        return Item(enc, label=example.label, scores=example.scores, margin=example.margin,
+                    prompt=example.prompt if self.kind == "prompt" else None)
 
     def _encode_all(self, source: str, rows: list) -> list[Item]:
         out: list[Item] = []
@@ -177,7 +234,16 @@ class PtlDataModule(L.LightningDataModule):
             try:
                 if not isinstance(row, dict):
                     raise BadRow(f"expected an object with named columns, got {type(row).__name__}")
-                items = [self._encode(ex, out) for ex in parse_examples(row, self.kind)]
+                examples = parse_examples(row, self.kind)
+                if self.tokenizer.chat_template is None and any(
+                        isinstance(ex.prompt, list) for ex in examples):
+                    raise DataError(
+                        f"{source}, row {row_no}: message lists are rendered with the "
+                        f"tokenizer's chat template, but the tokenizer "
+                        f"{self.tokenizer.name_or_path!r} has none. Set model.tokenizer=<dir of "
+                        "a tokenizer with a chat template>, or use plain-string columns."
+                    )
+                items = [self._encode(ex, out) for ex in examples]
             except BadRow as exc:
                 if self.cfg.on_bad_row == "error":
                     raise DataError(
@@ -189,7 +255,11 @@ class PtlDataModule(L.LightningDataModule):
             self.truncated += sum(it.enc.truncated for it in items)
             out.extend(items)
         if not out:
-            raise DataError(f"{source}: no usable rows ({sum(self.dropped.values())} dropped)")
+            reasons = "; ".join(f"{n}x {why}" for why, n in self.dropped.most_common(3))
+            raise DataError(
+                f"{source}: no usable rows ({sum(self.dropped.values())} dropped"
+                + (f": {reasons}" if reasons else "") + ")"
+            )
         return out
 
     def setup(self, stage: str | None = None) -> None:
@@ -219,9 +289,15 @@ class PtlDataModule(L.LightningDataModule):
         chosen block first; listwise K ordered best first). Unpaired data (K=1) appends a block
         of B mismatched rows (:func:`mismatched_pairs`), so R = 2B.
         Per example: ``index`` ``[B]``; ``labels`` ``[B]`` bool (unpaired); ``scores``
-        ``[B, K]`` float (listwise).
+        ``[B, K]`` float (listwise); ``margins`` ``[B]`` (pairwise rows with a margin column).
+        Prompt-only data: left-padded ``input_ids``/``attention_mask`` ``[B, P]``, ``index``
+        and ``prompts`` (the raw prompts, a list).
         """
         items = [item for _, item in batch]
+        index = torch.tensor([i for i, _ in batch])
+        if self.kind == "prompt":  # left-padded prompts for generation + the raw prompts
+            return {**left_pad([it.enc.prompt for it in items], self.tokenizer.pad_token_id),
+                    "index": index, "prompts": [it.prompt for it in items]}
         k = len(items[0].enc.completions)
         seqs = [(it.enc.prompt, it.enc.completions[j]) for j in range(k) for it in items]
         extra: dict[str, torch.Tensor] = {}
@@ -230,7 +306,8 @@ class PtlDataModule(L.LightningDataModule):
             extra["labels"] = torch.tensor([it.label for it in items], dtype=torch.bool)
         if self.kind == "listwise":
             extra["scores"] = torch.tensor([it.scores for it in items], dtype=torch.float32)
-        index = torch.tensor([i for i, _ in batch])
+        if self.kind == "pairwise" and any(it.margin is not None for it in items):
+            extra["margins"] = torch.tensor([it.margin or 0.0 for it in items])
         return {**pad_rows(seqs, self.tokenizer.pad_token_id), "index": index, **extra}
 
     def _drop_last(self, n: int) -> bool:
@@ -252,7 +329,19 @@ class PtlDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
+        """Shuffled by ``(data.seed, epoch)`` and sharded over ranks by
+        :class:`~ptlight.data.sampler.ResumableSampler`; resumable mid-epoch (see there)."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        examples = list(enumerate(self.train))
+        sampler = ResumableSampler(examples, num_replicas=world, rank=rank, shuffle=True,
+                                   seed=self.cfg.seed)
+        return ResumableLoader(examples, batch_size=self.cfg.batch_size, sampler=sampler,
+                               collate_fn=self.collate,
+                               drop_last=self._drop_last(len(self.train)),
+                               # its own generator: creating an iterator draws a worker seed,
+                               # which must not consume the global RNG that dropout uses
+                               generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val, shuffle=False)

@@ -6,6 +6,10 @@
 | pairwise | ``prompt``+``chosen``+``rejected``; or ``chosen``+``rejected`` sharing a prefix |
 | unpaired | ``prompt``+``completion``+``label`` (bool, True = desirable); or a pairwise row |
 | listwise | ``prompt``+``completions`` (list, K >= 2) + ``ranks`` (1 = best) or ``scores``  |
+| prompt   | ``prompt`` (PPO rollouts; other columns are ignored)                        |
+
+Pairwise rows may carry a ``margin`` column (a finite number, reward-model training: the
+Bradley–Terry margin m of OBJECTIVES.md §3, TRL's ``margin``); other methods ignore it.
 
 Unpaired data (KTO) also accepts pairwise rows: :func:`parse_examples` turns one
 ``chosen``/``rejected`` row into TWO examples, the chosen completion labelled True and the
@@ -52,11 +56,18 @@ class Example:
     completions: list[Text]
     label: bool | None = None
     scores: list[float] | None = None
+    margin: float | None = None
+
+
+def _present(row: dict[str, Any]) -> list[str]:
+    """The columns this row has a value in (``datasets`` fills a column some other row has with
+    None, so a misspelt column shows up as None everywhere else)."""
+    return sorted(k for k, v in row.items() if v is not None)
 
 
 def _check_text(row: dict[str, Any], key: str, allow_empty: bool = False) -> Text:
     if key not in row or row[key] is None:
-        raise BadRow(f"missing column {key!r}")
+        raise BadRow(f"missing column {key!r} (this row has {_present(row)})")
     return _check_value(row[key], key, allow_empty)
 
 
@@ -123,7 +134,7 @@ def _parse_sft(row: dict[str, Any]) -> Example:
         if "completion" not in row:
             raise BadRow(
                 f"sft data needs 'prompt'+'completion', 'messages' or 'text' columns; "
-                f"found {sorted(row)}"
+                f"found {_present(row)}"
             )
         prompt, completion = _check_text(row, "prompt"), _check_text(row, "completion")
     _same_format(prompt, completion)
@@ -132,7 +143,7 @@ def _parse_sft(row: dict[str, Any]) -> Example:
 
 def _parse_pairwise(row: dict[str, Any]) -> Example:
     if "chosen" not in row or "rejected" not in row:
-        raise BadRow(f"pairwise data needs 'chosen' and 'rejected' columns; found {sorted(row)}")
+        raise BadRow(f"pairwise data needs 'chosen' and 'rejected' columns; found {_present(row)}")
     chosen, rejected = _check_text(row, "chosen"), _check_text(row, "rejected")
     if "prompt" in row:
         prompt = _check_text(row, "prompt")
@@ -143,7 +154,18 @@ def _parse_pairwise(row: dict[str, Any]) -> Example:
     _same_format(prompt, chosen, rejected)
     if chosen == rejected:
         raise BadRow("chosen == rejected (the pair carries no preference)")
-    return Example(prompt=prompt, completions=[chosen, rejected])
+    margin = _number(row["margin"], "margin", 0, False) if row.get("margin") is not None else None
+    return Example(prompt=prompt, completions=[chosen, rejected], margin=margin)
+
+
+def _parse_prompt(row: dict[str, Any]) -> Example:
+    if "prompt" not in row and "messages" in row:
+        raise BadRow("prompt-only data (PPO) needs a 'prompt' column; found 'messages' "
+                     "(rename it to 'prompt', without the assistant's answer)")
+    prompt = _check_text(row, "prompt")
+    if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
+        raise BadRow("the prompt's last message is the assistant's; PPO generates that turn")
+    return Example(prompt=prompt, completions=[])
 
 
 def _check_label(row: dict[str, Any]) -> bool:
@@ -161,7 +183,7 @@ def _parse_unpaired(row: dict[str, Any]) -> Example:
     if "completion" not in row:
         raise BadRow(
             "unpaired data needs 'prompt'+'completion'+'label' columns (or 'chosen'+'rejected', "
-            f"which give one desirable and one undesirable example); found {sorted(row)}"
+            f"which give one desirable and one undesirable example); found {_present(row)}"
         )
     prompt, completion = _check_text(row, "prompt"), _check_text(row, "completion")
     _same_format(prompt, completion)
@@ -198,7 +220,7 @@ def _listwise_scores(row: dict[str, Any], k: int) -> list[float]:
 
 def _parse_listwise(row: dict[str, Any]) -> Example:
     if not isinstance(row.get("completions"), list):
-        raise BadRow(f"listwise data needs a 'completions' list column; found {sorted(row)}")
+        raise BadRow(f"listwise data needs a 'completions' list column; found {_present(row)}")
     if len(row["completions"]) < 2:
         raise BadRow(f"'completions' needs at least 2 completions, got {len(row['completions'])}")
     prompt = _check_text(row, "prompt")
@@ -219,6 +241,7 @@ _PARSERS = {
     "pairwise": _parse_pairwise,
     "unpaired": _parse_unpaired,
     "listwise": _parse_listwise,
+    "prompt": _parse_prompt,
 }
 
 

@@ -60,6 +60,13 @@ def _render(tokenizer, example: Example) -> tuple[list[int], list[list[int]]]:
 
 def encode(tokenizer, example: Example, max_length: int, truncation: str) -> Encoded:
     prompt, completions = _render(tokenizer, example)
+    if not completions:  # prompt-only (PPO): the prompt alone must fit
+        if len(prompt) <= max_length:
+            return Encoded(prompt, [])
+        if truncation == "error":
+            raise BadRow(f"prompt ({len(prompt)} tokens) exceeds data.max_length={max_length} "
+                         "(data.truncation=error)")
+        return Encoded(prompt[-max_length:], [], truncated=True)
     if any(len(c) == 0 for c in completions):
         raise BadRow("a completion renders to zero tokens")
     longest = max(len(c) for c in completions)

@@ -1,4 +1,5 @@
-"""Plain functions the method modules share: optimiser, metric logging, diagnostics."""
+"""Plain functions the method modules share: optimiser, metric logging, diagnostics, and the
+non-finite loss guard (:func:`check_finite`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import get_scheduler
 
+from ptlight.callbacks import NonFiniteGuard
 from ptlight.logps import TokenScores
 
 
@@ -46,14 +48,40 @@ def token_diagnostics(scores: TokenScores) -> dict[str, torch.Tensor]:
     }
 
 
+def check_finite(module: L.LightningModule, loss: torch.Tensor) -> torch.Tensor:
+    """Hand the training loss to the run's :class:`~ptlight.callbacks.NonFiniteGuard`; returns
+    ``loss`` unchanged.
+
+    Call it on every training loss, where the method computes it::
+
+        return check_finite(self, loss)            # automatic optimisation: training_step
+        self.manual_backward(check_finite(self, loss)); opt.step()   # manual optimisation
+
+    A non-finite loss makes the guard skip (``nonfinite.policy=skip``: no weight moves, the step
+    is counted in ``train/skipped_steps``) or stop (``stop``) at the next optimizer step, on every
+    rank together. Gradients are checked at every optimizer step without any call. Without a
+    guard in the trainer's callbacks (a bare ``lightning.Trainer``) this does nothing.
+    """
+    trainer = module._trainer
+    if trainer is not None:
+        for callback in trainer.callbacks:
+            if isinstance(callback, NonFiniteGuard):
+                callback.observe_loss(loss)
+    return loss
+
+
 def log_metrics(
     module: L.LightningModule, split: str, loss: torch.Tensor, metrics: dict[str, torch.Tensor],
     batch_size: int,
 ) -> None:
-    """Log ``<split>/loss`` and ``<split>/<name>``: per step in training, epoch means in val."""
+    """Log ``<split>/loss`` and ``<split>/<name>``: per step in training, epoch means in val.
+
+    Under DDP/FSDP every value is the mean over ranks (``sync_dist``), so ``train/loss`` is the
+    loss of the global batch, as in a one-process run (no-op with one process).
+    """
     train = split == "train"
     values = {f"{split}/{k}": v.detach().float() for k, v in metrics.items()}
     module.log_dict(values, on_step=train, on_epoch=not train, batch_size=batch_size,
-                    sync_dist=not train)
+                    sync_dist=True)
     module.log(f"{split}/loss", loss.detach(), prog_bar=True, on_step=train, on_epoch=not train,
-               batch_size=batch_size, sync_dist=not train)
+               batch_size=batch_size, sync_dist=True)

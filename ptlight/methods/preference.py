@@ -51,7 +51,7 @@ from ptlight import refcache
 from ptlight.backbone import TRAINED_ADAPTER, AdapterReference, reference_scope
 from ptlight.errors import ConfigError
 from ptlight.logps import TokenScores, completion_logps
-from ptlight.methods.common import configure_optim, log_metrics, token_diagnostics
+from ptlight.methods.common import check_finite, configure_optim, log_metrics, token_diagnostics
 from ptlight.objectives import Logps, Objective, ObjectiveOutput
 from ptlight.progress import MANY_ITEMS, track
 
@@ -237,7 +237,7 @@ class PreferenceMethod(L.LightningModule):
         return out.loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return check_finite(self, self._step(batch, "train"))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

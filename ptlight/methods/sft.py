@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from ptlight.logps import completion_logits, completion_logps
-from ptlight.methods.common import configure_optim, log_metrics, token_diagnostics
+from ptlight.methods.common import check_finite, configure_optim, log_metrics, token_diagnostics
 from ptlight.objectives import Objective, ObjectiveOutput, TokenLogps
 from ptlight.objectives.rdrop import RDropInputs
 
@@ -96,7 +96,7 @@ class SFTMethod(L.LightningModule):
         return out.loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return check_finite(self, self._step(batch, "train"))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

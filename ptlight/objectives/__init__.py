@@ -5,6 +5,7 @@ from ptlight.objectives.base import (
     Logps,
     Objective,
     ObjectiveOutput,
+    Rewards,
     Rollout,
     TokenLogps,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "Logps",
     "Objective",
     "ObjectiveOutput",
+    "Rewards",
     "Rollout",
     "TokenLogps",
     "available_objectives",

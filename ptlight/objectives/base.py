@@ -89,6 +89,25 @@ class Rollout:
     mask: torch.Tensor
 
 
+@dataclass
+class Rewards:
+    """Scalar rewards of K completions per prompt, what reward-model objectives consume
+    (``data_kind = "scores"``).
+
+    rewards: ``[B, K]`` the reward model's outputs; K=2 for pairs (column 0 chosen), K>2 for
+             listwise data (columns ordered best first).
+    scores:  ``[B, K]`` graded ratings of listwise data (higher = better, ties allowed), or
+             ``None``: then the columns are strictly ordered best first.
+    margins: ``[B]`` per-pair margin m (pairwise data with a ``margin`` column), or ``None``.
+    lengths: ``[B, K]`` completion token counts (for the ``num_tokens`` metric), or ``None``.
+    """
+
+    rewards: torch.Tensor
+    scores: torch.Tensor | None = None
+    margins: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+
+
 class Objective(torch.nn.Module):
     """Base class of every objective (built-in or third-party).
 

@@ -1,0 +1,202 @@
+"""What makes a run hold up: atomic checkpoints, exact resume, and the non-finite policy.
+
+- :class:`AtomicCheckpointIO` — every checkpoint is written to a temporary file in the same
+  directory, flushed to disk (``fsync``) and renamed over the old one (``os.replace``, atomic
+  on POSIX). A kill at any moment leaves either the previous ``last.ckpt`` or the new one, never
+  a truncated file. (Lightning's own writer goes through a temporary file in the system temp
+  dir and ``shutil.move``, which is a copy, not a rename, when /tmp is another filesystem.)
+  Checkpoints are read back with ``torch.load(weights_only=True)``: tensors and plain
+  containers only, no arbitrary pickled code.
+- :class:`RngState` — the Python, NumPy and torch (CPU + CUDA) random states ride in the
+  checkpoint and are restored when training resumes, so dropout and sampling continue the
+  same stream. With the resumable data order (:mod:`ptlight.data.sampler`) and Lightning's
+  optimizer/scheduler/loop state this makes a resumed run equal an uninterrupted one.
+- :class:`NonFiniteGuard` — the policy for a non-finite loss or gradient (``nonfinite.*``):
+  ``skip`` drops the optimizer step (no weight moves), counts it (``train/skipped_steps``) and
+  warns; ``stop`` ends the run with :class:`~ptlight.errors.TrainingError`. Either way the
+  weights never take a non-finite update, so every checkpoint is a good one, and a run that
+  stops keeps its last ``last.ckpt``. ``nonfinite.max_consecutive`` skipped steps in a row
+  stop the run too (a run that only skips is not training).
+
+How a method uses the guard: gradients are checked for every optimizer step with no code in the
+method (Lightning calls ``on_before_optimizer_step`` in automatic and manual optimisation). The
+loss is checked where the method computes it: pass it through
+:func:`ptlight.methods.common.check_finite` before it is returned (automatic optimisation) or
+before ``self.manual_backward(loss)`` (manual optimisation, e.g. PPO epochs). The decision is
+taken jointly by all ranks (one all-reduce), so DDP/FSDP ranks skip or stop together.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ptlight.errors import ConfigError, TrainingError
+
+_PARTIAL = ".ptlight-save-{pid}.partial"  # no "last" in the name: Lightning's ckpt_path=last
+                                          # picks any file whose name contains "last"
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` so that a reader (or a kill) never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(_PARTIAL.format(pid="*")):  # left by a killed run
+        if stale.name != _PARTIAL.format(pid=os.getpid()):
+            stale.unlink(missing_ok=True)
+    tmp = path.parent / _PARTIAL.format(pid=os.getpid())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO: atomic local writes, ``weights_only=True`` reads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        if "://" in str(path):  # remote (fsspec) paths: Lightning's own transaction-based write
+            super().save_checkpoint(checkpoint, path)
+            return
+        atomic_torch_save(checkpoint, Path(path))
+
+    def load_checkpoint(self, path: Any, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is False:
+            raise ValueError("ptlight loads checkpoints with weights_only=True only")
+        location = map_location if map_location is not None else (lambda storage, loc: storage)
+        return super().load_checkpoint(path, map_location=location, weights_only=True)
+
+
+class RngState(L.Callback):
+    """Saves the global random states in each checkpoint; restores them when training resumes."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        version, state, gauss = random.getstate()
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+        return {
+            "python": [version, list(state), gauss],
+            "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss,
+                      np_gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state  # applied at on_train_start, right before the next step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state, self._pending = self._pending, None
+        if state is None:
+            return
+        version, py_state, gauss = state["python"]
+        random.setstate((version, tuple(py_state), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class NonFiniteGuard(L.Callback):
+    """Skip (and count) or stop on a non-finite loss or gradient; see the module docstring.
+
+    policy:          ``skip`` | ``stop``.
+    max_consecutive: under ``skip``, this many non-finite steps in a row stop the run.
+    checkpoint_dir:  named in the stop message (where the last good checkpoint is).
+    """
+
+    def __init__(self, policy: str = "skip", max_consecutive: int = 10,
+                 checkpoint_dir: str | None = None) -> None:
+        if policy not in NONFINITE_POLICIES:
+            raise ConfigError(f"nonfinite.policy={policy!r}; use one of {NONFINITE_POLICIES}")
+        if max_consecutive < 1:
+            raise ConfigError(f"nonfinite.max_consecutive={max_consecutive}; use 1 or more")
+        self.policy, self.max_consecutive = policy, max_consecutive
+        self.checkpoint_dir = checkpoint_dir
+        self.skipped = 0
+        self.consecutive = 0
+        self._bad_loss: float | None = None
+
+    # ---- called by methods (ptlight.methods.common.check_finite) ---------------------------
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """Remember a non-finite loss; the step it belongs to is then skipped or stopped."""
+        value = loss.detach()
+        if not bool(torch.isfinite(value).all()):
+            self._bad_loss = float(value.float().sum())
+
+    # ---- Lightning hooks ----------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        bad_grads = False
+        # 16-bit precision has a grad scaler that already skips overflowing steps
+        if grads and not str(trainer.precision).startswith("16"):
+            bad_grads = not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        bad_loss = self._bad_loss
+        self._bad_loss = None
+        bad = trainer.strategy.reduce_boolean_decision(bad_loss is not None or bad_grads,
+                                                       all=False)
+        if bad:
+            self._on_bad_step(trainer, optimizer, bad_loss)
+        else:
+            self.consecutive = 0
+        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+
+    def _on_bad_step(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer,
+                     bad_loss: float | None) -> None:
+        step = trainer.global_step + 1
+        what = (f"loss ({bad_loss})" if bad_loss is not None
+                else "gradients (the loss was finite on this rank)")
+        self.skipped += 1
+        self.consecutive += 1
+        if self.policy == "stop" or self.consecutive >= self.max_consecutive:
+            why = ("nonfinite.policy=stop" if self.policy == "stop" else
+                   f"{self.consecutive} non-finite steps in a row "
+                   f"(nonfinite.max_consecutive={self.max_consecutive})")
+            where = (f"the last good checkpoint is kept in {self.checkpoint_dir}"
+                     if self.checkpoint_dir else "no checkpoint was configured")
+            raise TrainingError(
+                f"non-finite {what} at step {step}; stopped ({why}). No update was applied, so "
+                f"{where} (resume with ckpt_path=last). Try a lower method.optim.lr, "
+                "trainer.gradient_clip_val, trainer.precision=32-true, or "
+                "nonfinite.policy=skip to skip such steps."
+            )
+        for group in optimizer.param_groups:  # no gradient, no update (AdamW skips the param)
+            for p in group["params"]:
+                p.grad = None
+        rank_zero_warn(f"non-finite {what} at step {step}: step skipped, weights unchanged "
+                       f"({self.skipped} skipped so far; nonfinite.policy=skip)")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])

@@ -1,0 +1,315 @@
+"""``ppo``: RLHF with PPO (OBJECTIVES.md §4), Lightning manual optimisation.
+
+One training batch = one rollout batch of prompts (``data.batch_size``), then
+``method.ppo.num_ppo_epochs`` passes over it in ``num_mini_batches`` minibatches:
+
+1. **Rollout** (no grad, eval mode): the policy samples a response per prompt with
+   ``generate`` and its KV cache (LFM2's conv cache included) at ``temperature``, up to
+   ``max_new_tokens``. Prompts are left-padded; positions follow the attention mask, so a
+   padded row gets exactly the tokens and log-probs it would get alone (tested). The response
+   is cut after its first EOS.
+2. **Scores**: the reward source, the top-level ``reward`` config group (a ``ptlight.rewards``
+   plugin: the task's ``gold`` reward, a trained ``reward_model`` export with ``reward.path``, or
+   a third party's; built in train.py, handed to the method as an object) scores the decoded
+   responses. A response with no EOS scores ``penalty_reward_value`` (−1), or, when
+   ``missing_eos_penalty`` is set, its score minus that amount (TRL's two options).
+3. **Log-probs and values** of the response tokens under the policy (from logits / T, as the
+   sampler drew them), the reference (frozen copy, or the LoRA policy with adapters off), and
+   the value head (a linear head on the policy's last hidden states, trained with it; with LoRA
+   it trains alongside the adapter).
+4. **Rewards**: r_t = −β·kl_t + [t = last]·score (kl estimator ``kl_estimator``: k1/k2/k3),
+   optionally divided by their std (``whiten_rewards``); **GAE** (γ, λ) gives advantages
+   (whitened over valid tokens) and returns.
+5. **PPO epochs**: the ``ppo`` objective (clipped policy + value loss) on each minibatch;
+   backward, gradient clipping at ``trainer.gradient_clip_val`` (applied here: Lightning's
+   automatic clipping does not run under manual optimisation), optimiser and LR-scheduler step.
+   With ``ptx_coef`` > 0 each minibatch also adds ``ptx_coef`` × the token NLL of a batch of
+   SFT demonstrations (PPO-ptx, InstructGPT).
+6. **KL controller**: fixed β (``kl_coef``), or adaptive (``adaptive_kl``: initial ``kl_coef``,
+   ``kl_target``, ``kl_horizon``) updated after each rollout batch; β is a buffer, so it is
+   checkpointed.
+
+``trainer.max_steps`` counts optimiser steps, as everywhere in Lightning: each rollout batch
+makes ``num_ppo_epochs × num_mini_batches`` of them. Validation samples the val prompts the
+same way and logs ``val/objective/scores``, ``val/objective/kl`` and
+``val/loss`` = −(score − β·KL), the negated RLHF objective (what a sweeper minimises).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from ptlight.backbone import AdapterReference, reference_scope
+from ptlight.errors import ConfigError
+from ptlight.methods.common import check_finite, configure_optim
+from ptlight.objectives import Objective, Rollout
+from ptlight.reward_model import backbone_hidden
+from ptlight.rewards import Reward, build_reward
+from ptlight.rl import (AdaptiveKLController, FixedKLController, gae, kl_penalty,
+                        masked_mean, masked_whiten, token_rewards)
+
+VALUE_HEAD = "value_head.safetensors"
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``[B, N]`` bool mask of each response up to and including its first EOS, ``[B]`` bool
+    whether the response has an EOS at all)."""
+    is_eos = responses == eos_id
+    seen_before = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
+    return ~seen_before, is_eos.any(dim=1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that follow the mask (left padding: the first real token is position 0), as
+    ``generate`` computes them."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 n_prompt: int, temperature: float, value_head: torch.nn.Module | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Log-probs ``[B, N]`` (from logits / ``temperature``) and entropies of the tokens after
+    the first ``n_prompt`` columns, and the value head's predictions at the states that emit
+    them (or None)."""
+    h = backbone_hidden(model, input_ids, attention_mask, position_ids(attention_mask))
+    h = h[:, n_prompt - 1 : -1]  # the states that predict response tokens
+    targets = input_ids[:, n_prompt:]
+    head = model.get_output_embeddings()
+    logits = F.linear(h, head.weight, head.bias).float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logps = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    values = None if value_head is None else value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
+    return logps, entropy, values
+
+
+class PPOMethod(L.LightningModule):
+    """Policy + value head + reference + reward plugin, trained with a ``rollout`` objective."""
+
+    data_kinds = ("rollout",)
+
+    @staticmethod
+    def data_kind_for(method_cfg: DictConfig, objective: Objective) -> str:  # noqa: ARG004
+        return "prompt"
+
+    @staticmethod
+    def extra_args(cfg: DictConfig, tokenizer) -> dict[str, Any]:
+        """The reward plugin and the settings (checked before any weights load)."""
+        settings = cfg.method.ppo
+        if settings.num_mini_batches < 1 or cfg.data.batch_size % settings.num_mini_batches:
+            raise ConfigError(
+                f"method.ppo.num_mini_batches={settings.num_mini_batches} must divide "
+                f"data.batch_size={cfg.data.batch_size} (the rollout batch)")
+        if settings.temperature <= 0:
+            raise ConfigError("method.ppo.temperature must be > 0 (rollouts sample)")
+        if settings.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"method.ppo.kl_estimator={settings.kl_estimator!r}; use k1, k2 or k3")
+        if cfg.data.batch_size < 8:
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size}: PPO whitens advantages over the rollout "
+                "batch, which needs at least 8 samples per device; set data.batch_size>=8")
+        reward = build_reward(OmegaConf.to_container(cfg.reward, resolve=True), key="reward")
+        ptx = None
+        if settings.ptx_coef > 0:
+            from ptlight.data.module import PtlDataModule
+
+            ptx_cfg = cfg.data.copy()
+            if settings.ptx_data_path:
+                ptx_cfg.path = settings.ptx_data_path
+            ptx = PtlDataModule(ptx_cfg, tokenizer, "sft")
+            ptx.setup()
+        return {"reward": reward, "tokenizer": tokenizer, "settings": settings,
+                "max_grad_norm": cfg.trainer.get("gradient_clip_val"), "ptx": ptx}
+
+    @staticmethod
+    def trainer_overrides(cfg: DictConfig) -> dict[str, Any]:  # noqa: ARG004
+        # clipped per minibatch by the method itself; one training batch is a whole rollout
+        # (num_ppo_epochs x num_mini_batches optimiser steps), so its metrics are logged each time
+        return {"gradient_clip_val": None, "log_every_n_steps": 1}
+
+    def __init__(
+        self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
+        reference: PreTrainedModel | AdapterReference | None, reference_mode: str,
+        reward: Reward, tokenizer, settings: DictConfig, max_grad_norm: float | None = None,
+        ptx: Any = None,
+    ) -> None:
+        super().__init__()
+        if reference is None:
+            raise ConfigError("ppo needs a reference model for its KL penalty; "
+                              "use method.reference=copy (or adapter with LoRA)")
+        if reference_mode == "precompute":
+            raise ConfigError("method.reference=precompute cannot serve ppo: rollouts are new "
+                              "every step; use method.reference=copy (adapter with LoRA)")
+        self.automatic_optimization = False
+        self.policy, self.objective, self.optim_cfg = policy, objective, optim
+        self._reference = [reference]  # not a registered child: not in the state dict
+        self.reward, self.tokenizer, self.s = reward, tokenizer, settings
+        self.max_grad_norm = max_grad_norm
+        hidden = policy.config.get_text_config().hidden_size
+        self.value_head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.kl_ctl = (AdaptiveKLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
+                       if settings.adaptive_kl else FixedKLController(settings.kl_coef))
+        self.register_buffer("kl_coef", torch.tensor(float(settings.kl_coef)))
+        self._ptx = ptx
+        self._ptx_iter = None
+
+    def on_fit_start(self) -> None:
+        self._reference[0].to(self.device)
+        self.reward.to(self.device)
+        self.kl_ctl.value = float(self.kl_coef)  # restored from a checkpoint when resuming
+
+    def configure_optimizers(self) -> dict:
+        return configure_optim(self, self.optim_cfg)
+
+    # ---- rollout ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Sample responses, score them, and compute KL-penalised rewards, values and GAE."""
+        s, tok = self.s, self.tokenizer
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        n_prompt = ids.shape[1]
+        was_training = self.policy.training
+        self.policy.eval()
+        gen = self.policy.generate(
+            input_ids=ids, attention_mask=attn, do_sample=True, temperature=s.temperature,
+            top_k=0, top_p=1.0, max_new_tokens=s.max_new_tokens,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+        self.policy.train(was_training)
+        responses = gen[:, n_prompt:]
+        mask, has_eos = response_mask(responses, tok.eos_token_id)
+        seqs = torch.cat([ids, responses.masked_fill(~mask, tok.pad_token_id)], dim=1)
+        full_attn = torch.cat([attn, mask.long()], dim=1)
+
+        texts = [tok.decode(r[m], skip_special_tokens=True).strip()
+                 for r, m in zip(responses, mask)]
+        scores = self.reward(batch["prompts"], texts).to(self.device)
+        if s.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, scores - s.missing_eos_penalty)
+        else:
+            scores = torch.where(has_eos, scores, torch.full_like(scores, s.penalty_reward_value))
+
+        logps, _, values = token_scores(self.policy, seqs, full_attn, n_prompt, s.temperature,
+                                        self.value_head)
+        with reference_scope(self._reference[0]) as ref:
+            ref_logps, _, _ = token_scores(ref, seqs, full_attn, n_prompt, s.temperature)
+        fmask = mask.float()
+        kl = kl_penalty(logps, ref_logps, s.kl_estimator) * fmask
+        beta = self.kl_ctl.value
+        rewards = token_rewards(kl, scores, mask, beta)
+        if s.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values * fmask, mask, s.gamma, s.lam)
+        advantages = masked_whiten(advantages, mask)
+        kl_seq = kl.sum(1)
+        non_score = (-beta * kl).sum(1)
+        stats = {
+            "objective/kl": kl_seq.mean(),
+            "objective/kl_coef": torch.tensor(beta),
+            "objective/entropy": (-logps * fmask).sum(1).mean(),
+            "objective/non_score_reward": non_score.mean(),
+            "objective/scores": scores.mean(),
+            "objective/rlhf_reward": (scores + non_score).mean(),
+            "val/num_eos_tokens": has_eos.float().sum(),
+            "response_length": fmask.sum(1).mean(),
+        }
+        return {"seqs": seqs, "attn": full_attn, "mask": mask, "logps": logps,
+                "values": values * fmask, "advantages": advantages, "returns": returns,
+                "n_prompt": torch.tensor(n_prompt), "stats": stats, "texts": texts,
+                "kl_seq": kl_seq, "scores": scores}
+
+    # ---- optimisation ----------------------------------------------------------------------
+    def _ptx_nll(self) -> torch.Tensor:
+        from ptlight.logps import completion_logps
+
+        if self._ptx_iter is None:
+            self._ptx_iter = iter(self._ptx.train_dataloader())
+        try:
+            batch = next(self._ptx_iter)
+        except StopIteration:
+            self._ptx_iter = iter(self._ptx.train_dataloader())
+            batch = next(self._ptx_iter)
+        batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+        scores = completion_logps(self.policy, batch["input_ids"], batch["attention_mask"],
+                                  batch["loss_mask"])
+        return -scores.logps.mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        roll = self.rollout(batch)
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        s = self.s
+        b = roll["seqs"].shape[0]
+        mb = b // s.num_mini_batches
+        n_prompt = int(roll["n_prompt"])
+        total = int(self.trainer.estimated_stepping_batches)
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        for _ in range(s.num_ppo_epochs):
+            order = torch.randperm(b, device=self.device)
+            for start in range(0, b, mb):
+                idx = order[start : start + mb]
+                logps, entropy, values = token_scores(
+                    self.policy, roll["seqs"][idx], roll["attn"][idx], n_prompt, s.temperature,
+                    self.value_head)
+                out = self.objective(Rollout(
+                    logps=logps, old_logps=roll["logps"][idx], values=values,
+                    old_values=roll["values"][idx], advantages=roll["advantages"][idx],
+                    returns=roll["returns"][idx], mask=roll["mask"][idx]))
+                loss = out.loss
+                metrics = dict(out.metrics)
+                metrics["policy/entropy"] = masked_mean(entropy.detach(), roll["mask"][idx])
+                if self._ptx is not None:
+                    nll = self._ptx_nll()
+                    loss = loss + s.ptx_coef * nll
+                    metrics["loss/ptx"] = nll.detach()
+                opt.zero_grad()
+                # a non-finite loss or gradient: the step is skipped or the run stops, per
+                # nonfinite.policy (ptlight.callbacks.NonFiniteGuard)
+                self.manual_backward(check_finite(self, loss))
+                if self.max_grad_norm:
+                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm,
+                                        gradient_clip_algorithm="norm")
+                opt.step()
+                if sched.last_epoch < total:
+                    sched.step()
+                metrics["loss"] = loss.detach()
+                if n == 0:
+                    metrics["first_ratio"] = metrics["val/ratio"]  # ≡ 1 (nothing updated yet)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+                n += 1
+        self.kl_ctl.update(float(roll["kl_seq"].mean()), b)
+        self.kl_coef.fill_(self.kl_ctl.value)
+        logged = {f"train/{k}": v / (1 if k == "first_ratio" else n) for k, v in sums.items()}
+        logged.update({f"train/{k}": v.float() for k, v in roll["stats"].items()})
+        loss = logged.pop("train/loss")
+        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=b)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=b)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        roll = self.rollout(batch)
+        st = roll["stats"]
+        b = roll["seqs"].shape[0]
+        beta = self.kl_ctl.value
+        values = {"val/objective/scores": st["objective/scores"],
+                  "val/objective/kl": st["objective/kl"],
+                  "val/loss": -(roll["scores"] - beta * roll["kl_seq"]).mean()}
+        self.log_dict({k: v.float() for k, v in values.items()}, on_epoch=True, batch_size=b,
+                      sync_dist=True)
+
+    def export_extras(self, export_dir: Path) -> None:
+        """``value_head.safetensors`` next to the policy (PPO's critic, for continued runs)."""
+        save_file({"weight": self.value_head.weight.detach().float().cpu().contiguous(),
+                   "bias": self.value_head.bias.detach().float().cpu().contiguous()},
+                  str(export_dir / VALUE_HEAD))

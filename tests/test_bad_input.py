@@ -1,0 +1,243 @@
+"""Every row of the README's "Bad input: what you see" table, tried. Each case checks the one
+message the CLI prints (``ptlight: error: <message>``, exit status 2; Hydra's own message for
+an unknown config group option) and that it names the file and row, or the key to change."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from importlib.metadata import EntryPoint
+
+import pytest
+from hydra.errors import MissingConfigException
+
+from helpers import REPO, TINY, run_cli
+from ptlight.backbone import BUNDLED_TOKENIZER
+from ptlight.errors import ConfigError, DataError, ModelLoadError, PluginError
+from ptlight.objectives import registry
+from ptlight.train import train_stage
+
+U = [{"role": "user", "content": "Sort these words alphabetically: kiwi apple"}]
+A = [{"role": "assistant", "content": "apple kiwi"}]
+B = [{"role": "assistant", "content": "kiwi apple"}]
+GOOD_SFT = {"prompt": U, "completion": A}
+GOOD_PAIR = {"prompt": U, "chosen": A, "rejected": B}
+
+
+def _jsonl(tmp_path, rows, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _stage(compose_cfg, tmp_path, method, *overrides):
+    """train_stage on the overrides; weights must never load for a bad input."""
+    cfg = compose_cfg(f"method={method}", "eval.before=false", *TINY, *overrides)
+    return train_stage(cfg, tmp_path / "run")
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if a model is built: every check below comes before the heavy work."""
+    import ptlight.train
+
+    monkeypatch.setattr(ptlight.train, "build_policy", lambda *a: pytest.fail("weights loaded"))
+
+
+def _with(rows, at, row):
+    rows = list(rows)
+    rows[at] = row
+    return rows
+
+
+DATA_CASES = {
+    "missing column": ("sft", _with([GOOD_SFT] * 20, 4, {"prompt": U, "answer": A}),
+                       r"data\.jsonl, row 4: missing column 'completion' \(this row has "
+                       r"\['answer', 'prompt'\]\)\. Fix the row, or set data\.on_bad_row=drop"),
+    "misnamed column": ("dpo", [{"prompt": U, "chosen": A, "reject": B}] * 20,
+                        r"data\.jsonl, row 0: pairwise data needs 'chosen' and 'rejected' "
+                        r"columns; found \['chosen', 'prompt', 'reject'\]"),
+    "wrong type": ("sft", _with([GOOD_SFT] * 20, 5, {"prompt": U, "completion": 3}),
+                   r"data\.jsonl, row 5: column 'completion' must be a string or a list of "
+                   r"\{'role', 'content'\} messages, got int"),
+    "wrong label type": ("kto", _with([{**GOOD_SFT, "label": True}] * 20, 2,
+                                      {**GOOD_SFT, "label": "yes"}),
+                         r"data\.jsonl, row 2: column 'label' must be a boolean"),
+    "empty string": ("sft", _with([{"prompt": "Q:", "completion": " a"}] * 20, 3,
+                                  {"prompt": "Q:", "completion": "  "}),
+                     r"data\.jsonl, row 3: column 'completion' is an empty string"),
+    "chosen == rejected": ("dpo", _with([GOOD_PAIR] * 20, 2, {"prompt": U, "chosen": A,
+                                                              "rejected": A}),
+                           r"data\.jsonl, row 2: chosen == rejected \(the pair carries no "
+                           r"preference\)"),
+}
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_bad_rows_name_file_row_and_reason(compose_cfg, tmp_path, no_weights, case):
+    method, rows, message = DATA_CASES[case]
+    path = _jsonl(tmp_path, rows)
+    with pytest.raises(DataError, match=message):
+        _stage(compose_cfg, tmp_path, method, f"data.path={path}", f"data.val_path={path}",
+               "data.task=null")
+
+
+@pytest.mark.parametrize("tail,message", [
+    (b'{"prompt": "caf\xe9", "completion": "x"}\n',
+     r"data\.jsonl, line 21: not valid UTF-8 \(byte 0xe9 at column 16\); save the file as UTF-8"),
+    (b'{"prompt": "a", "compl',
+     r"data\.jsonl, line 21: not valid JSON \(Unterminated string starting at, column 17\) "
+     r"\(the file looks truncated\)"),
+])
+def test_non_utf8_or_truncated_jsonl_names_the_line(compose_cfg, tmp_path, no_weights, tail,
+                                                    message):
+    path = _jsonl(tmp_path, [{"prompt": "Q:", "completion": " a"}] * 20)
+    path.write_bytes(path.read_bytes() + tail)
+    with pytest.raises(DataError, match=message):
+        _stage(compose_cfg, tmp_path, "sft", f"data.path={path}", "data.task=null")
+
+
+def test_missing_data_file(compose_cfg, tmp_path, no_weights):
+    with pytest.raises(DataError, match=r"'nope\.jsonl': no such file or directory"):
+        _stage(compose_cfg, tmp_path, "sft", "data.path=nope.jsonl", "data.task=null")
+
+
+def test_prompt_longer_than_max_length(compose_cfg, tmp_path, monkeypatch):
+    long = [{"role": "user", "content": "apple " * 60}]
+    path = _jsonl(tmp_path, [{"prompt": long, "completion": A}] * 20)
+    args = (f"data.path={path}", "data.task=null", "data.max_length=32")
+    with monkeypatch.context() as m:
+        import ptlight.train
+
+        m.setattr(ptlight.train, "build_policy", lambda *a: pytest.fail("weights loaded"))
+        with pytest.raises(DataError, match=r"data\.jsonl, row 0: prompt \(\d+ tokens\) \+ "
+                           r"completion \(\d+ tokens\) exceeds data\.max_length=32 "
+                           r"\(data\.truncation=error\)"):
+            _stage(compose_cfg, tmp_path, "sft", *args, "data.truncation=error")
+    report = _stage(compose_cfg, tmp_path, "sft", *args)  # keep_end (default): cut and counted
+    assert report["data"]["truncated"] == report["data"]["train_rows"] + report["data"]["val_rows"]
+
+
+def test_data_set_empty_after_filtering(compose_cfg, tmp_path, no_weights):
+    path = _jsonl(tmp_path, [{"prompt": U, "chosen": A, "rejected": A}] * 20)
+    with pytest.raises(DataError, match=r"data\.jsonl: no usable rows \(18 dropped: 18x chosen "
+                       r"== rejected"):
+        _stage(compose_cfg, tmp_path, "dpo", f"data.path={path}", "data.task=null",
+               "data.on_bad_row=drop")
+
+
+@pytest.fixture
+def no_template_tokenizer(tmp_path):
+    target = tmp_path / "tok"
+    shutil.copytree(BUNDLED_TOKENIZER, target)
+    (target / "chat_template.jinja").unlink()
+    return target
+
+
+def test_tokenizer_without_chat_template(compose_cfg, tmp_path, no_weights,
+                                         no_template_tokenizer):
+    tok = f"model.tokenizer={no_template_tokenizer}"
+    with pytest.raises(ConfigError, match=r"data\.task='sort' writes its prompts as chat "
+                       r"messages, but the tokenizer '.*tok' has no chat template"):
+        _stage(compose_cfg, tmp_path, "sft", tok)
+    path = _jsonl(tmp_path, [GOOD_SFT] * 20)
+    with pytest.raises(DataError, match=r"data\.jsonl, row \d+: message lists are rendered with "
+                       r"the tokenizer's chat template, but the tokenizer '.*tok' has none"):
+        _stage(compose_cfg, tmp_path, "sft", tok, f"data.path={path}", "data.task=null")
+
+
+def test_tokenizer_without_chat_template_is_fine_for_plain_text(compose_cfg, tmp_path,
+                                                                no_template_tokenizer):
+    from omegaconf import OmegaConf
+
+    from ptlight.backbone import load_tokenizer
+    from ptlight.data.module import PtlDataModule
+
+    path = _jsonl(tmp_path, [{"prompt": "Q:", "completion": " a"}] * 20)
+    cfg = compose_cfg("method=sft", f"model.tokenizer={no_template_tokenizer}",
+                      f"data.path={path}", "data.task=null")
+    dm = PtlDataModule(cfg.data, load_tokenizer(cfg.model), "sft")
+    dm.setup()
+    assert dm.report()["train_rows"] == 18
+
+
+def test_misspelt_key_is_refused_by_hydra(compose_cfg):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=r"Could not override "
+                       r"'trainer\.max_step'"):
+        compose_cfg("method=sft", "trainer.max_step=5")
+
+
+@pytest.mark.parametrize("override,listed", [
+    ("method=nope", ["dpo", "sft", "kto"]),
+    ("model=nope", ["lfm2", "lfm2-tiny"]),
+    ("trainer=nope", ["default"]),
+])
+def test_unknown_config_names_list_what_exists(compose_cfg, override, listed):
+    with pytest.raises(MissingConfigException) as err:
+        compose_cfg(override)
+    message = str(err.value)
+    assert f"Could not find '{override.split('=')[0]}/nope'" in message
+    assert all(f"\t{name}\n" in message + "\n" for name in listed)
+
+
+@pytest.mark.parametrize("override,exc,message", [
+    ("method.objective.name=nope", ConfigError,
+     r"method\.objective\.name: unknown objective 'nope'; installed objectives: .*dpo.*sft"),
+    ("method.module=nope", ConfigError,
+     r"method\.module='nope' is unknown; available: .*preference.*sft"),
+    ("data.task=nope", ConfigError, r"data\.task='nope' is unknown; bundled tasks: sort"),
+    ("+method.objective.betta=1", ConfigError,
+     r"no hyperparameter\(s\) method\.objective\.betta; valid keys: beta"),
+])
+def test_unknown_names_in_keys_list_what_exists(compose_cfg, tmp_path, no_weights, override,
+                                                exc, message):
+    with pytest.raises(exc, match=message):
+        _stage(compose_cfg, tmp_path, "dpo", override)
+
+
+def test_model_path_that_is_not_a_model_dir(compose_cfg, tmp_path, no_weights):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hi")
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    cases = {
+        tmp_path / "notes": r"is a directory without config\.json .*model\.path=<local directory",
+        tmp_path / "weights.bin": r"is a file, not a model directory",
+        tmp_path / "missing" / "export": r"does not exist \(relative to .*\); a hub id looks "
+                                         r"like org/name",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ModelLoadError, match=rf"model\.path='{path}' {message}"):
+            _stage(compose_cfg, tmp_path, "sft", f"model.path={path}")
+
+
+def test_plugin_that_crashes_on_import(compose_cfg, tmp_path, monkeypatch, no_weights):
+    (tmp_path / "crashing_plugin.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = registry.entry_points
+
+    def patched(group):
+        extra = [EntryPoint("crash", "crashing_plugin:Thing", group)]
+        return list(real(group=group)) + (extra if group == registry.GROUP else [])
+
+    monkeypatch.setattr(registry, "entry_points", patched)
+    with pytest.raises(PluginError, match=r"objective plugin 'crash' \(entry point "
+                       r"'crashing_plugin:Thing'\) failed to import: RuntimeError: boom at import"):
+        _stage(compose_cfg, tmp_path, "dpo", "method.objective.name=crash",
+               "~method.objective.beta", "~method.objective.label_smoothing",
+               "~method.objective.rpo_alpha")
+
+
+@pytest.mark.slow
+def test_the_cli_prints_one_line_and_exits_2(tmp_path):
+    path = _jsonl(tmp_path, _with([GOOD_PAIR] * 20, 2, {"prompt": U, "chosen": A, "rejected": A}))
+    out = run_cli("method=dpo", f"data.path={path}", "data.task=null", *TINY,
+                  f"hydra.run.dir={tmp_path / 'run'}", cwd=REPO)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(f"ptlight: error: {path}, row 2: ")
+    assert "Traceback" not in out.stderr
+    out = run_cli("method=nope", f"hydra.run.dir={tmp_path / 'run2'}", cwd=REPO)
+    assert out.returncode == 1 and "Available options in 'method'" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,233 @@
+"""A run killed with SIGKILL resumes to the same weights; checkpoint writes are atomic; the data
+order is a function of (seed, epoch) and resumes mid-epoch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import TINY
+from ptlight.callbacks import AtomicCheckpointIO, atomic_torch_save
+from ptlight.data.sampler import ResumableLoader, ResumableSampler
+
+# 16 steps over 64 rows at batch 8: two epochs, so the resume crosses an epoch boundary too.
+RUN = [*TINY, "method=sft", "trainer.max_steps=16", "trainer.val_check_interval=8",
+       "eval.before=false", "eval.val_samples=0", "checkpoint.every_n_train_steps=1"]
+
+
+def _cli(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ptlight", *RUN, f"hydra.run.dir={run_dir}", *extra]
+
+
+def _step_of(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "export" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    straight = subprocess.run(_cli(tmp_path / "straight"), env=env, capture_output=True,
+                              text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    last = killed_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(_cli(killed_dir), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if last.is_file() and _step_of(last) >= 3:  # atomic: never a partial file to read
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up or save
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = _step_of(last)
+    print(f"killed at step {killed_at} of 16")
+    assert 3 <= killed_at < 16 and not (killed_dir / "export").exists()
+
+    resumed = subprocess.run(_cli(killed_dir, "ckpt_path=last"), env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "not resumable" not in resumed.stderr  # Lightning sees a stateful loader
+    a, b = _weights(tmp_path / "straight"), _weights(killed_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume from step {killed_at}"
+
+
+def test_a_kill_during_save_never_leaves_a_corrupt_last_ckpt(tmp_path):
+    target = tmp_path / "last.ckpt"
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from ptlight.callbacks import atomic_torch_save\n"
+        "i = 0\n"
+        "while True:\n"
+        "    i += 1\n"
+        "    atomic_torch_save({'i': i, 'w': torch.full((4_000_000,), float(i))},"
+        " Path(sys.argv[1]))\n"
+    )
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(target)])
+        while not target.is_file():
+            time.sleep(0.01)
+        time.sleep(0.3)  # writes of 16 MB are under way most of the time
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        ckpt = torch.load(target, weights_only=True)
+        assert torch.all(ckpt["w"] == float(ckpt["i"]))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
+    atomic_torch_save({"i": 0}, target)  # the next save cleans up what a kill left behind
+    assert all("last" not in name for name in leftovers)  # never mistaken for ckpt_path=last
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    with pytest.raises(ValueError, match="weights_only=True"):
+        io.load_checkpoint(path, weights_only=False)
+
+
+def _order(loader) -> list[int]:
+    return [i for batch in loader for i in batch]
+
+
+def _loader(n=20, batch=4, world=1, rank=0, seed=0):
+    sampler = ResumableSampler(list(range(n)), num_replicas=world, rank=rank, seed=seed)
+    return ResumableLoader(list(range(n)), batch_size=batch, sampler=sampler,
+                           collate_fn=lambda rows: rows)
+
+
+def test_data_order_depends_on_seed_and_epoch_only_and_resumes_mid_epoch():
+    loader = _loader()
+    epoch0 = _order(loader)
+    loader.sampler.set_epoch(1)
+    epoch1 = _order(loader)
+    assert sorted(epoch0) == sorted(epoch1) == list(range(20)) and epoch0 != epoch1
+    assert _order(_loader()) == epoch0  # a fresh process draws the same order
+
+    it = iter(loader)  # epoch 1, killed after 2 batches
+    seen = [next(it), next(it)]
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "batches": 2}
+    fresh = _loader()
+    fresh.load_state_dict(state)
+    fresh.sampler.set_epoch(1)  # Lightning restores the epoch the same way
+    assert [i for b in seen for i in b] + _order(fresh) == epoch1
+    assert len(fresh) == 5  # the length Lightning sees stays the epoch's full length
+
+
+def test_ranks_split_each_global_batch_of_one_process():
+    single = list(_loader(batch=8))
+    ranks = [list(_loader(batch=4, world=2, rank=r)) for r in range(2)]
+    for step, batch in enumerate(single):
+        assert sorted(batch) == sorted(ranks[0][step] + ranks[1][step])
+
+
+# ---- non-finite loss or gradients --------------------------------------------------------------
+from ptlight.errors import ConfigError, TrainingError  # noqa: E402
+from ptlight.methods.sft import SFTMethod  # noqa: E402
+from ptlight.train import train_stage  # noqa: E402
+
+
+def _poison(monkeypatch, steps: set[int], where: str) -> dict:
+    """Make the sft loss (``where="loss"``) or only its gradients (``"grads"``) non-finite at
+    the given optimizer steps; returns the policy weights seen at train start."""
+    seen: dict = {}
+    step = SFTMethod._step
+
+    def poisoned(self, batch, split):
+        loss = step(self, batch, split)
+        if split == "train" and self.global_step in steps:
+            if where == "loss":
+                return loss * float("nan")
+            p = next(self.policy.parameters())
+            return loss + 0.0 * torch.sqrt((p - p.detach()).sum())  # value 0, gradient nan
+        return loss
+
+    monkeypatch.setattr(SFTMethod, "_step", poisoned)
+    monkeypatch.setattr(SFTMethod, "on_train_start", lambda self: seen.update(
+        {k: v.detach().clone() for k, v in self.policy.state_dict().items()}), raising=False)
+    return seen
+
+
+def test_skip_policy_counts_steps_and_never_moves_the_weights(compose_cfg, tmp_path,
+                                                              monkeypatch):
+    start = _poison(monkeypatch, {0, 1, 2}, "loss")
+    cfg = compose_cfg("method=sft", "eval.before=false", *TINY)
+    report = train_stage(cfg, tmp_path)
+    assert report["global_step"] == 3 and report["skipped_steps"] == 3
+    final = load_file(tmp_path / "export" / "model.safetensors")
+    assert final.keys() <= start.keys()  # (tied lm_head is not saved twice)
+    for name, value in final.items():
+        assert torch.equal(start[name], value), name
+    header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    col = header.split(",").index("train/skipped_steps")
+    assert [float(r.split(",")[col]) for r in rows if r.split(",")[col]] == [1.0, 2.0, 3.0]
+
+
+def test_stop_policy_names_the_step_and_keeps_the_last_good_checkpoint(compose_cfg, tmp_path,
+                                                                       monkeypatch):
+    _poison(monkeypatch, {2}, "grads")
+    cfg = compose_cfg("method=sft", "nonfinite.policy=stop", "eval.before=false", *TINY,
+                      "trainer.max_steps=4", "checkpoint.every_n_train_steps=1")
+    with pytest.raises(TrainingError, match=r"non-finite gradients .* at step 3; stopped "
+                       r"\(nonfinite\.policy=stop\).*last good checkpoint is kept in .*checkpoints"):
+        train_stage(cfg, tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert not (tmp_path / "export").exists()  # a stopped run exports nothing
+
+
+def test_skipping_forever_stops_after_max_consecutive(compose_cfg, tmp_path, monkeypatch):
+    _poison(monkeypatch, {0, 1, 2}, "loss")
+    cfg = compose_cfg("method=sft", "nonfinite.max_consecutive=2", "eval.before=false", *TINY)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 2; stopped \(2 "
+                       r"non-finite steps in a row \(nonfinite\.max_consecutive=2\)\)"):
+        train_stage(cfg, tmp_path)
+
+
+def test_unknown_nonfinite_policy_fails_before_weights_load(compose_cfg, tmp_path, monkeypatch):
+    import ptlight.train
+
+    monkeypatch.setattr(ptlight.train, "build_policy", lambda *a: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match=r"nonfinite\.policy='ignore'; use one of"):
+        train_stage(compose_cfg("method=sft", "nonfinite.policy=ignore", *TINY), tmp_path)
+
+
+def test_ckpt_path_last_without_a_checkpoint_starts_fresh(compose_cfg, tmp_path):
+    """What a requeued job needs: resume when there is a checkpoint, start when there is none."""
+    cfg = compose_cfg("method=sft", "ckpt_path=last", "eval.before=false", "eval.val_samples=0",
+                      *TINY)
+    assert train_stage(cfg, tmp_path)["global_step"] == 3
