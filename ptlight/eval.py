@@ -80,13 +80,14 @@ def _gold(cfg: DictConfig, model, tokenizer, baseline: str | None) -> tuple[dict
 
     result: dict[str, Any] = {}
     runs = {"model": gold_samples(model, tokenizer, cfg.data.task, cfg.eval, "gold eval (model)")}
-    result["gold"] = summarize(runs["model"], cfg.eval.num_samples)
+    result["gold"] = summarize(runs["model"], cfg.eval.num_samples, cfg.data.task)
     if baseline:
         base_model, base_tok = _load(cfg, baseline)
         runs["baseline"] = gold_samples(base_model, base_tok, cfg.data.task, cfg.eval,
                                         "gold eval (baseline)")
         result["baseline"] = {"path": baseline,
-                              **summarize(runs["baseline"], cfg.eval.num_samples)}
+                              **summarize(runs["baseline"], cfg.eval.num_samples,
+                                             cfg.data.task)}
         result["win_rate"] = win_rate(runs["model"], runs["baseline"])
     rows = [{"stage": "eval", "when": when, "prompt": s.prompt, "generation": s.completion,
              "reward": s.reward} for when, samples in runs.items() for s in samples]
@@ -174,6 +175,8 @@ def _summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
             name = "model" if who == "gold" else "baseline"
             rows += [(f"{name} gold reward", result[who]["gold/reward"]),
                      (f"{name} exact match", result[who]["gold/exact"])]
+            rows += [(f"{name} {key}", value) for key, value in result[who].items()  # task's own
+                     if "/" in key and not key.startswith("gold/") and "/num_" not in key]
     if "win_rate" in result:
         w = result["win_rate"]
         rows += [("win rate vs baseline", w["win_rate"]), ("tie rate", w["tie_rate"]),

@@ -113,20 +113,26 @@ def gold_samples(model: PreTrainedModel, tokenizer, task_name: str, cfg: DictCon
             for p, c in zip(prompts, completions)]
 
 
-def summarize(samples: list[Sample], num_samples: int) -> dict[str, Any]:
-    """``gold/reward`` (mean), ``gold/exact`` (reward 1.0 rate), count, the first samples."""
+def summarize(samples: list[Sample], num_samples: int, task_name: str | None = None
+              ) -> dict[str, Any]:
+    """``gold/reward`` (mean), ``gold/exact`` (reward 1.0 rate), count, the first samples;
+    plus the task's own metrics when its module defines ``gold_metrics(samples) -> dict``
+    (the safety task: ``safety/refusal_rate``, ``safety/over_refusal``)."""
     rewards = [s.reward for s in samples]
+    extra = getattr(get_task(task_name), "gold_metrics", None) if task_name else None
     return {
         "gold/reward": sum(rewards) / len(rewards),
         "gold/exact": sum(r == 1.0 for r in rewards) / len(rewards),
+        **(extra(samples) if extra else {}),
         "num_prompts": len(rewards),
         "samples": [s.__dict__ for s in samples[:num_samples]],
     }
 
 
 def gold_eval(model: PreTrainedModel, tokenizer, task_name: str, cfg: DictConfig) -> dict[str, Any]:
-    """Mean gold reward and exact-match rate on ``eval.num_prompts`` held-out prompts."""
-    return summarize(gold_samples(model, tokenizer, task_name, cfg), cfg.num_samples)
+    """Mean gold reward and exact-match rate (+ the task's own metrics) on ``eval.num_prompts``
+    held-out prompts."""
+    return summarize(gold_samples(model, tokenizer, task_name, cfg), cfg.num_samples, task_name)
 
 
 def win_rate(model: Sequence[Sample], baseline: Sequence[Sample]) -> dict[str, float]:

@@ -1,16 +1,20 @@
 """RLHF on the bundled task against DPO, from the same SFT start with the same wall-clock budget.
 
-    python scripts/rlhf_report.py [--sft DIR] [--rm RUN_DIR] [--dpo-steps 100] [--out DIR] [-- overrides]
+    python scripts/rlhf_report.py [--sft DIR] [--rm RUN_DIR] [--dpo-steps 100] [--kl-coefs 0.2,0.5]
+                                  [--out DIR] [-- overrides]
 
 1. SFT start: ``--sft <export>`` (its run's ``eval.json`` supplies the start's gold metric when it
    has one), or a fresh ``method=sft`` run (the default pipeline's first stage, 250 steps).
-2. Reward model: ``--rm <run dir>`` reuses one, else ``method=rm model.path=<sft>`` (its own steps: RM training is a cost RLHF pays
-   before PPO and DPO does not; its wall time and held-out pairwise accuracy are reported).
+2. Reward model: ``--rm <run dir>`` reuses one, else ``method=rm model.path=<sft>`` (its own
+   steps: RM training is a cost RLHF pays before PPO and DPO does not; its wall time and
+   held-out pairwise accuracy are reported).
 3. DPO as the default pipeline runs it (``--dpo-steps`` 100, its cosine schedule); its
    ``trainer.fit`` time is the budget. PPO with the learned reward model, and PPO with the task's
    gold reward (what PPO does with a perfect reward), each from the SFT export with
    ``+trainer.max_time`` = that budget, so both train for as long as DPO did; then the gold
    metric on the same ``eval.num_prompts`` held-out prompts (greedy).
+4. ``--kl-coefs 0.2,0.5``: PPO + learned RM again with each KL coefficient, for as many
+   optimiser steps as step 3's PPO + learned RM run took (a reward-hacking check).
 
 Prints and writes ``<out>/rlhf.md`` and ``<out>/rlhf.json``. Overrides after ``--`` reach every
 run (e.g. ``-- eval.num_prompts=200``).
@@ -41,6 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rm-steps", type=int, default=100)
     parser.add_argument("--rm", type=Path, help="a finished `method=rm` run dir to reuse "
                         "(default: train one from the SFT export)")
+    parser.add_argument("--kl-coefs", default="",
+                        help="comma list of extra method.ppo.kl_coef values for PPO + learned RM, "
+                             "each run for as many optimiser steps as the budgeted PPO + RM run")
     parser.add_argument("--out", type=Path, help="output dir (default: outputs/rlhf-<time>)")
     args = parser.parse_args(argv[:cut])
     args.overrides = argv[cut + 1:]
@@ -96,6 +103,11 @@ def main(argv: list[str]) -> None:
     ppo_rm = run(args.out / "ppo-rm", "method=ppo", *ppo_common, "reward=reward_model",
                  f"reward.path={rm_export}", *ov)
     ppo_gold = run(args.out / "ppo-gold", "method=ppo", *ppo_common, *ov)
+    extra = {}
+    for beta in filter(None, args.kl_coefs.split(",")):
+        extra[beta] = run(args.out / f"ppo-rm-kl{beta}", "method=ppo", *common, *PPO,
+                          f"trainer.max_steps={ppo_rm['global_step']}", "reward=reward_model",
+                          f"reward.path={rm_export}", f"method.ppo.kl_coef={beta}", *ov)
 
     if start is not None:
         rows.append({"model": "sft (start)", "gold reward": start["gold/reward"],
@@ -108,6 +120,11 @@ def main(argv: list[str]) -> None:
         rows.append({"model": name, "gold reward": rep["after"]["gold/reward"],
                      "exact match": rep["after"]["gold/exact"], "train s": rep["fit_time_s"],
                      "steps": rep["global_step"], "process s": rep["process_s"]})
+    for beta, rep in extra.items():
+        rows.append({"model": f"ppo + learned RM, kl_coef {beta}",
+                     "gold reward": rep["after"]["gold/reward"],
+                     "exact match": rep["after"]["gold/exact"], "train s": rep["fit_time_s"],
+                     "steps": rep["global_step"], "note": "same steps as ppo + learned RM"})
     lines = ["| model | gold reward | exact match | training wall s | optimiser steps | note |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -330,7 +330,11 @@ class PtlDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by ``(data.seed, epoch)`` and sharded over ranks by
-        :class:`~ptlight.data.sampler.ResumableSampler`; resumable mid-epoch (see there)."""
+        :class:`~ptlight.data.sampler.ResumableSampler`; resumable mid-epoch (see there).
+        ``data.sampler`` (active sampling, :mod:`ptlight.data.active`) replaces it."""
+        if self.cfg.get("sampler"):
+            from ptlight.data.active import active_loader
+            return active_loader(self)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         examples = list(enumerate(self.train))

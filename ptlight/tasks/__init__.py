@@ -1,7 +1,9 @@
 """Bundled tasks: generators of every data shape plus a programmatic gold reward.
 
 A task module provides ``make_rows(kind, n, seed, split)`` and
-``gold_reward(prompt, completion) -> float`` (prompt = the user turn's text).
+``gold_reward(prompt, completion) -> float`` (prompt = the user turn's text); optionally
+``gold_metrics(samples) -> dict[str, float]``, extra metrics of the gold eval over its scored
+samples (``prompt``, ``completion``, ``reward``), e.g. the safety task's refusal rates.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = {"sort": "ptlight.tasks.sort"}
+TASKS = {"sort": "ptlight.tasks.sort", "safety": "ptlight.tasks.safety"}
 
 
 def get_task(name: str) -> ModuleType:
