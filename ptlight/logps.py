@@ -7,6 +7,10 @@ logits of prompt and padding positions out of memory entirely.
 
 Models whose head is more than a linear layer (logit soft-capping, logit scaling) take the
 plain path through ``model(...).logits`` so that results stay exact.
+
+``pack=K`` (the DPO fast path, :mod:`ptlight.packing`) runs each example's prompt once with its
+K completions as branches, packed without padding; the scores are the same tokens in the same
+order, equal to the plain path within fp tolerance.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+
+from ptlight.packing import pack as pack_batch
+from ptlight.packing import packed_hidden, supports_packing
 
 _NON_LINEAR_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -62,16 +69,57 @@ def _has_linear_head(model: PreTrainedModel) -> bool:
 
 
 def _score_rows(
-    logits: torch.Tensor, targets: torch.Tensor, with_mean_logp: bool
+    logits: torch.Tensor, targets: torch.Tensor, with_mean_logp: bool,
+    with_diagnostics: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     logp_all = torch.log_softmax(logits.float(), dim=-1)  # (m, V) fp32
     logps = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    if not with_diagnostics:
+        empty = logps.new_zeros(0)
+        return logps, empty.bool(), empty, logp_all.mean(-1) if with_mean_logp else None
     with torch.no_grad():
         p = logp_all.detach().exp()
         entropy = -(p * logp_all.detach()).sum(-1)
         correct = logp_all.detach().argmax(-1) == targets
     mean_logp = logp_all.mean(-1) if with_mean_logp else None
     return logps, correct, entropy, mean_logp
+
+
+def _score_shared(
+    h: torch.Tensor, inverse: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+    chunk_size: int, with_mean_logp: bool, with_diagnostics: bool,
+) -> list[tuple[torch.Tensor, ...]]:
+    """:func:`_score_rows` for M targets whose hidden states are ``h[inverse]`` (U distinct
+    rows): the head and log-softmax run on the U rows only, in chunks; one part, in target
+    order."""
+    order, parts = [], []
+    for i in range(0, h.shape[0], chunk_size):
+        sel = ((inverse >= i) & (inverse < i + chunk_size)).nonzero().squeeze(1)
+        local = inverse[sel] - i
+        logp_all = torch.log_softmax(
+            F.linear(h[i : i + chunk_size], head.weight, head.bias).float(), dim=-1)
+        logps = logp_all[local, targets[sel]]
+        mean_logp = logp_all.mean(-1)[local] if with_mean_logp else None
+        if with_diagnostics:
+            with torch.no_grad():
+                lp = logp_all.detach()
+                entropy = -(lp.exp() * lp).sum(-1)[local]
+                correct = lp.argmax(-1)[local] == targets[sel]
+        else:
+            entropy = correct = logps.new_zeros(0)
+        order.append(sel)
+        parts.append((logps, correct.bool(), entropy, mean_logp))
+    if not parts:
+        return []
+    perm = torch.cat(order)
+    back = torch.empty_like(perm)
+    back[perm] = torch.arange(perm.numel(), device=perm.device)
+
+    def joined(i: int) -> torch.Tensor | None:
+        x = None if parts[0][i] is None else torch.cat([p[i] for p in parts])
+        return x if x is None or (i in (1, 2) and not with_diagnostics) else x[back]
+
+    return [tuple(joined(i) for i in range(4))]
 
 
 def _targets(
@@ -135,23 +183,41 @@ def completion_logps(
     *,
     chunk_size: int = 2048,
     with_mean_logp: bool = False,
+    with_diagnostics: bool = True,
+    pack: int | None = None,
+    pack_max_tokens: int = 2048,
 ) -> TokenScores:
     """Score every token where ``loss_mask`` is True (the token at t is predicted from t−1).
 
     input_ids, attention_mask, loss_mask: ``[B, T]``. Padding must be on the right or masked.
+    with_diagnostics=False skips ``correct``/``entropy`` (empty tensors; reference scoring).
+    pack=K: rows are K blocks of the same prompts (pairwise K=2: chosen block, rejected block);
+    score them prefix-shared and packed into rows of at most ``pack_max_tokens`` tokens when
+    the model supports it (:func:`ptlight.packing.supports_packing`), else the plain way.
     """
     mask, targets, rows = _targets(input_ids, loss_mask)
-    if _has_linear_head(model):
+    packed = pack is not None and _has_linear_head(model) and supports_packing(model)
+    if packed:
+        pb = pack_batch(input_ids, attention_mask, loss_mask, pack, pack_max_tokens)
+        if not torch.equal(pb.targets, targets):  # a layout the packer does not understand
+            raise ValueError("packed targets differ from the plain batch's completion tokens")
+        # a shared trie node predicts the next token of every row through it: run the head
+        # once per distinct node (U <= M), then pick each row's target
+        positions, inverse = torch.unique(pb.src, return_inverse=True)
+        h = packed_hidden(model, pb, positions)  # (U, H)
+        parts = _score_shared(h, inverse, targets, model.get_output_embeddings(), chunk_size,
+                              with_mean_logp, with_diagnostics)
+    elif _has_linear_head(model):
         h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
         head = model.get_output_embeddings()
         parts = [
             _score_rows(F.linear(h[i : i + chunk_size], head.weight, head.bias),
-                        targets[i : i + chunk_size], with_mean_logp)
+                        targets[i : i + chunk_size], with_mean_logp, with_diagnostics)
             for i in range(0, h.shape[0], chunk_size)
         ]
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        parts = [_score_rows(logits[:, :-1][mask], targets, with_mean_logp)]
+        parts = [_score_rows(logits[:, :-1][mask], targets, with_mean_logp, with_diagnostics)]
     if not parts:  # no completion token in the batch
         empty = torch.zeros(0, device=input_ids.device)
         parts = [(empty, empty.bool(), empty, empty if with_mean_logp else None)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -12,6 +13,8 @@ from ptlight.config import config_dir, register_resolvers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# precomputed reference log-probs are cached on disk (method.reference_cache): not in ~/.cache
+os.environ.setdefault("PTLIGHT_CACHE", tempfile.mkdtemp(prefix="ptlight-test-cache-"))
 register_resolvers()
 
 

@@ -1,0 +1,267 @@
+"""Prefix sharing + padding-free packing of preference batches, exact for LFM2.
+
+A pairwise batch holds every prompt twice (chosen block, rejected block) and pads every row to
+the longest one. Here each example becomes one *group*: the token trie of its K rows — the
+prompt once, then its K completions as branches, and where completions start with the same
+tokens (a near-miss rejected answer often repeats the chosen one's first words) that common
+start once too — laid out in depth-first preorder, and groups are packed back to back into
+rows of at most ``max_tokens`` tokens (OBJECTIVES.md §11, arXiv 2410.20305). Nothing any token
+sees changes:
+
+- attention: token i attends token j iff j is i itself or one of its ancestors (the prompt
+  tokens before it, and the earlier tokens of its own branch) — never another branch, another
+  group or padding (a 4-D boolean mask, one ``[N, N]`` block per row; in preorder, j is an
+  ancestor of i iff ``j <= i < end(j)``, the end of j's subtree);
+- positions: a token's depth in the trie, so each branch starts at ``|x|`` as it would after
+  its prompt in its own row;
+- LFM2's short convolutions (``conv_L_cache`` = 3 taps) read the *predecessor chain* of each
+  token instead of the previous slots of the row: the first token of ``y_2`` sees the last
+  prompt tokens, not the end of ``y_1``, and a group's first token sees zeros, not the group
+  before it (:func:`tree_conv`);
+- a completion token t is scored from the hidden state of its predecessor (the last prompt
+  token for a branch's first token), exactly as the plain path scores it from position t−1.
+
+So per-row log-probs equal the plain padded path within fp tolerance (tested in
+``tests/test_fastpath.py``), while the prompt is run once per example and no padding is
+computed except the tail of each packed row.
+
+Supported: ``Lfm2ForCausalLM`` with ``sdpa`` or ``eager`` attention (also under LoRA, whose
+layers are called as usual). :func:`supports_packing` says False for anything else and the
+caller takes the plain path.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+def supports_packing(model) -> bool:
+    """True for models whose forward this module can run packed (LFM2, sdpa/eager attention)."""
+    cfg = getattr(model, "config", None)
+    return (getattr(cfg, "model_type", None) == "lfm2"
+            and getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
+
+
+@dataclass
+class PackedBatch:
+    """Packed rows ``[R', N]`` plus the map back to the plain batch's completion tokens.
+
+    input_ids, position_ids: ``[R', N]``. prev: ``[R', N]`` column of each token's predecessor
+    in its own sequence (−1 at a group start and on padding). allowed: ``[R', 1, N, N]`` bool
+    attention mask (True = may attend). src: ``[M]`` flat index (row·N + col) of the hidden
+    state that predicts each target; targets ``[M]``; rows ``[M]`` the plain batch row of each
+    target. Targets are in the plain path's order (row-major over ``loss_mask[:, 1:]``).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    prev: torch.Tensor
+    allowed: torch.Tensor
+    src: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor
+    num_tokens: int  # real (non-padding) tokens the packed forward runs
+
+
+def _groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+            k: int) -> list[tuple[list[int], list[tuple[int, list[int]]]]]:
+    """Plain rows ``[K·B, T]`` -> per example ``(prompt, [(row, completion), ...])``.
+
+    Rows b, B+b, ..., (K−1)B+b form example b (the collate's block layout). When their prompts
+    differ (e.g. KTO's mismatched block) each row becomes its own group: packed, not shared.
+    """
+    ids, attn, lm = input_ids.tolist(), attention_mask.bool().tolist(), loss_mask.bool().tolist()
+    n_rows = len(ids)
+    b = n_rows // k
+    rows = []
+    for r in range(n_rows):
+        prompt = [t for t, a, m in zip(ids[r], attn[r], lm[r]) if a and not m]
+        completion = [t for t, a, m in zip(ids[r], attn[r], lm[r]) if a and m]
+        n_prompt = next((i for i, m in enumerate(lm[r]) if m), len(lm[r]))
+        if prompt != [t for t, a in zip(ids[r][:n_prompt], attn[r][:n_prompt]) if a]:
+            raise ValueError("packing needs each row to be its prompt followed by its completion")
+        rows.append((prompt, completion))
+    groups = []
+    for e in range(b):
+        members = [e + j * b for j in range(k)]
+        if all(rows[r][0] == rows[members[0]][0] for r in members):
+            groups.append((rows[members[0]][0], [(r, rows[r][1]) for r in members]))
+        else:
+            groups.extend((rows[r][0], [(r, rows[r][1])]) for r in members)
+    return groups
+
+
+def _trie(prompt: list[int], branches: list[tuple[int, list[int]]]
+          ) -> tuple[list[int], list[int], list[int], list[int], list[tuple[int, int, int]]]:
+    """One group as a token trie laid out in depth-first preorder.
+
+    Returns per node: token, parent (−1: root), depth (= position id), subtree end (exclusive,
+    in preorder indices); and per scored token, in branch then token order:
+    ``(plain row, predicting node, target)``. Rows that start alike (the prompt, and any
+    common start of the completions) share their nodes.
+    """
+    tokens, parent, children = [], [], []
+
+    def child(node: int, token: int) -> int:
+        kids = children[node] if node >= 0 else root
+        if token not in kids:
+            kids[token] = len(tokens)
+            tokens.append(token)
+            parent.append(node)
+            children.append({})
+        return kids[token]
+
+    root: dict[int, int] = {}
+    node = -1
+    for t in prompt:
+        node = child(node, t)
+    last_prompt = node
+    paths = []
+    for row, completion in branches:
+        node, path = last_prompt, []
+        for t in completion:
+            node = child(node, t)
+            path.append(node)
+        paths.append((row, path))
+    # depth-first preorder: ancestors come first and every subtree is one interval
+    order, stack = [], list(reversed(root.values()))
+    while stack:
+        n = stack.pop()
+        order.append(n)
+        stack.extend(reversed(children[n].values()))
+    new = {old: i for i, old in enumerate(order)}
+    depth, end = [0] * len(order), [0] * len(order)
+    for i, old in enumerate(order):
+        depth[i] = depth[new[parent[old]]] + 1 if parent[old] >= 0 else 0
+    for i in range(len(order) - 1, -1, -1):  # subtree end: after the last descendant
+        end[i] = max([i + 1] + [end[new[c]] for c in children[order[i]].values()])
+    scored = []
+    for row, path in paths:
+        before = new[last_prompt] if last_prompt >= 0 else -1
+        for old in path:
+            if before >= 0:
+                scored.append((row, before, tokens[old]))
+            before = new[old]
+    return ([tokens[o] for o in order], [new[parent[o]] if parent[o] >= 0 else -1 for o in order],
+            depth, end, scored)
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+         k: int, max_tokens: int = 2048, pad_id: int = 0) -> PackedBatch:
+    """Pack a plain batch (rows ``[K·B, T]``, right padding, K completions per example)."""
+    groups = [_trie(prompt, branches)
+              for prompt, branches in _groups(input_ids, attention_mask, loss_mask, k)]
+    # first fit, in order: a group longer than max_tokens gets a row of its own
+    bins: list[list[int]] = []
+    lengths: list[int] = []
+    for g, group in enumerate(groups):
+        n = len(group[0])
+        for i in range(len(bins)):
+            if lengths[i] + n <= max_tokens:
+                bins[i].append(g)
+                lengths[i] += n
+                break
+        else:
+            bins.append([g])
+            lengths.append(n)
+    width = max(lengths)
+    n_rows = len(bins)
+    ids = [[pad_id] * width for _ in range(n_rows)]
+    pos = [[0] * width for _ in range(n_rows)]
+    prev = [[-1] * width for _ in range(n_rows)]
+    end = [list(range(1, width + 1)) for _ in range(n_rows)]  # padding: sees only itself
+    scored = []  # (plain row, flat src, target)
+    for row, members in enumerate(bins):
+        off = 0
+        for g in members:
+            tokens, parent, depth, stop, group_scored = groups[g]
+            n = len(tokens)
+            ids[row][off : off + n] = tokens
+            pos[row][off : off + n] = depth
+            prev[row][off : off + n] = [p + off if p >= 0 else -1 for p in parent]
+            end[row][off : off + n] = [e + off for e in stop]
+            scored += [(r, row * width + off + src, t) for r, src, t in group_scored]
+            off += n
+    scored.sort(key=lambda x: x[0])  # stable: plain row order, then token order
+    device = input_ids.device
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    col = torch.arange(width, device=device)
+    # i may attend j iff j is i or an ancestor of i: j <= i < end(j) in preorder
+    allowed = (col[None, :, None] >= col[None, None, :]) & (col[None, :, None] < as_long(end)[:, None, :])
+    return PackedBatch(
+        input_ids=as_long(ids), position_ids=as_long(pos), prev=as_long(prev),
+        allowed=allowed[:, None], src=as_long([s for _, s, _ in scored]),
+        targets=as_long([t for _, _, t in scored]), rows=as_long([r for r, _, _ in scored]),
+        num_tokens=sum(lengths),
+    )
+
+
+def tree_conv(x: torch.Tensor, prev: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """Causal depthwise convolution along each token's predecessor chain.
+
+    x: ``[R, D, N]``; prev: ``[R, N]`` (−1: none); weight: ``[D, K]`` (``nn.Conv1d`` taps,
+    the last one on the token itself). Equals ``F.conv1d(x, w, padding=K−1)[..., :N]`` when
+    ``prev[t] = t−1`` with −1 at sequence starts, i.e. zero padding before each sequence.
+    """
+    r, d, n = x.shape
+    k = weight.shape[-1]
+    padded = torch.cat([x, x.new_zeros(r, d, 1)], dim=-1)  # column n is the zero "no token"
+    out = x * weight[:, k - 1, None].to(x.dtype)
+    chain = prev.masked_fill(prev < 0, n)
+    prev_ext = torch.cat([chain, chain.new_full((r, 1), n)], dim=-1)  # n -> n
+    idx = chain
+    for tap in range(k - 2, -1, -1):
+        gathered = padded.gather(-1, idx[:, None, :].expand(r, d, n))
+        out = out + gathered * weight[:, tap, None].to(x.dtype)
+        idx = prev_ext.gather(-1, idx)
+    if bias is not None:
+        out = out + bias[:, None].to(x.dtype)
+    return out
+
+
+def _packed_short_conv(self, hidden_states, past_key_values=None, attention_mask=None,
+                       **kwargs):
+    """``Lfm2ShortConv.forward`` without a cache, convolving along ``self._ptl_prev``."""
+    bcx = self.in_proj(hidden_states).transpose(-1, -2)
+    b, c, x = bcx.chunk(3, dim=-2)
+    conv = tree_conv(b * x, self._ptl_prev, self.conv.weight.squeeze(1), self.conv.bias)
+    y = (c * conv.to(c.dtype)).transpose(-1, -2).contiguous()
+    return self.out_proj(y)
+
+
+@contextmanager
+def _tree_convs(model, prev: torch.Tensor) -> Iterator[None]:
+    convs = [m for m in model.modules() if type(m).__name__ == "Lfm2ShortConv"]
+    for m in convs:
+        m._ptl_prev = prev
+        m.forward = types.MethodType(_packed_short_conv, m)
+    try:
+        yield
+    finally:
+        for m in convs:
+            del m.forward, m._ptl_prev
+
+
+def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Last hidden states at flat ``positions`` (default ``packed.src``: ``[M, H]``, the one
+    that predicts each target)."""
+    base = getattr(model, model.base_model_prefix)
+    allowed = packed.allowed
+    if model.config._attn_implementation == "eager":
+        dtype = next(model.parameters()).dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    masks = {"full_attention": allowed, "conv": None}
+    with _tree_convs(base, packed.prev):
+        out = base(input_ids=packed.input_ids, attention_mask=masks,
+                   position_ids=packed.position_ids, use_cache=False)
+    h = out.last_hidden_state
+    return h.reshape(-1, h.shape[-1]).index_select(
+        0, packed.src if positions is None else positions)

@@ -1,0 +1,223 @@
+"""The DPO fast path equals the plain path: log-prob parity, packed vs unpacked, prefix-shared
+vs separate rows, and a training run with and without packing (ISSUE 5)."""
+
+import contextlib
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import TINY, tiny_model_cfg
+from ptlight import packing
+from ptlight.backbone import build_policy, load_tokenizer
+from ptlight.data.module import pad_rows
+from ptlight.logps import completion_logps
+from ptlight.train import train_stage
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg()
+    return build_policy(cfg, load_tokenizer(cfg))
+
+
+def _batch(prompt_lens, completion_lens, k=2, seed=0, pad_id=0):
+    """K blocks of rows over the same prompts (the collate's layout), random token ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(5, 300, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(n) for n in prompt_lens]
+    seqs = [(p, ids(completion_lens[j][i])) for j in range(k) for i, p in enumerate(prompts)]
+    return pad_rows(seqs, pad_id)
+
+
+def _reference_sums(model, batch):
+    """The plain textbook computation: full logits, log_softmax, gather, masked sum."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    tok = logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (tok * batch["loss_mask"][:, 1:]).sum(-1)
+
+
+PAIRS = dict(prompt_lens=[5, 9, 1, 7], completion_lens=[[4, 1, 6, 3], [7, 3, 2, 5]])
+
+
+@pytest.mark.parametrize("pack", [None, 2])
+def test_sequence_logps_equal_plain_log_softmax_gather(model, pack):
+    batch = _batch(**PAIRS)
+    with torch.no_grad():
+        want = _reference_sums(model, batch)
+        got = completion_logps(model, batch["input_ids"], batch["attention_mask"],
+                               batch["loss_mask"], pack=pack).sequence_sum()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("max_tokens", [2048, 20, 1])  # one row, several rows, a row per group
+def test_packed_prefix_shared_equals_separate_rows_with_gradients(model, attn, max_tokens):
+    batch = _batch(**PAIRS)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    old = model.config._attn_implementation
+    model.config._attn_implementation = attn
+    try:
+        grads = []
+        outs = []
+        for pack in (None, 2):
+            model.zero_grad()
+            out = completion_logps(model, *args, pack=pack, pack_max_tokens=max_tokens)
+            (out.sequence_sum() * torch.arange(1.0, 9.0)).sum().backward()
+            outs.append(out)
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    finally:
+        model.config._attn_implementation = old
+        model.zero_grad()
+    plain, packed = outs
+    torch.testing.assert_close(packed.logps, plain.logps, atol=1e-5, rtol=0)
+    assert torch.equal(packed.rows, plain.rows) and torch.equal(packed.mask, plain.mask)
+    torch.testing.assert_close(packed.entropy, plain.entropy, atol=1e-4, rtol=0)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_conv_state_would_leak_across_branches_without_the_tree_conv(model, monkeypatch):
+    """The test above is not vacuous: packing with LFM2's stock convolution (which reads the
+    previous slots of the row) lets the rejected branch see the end of the chosen one."""
+    batch = _batch(**PAIRS)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    with torch.no_grad():
+        plain = completion_logps(model, *args).sequence_sum()
+        monkeypatch.setattr(packing, "_tree_convs", lambda *a: contextlib.nullcontext())
+        leaky = completion_logps(model, *args, pack=2).sequence_sum()
+    assert (leaky - plain).abs().max() > 1e-4  # 10x the tolerance the exact path meets
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_listwise_and_single_completion_rows_pack_exactly(model, k):
+    lens = [[3 + (i + j) % 5 for i in range(3)] for j in range(k)]
+    batch = _batch([6, 2, 8], lens, k=k, seed=k)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    with torch.no_grad():
+        plain = completion_logps(model, *args).sequence_sum()
+        packed = completion_logps(model, *args, pack=k, pack_max_tokens=30).sequence_sum()
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
+
+
+def test_rows_with_different_prompts_are_packed_but_not_shared(model):
+    """KTO's mismatched block: rows of one "example" whose prompts differ stay separate."""
+    a = _batch([4, 6], [[3, 2], [5, 4]], k=2, seed=1)
+    b = _batch([5, 3], [[3, 2], [5, 4]], k=2, seed=2)
+    # rows 0,1 from a's first block, rows 2,3 from b's second block: prompts differ pairwise
+    rows = [(a, 0), (a, 1), (b, 2), (b, 3)]
+    seqs = []
+    for src, r in rows:
+        n = int(src["attention_mask"][r].sum())
+        split = int(src["loss_mask"][r].long().argmax())
+        ids = src["input_ids"][r, :n].tolist()
+        seqs.append((ids[:split], ids[split:]))
+    batch = pad_rows(seqs, 0)
+    pb = packing.pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], 2)
+    assert pb.num_tokens == int(batch["attention_mask"].sum())  # nothing shared
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logps(model, *args, pack=2).sequence_sum(),
+                                   completion_logps(model, *args).sequence_sum(),
+                                   atol=1e-5, rtol=0)
+
+
+def test_sharing_runs_each_prompt_once_and_drops_padding():
+    batch = _batch(**PAIRS)
+    pb = packing.pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], 2)
+    prompts, completions = sum(PAIRS["prompt_lens"]), sum(map(sum, PAIRS["completion_lens"]))
+    assert pb.num_tokens == prompts + completions
+    assert pb.input_ids.shape == (1, prompts + completions)
+
+
+def test_tree_conv_equals_conv1d_on_plain_sequences():
+    torch.manual_seed(0)
+    x, w, bias = torch.randn(2, 5, 7), torch.randn(5, 3), torch.randn(5)
+    prev = torch.arange(-1, 6).expand(2, 7)
+    want = F.conv1d(x, w[:, None], bias, padding=2, groups=5)[..., :7]
+    torch.testing.assert_close(packing.tree_conv(x, prev, w, bias), want)
+
+
+def _losses(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def test_dpo_training_with_and_without_packing_gives_the_same_losses(compose_cfg, tmp_path):
+    runs = {}
+    for pack in ("false", "true"):
+        cfg = compose_cfg("method=dpo", f"method.pack={pack}", "eval.before=false", *TINY,
+                          "trainer.max_steps=4")
+        train_stage(cfg, tmp_path / pack)
+        runs[pack] = _losses(tmp_path / pack)
+    assert len(runs["true"]) == 4
+    assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)
+
+
+def test_completions_that_start_alike_share_their_common_start(model):
+    """A token trie: c1 = abc, c2 = ad, c3 = abe share 'a' (and c1/c3 'ab'); each row's scores
+    still equal its own separate row. Also the order case where creation order is not
+    depth-first (the layout is re-ordered so every subtree is one interval)."""
+    prompt = [11, 12, 13, 14]
+    a, b, c, d, e = 21, 22, 23, 24, 25
+    completions = [[a, b, c, 9], [a, d, 9], [a, b, e, 9]]
+    seqs = [(prompt, x) for x in completions] + [([15, 16], [a, b]), ([15, 16], [a, b, c])]
+    batch = pad_rows(seqs, 0)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    pb = packing.pack(*args, k=1)  # k=1: every row its own example ...
+    assert pb.num_tokens == int(batch["attention_mask"].sum())  # ... so nothing is shared
+    batch3 = pad_rows(seqs[:3], 0)
+    args3 = (batch3["input_ids"], batch3["attention_mask"], batch3["loss_mask"])
+    pb3 = packing.pack(*args3, k=3)
+    assert pb3.num_tokens == len(prompt) + len({"a", "ab", "abc", "abc9", "ad", "ad9", "abe",
+                                                "abe9"})
+    with torch.no_grad():
+        for b_, k in ((batch3, 3), (pad_rows(seqs[3:], 0), 2)):
+            args = (b_["input_ids"], b_["attention_mask"], b_["loss_mask"])
+            torch.testing.assert_close(completion_logps(model, *args, pack=k).logps,
+                                       completion_logps(model, *args).logps, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 2048])
+def test_shared_head_chunks_give_the_plain_scores(model, chunk_size):
+    """The LM head runs once per distinct predicting node, in chunks; every per-token field
+    (log-prob, mean log-prob, entropy, argmax) still equals the plain path's."""
+    prompt = [11, 12, 13]
+    seqs = [(prompt, [21, 22, 23, 9]), (prompt, [21, 22, 9])]
+    batch = pad_rows(seqs, 0)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    with torch.no_grad():
+        plain = completion_logps(model, *args, with_mean_logp=True)
+        packed = completion_logps(model, *args, with_mean_logp=True, pack=2,
+                                  chunk_size=chunk_size)
+    for field in ("logps", "mean_logp", "entropy"):
+        torch.testing.assert_close(getattr(packed, field), getattr(plain, field), atol=1e-5,
+                                   rtol=0)
+    assert torch.equal(packed.correct, plain.correct) and torch.equal(packed.rows, plain.rows)
+
+
+@pytest.mark.slow
+def test_bench_script_smoke_on_a_tiny_fixture(tmp_path):
+    """scripts/bench_dpo.py builds its fixtures and runs ptlight's real training path (TRL is
+    an optional extra: not needed here). Tiny sizes; the real benchmark is not run by CI."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_dpo.py"), "--out", str(tmp_path),
+         "--fixtures", "tiny", "--precisions", "32-true", "--frameworks", "ptlight",
+         "--steps", "1", "--warmup", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rec = json.loads((tmp_path / "bench.json").read_text())[0]
+    fast = rec["ptlight"]["fast"]
+    assert rec["fixture"] == "tiny" and rec["ptlight_pairs_per_s"] > 0
+    assert fast["tokens_run_per_step"] < fast["tokens_per_step"]  # the prompt ran once per pair
+    assert (tmp_path / "bench.md").read_text().startswith("| fixture |")
