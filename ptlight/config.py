@@ -18,6 +18,21 @@ def config_dir() -> str:
     raise FileNotFoundError(f"ptlight configs not found next to {here}; reinstall ptlight")
 
 
+def resolve_device(name: str, key: str):
+    """``auto`` (cuda when available) | ``cpu`` | ``cuda`` -> ``torch.device``; a ConfigError
+    naming ``key`` otherwise. torch is imported here, not at module import (the apps parse the
+    command line first)."""
+    import torch
+
+    from ptlight.errors import ConfigError
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"{key}={name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
 def wandb_has_credentials() -> bool:
     """True when ``WANDB_API_KEY`` is set or ~/.netrc holds a wandb login."""
     if os.environ.get("WANDB_API_KEY"):

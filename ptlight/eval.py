@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ptlight.config import config_dir, register_resolvers
+from ptlight.config import config_dir, register_resolvers, resolve_device
 from ptlight.errors import ConfigError, DataError, PtlightError
 from ptlight.report import md_table, plot_gold, samples_table
 
@@ -51,13 +51,7 @@ register_resolvers()
 
 
 def _device(name: str):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"eval.device={name!r}; use auto, cpu or cuda")
-    return torch.device(name)
+    return resolve_device(name, "eval.device")
 
 
 def _load(cfg: DictConfig, path: str, tokenizer=None):

@@ -65,20 +65,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ptlight.config import config_dir, register_resolvers
+from ptlight.config import config_dir, register_resolvers, resolve_device
 from ptlight.errors import ConfigError, DataError, PtlightError
 
 register_resolvers()
 
 
 def _device(name: str):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"label.device={name!r}; use auto, cpu or cuda")
-    return torch.device(name)
+    return resolve_device(name, "label.device")
 
 
 def load_prompts(cfg: DictConfig, n: int) -> list[Any]:

@@ -132,14 +132,22 @@ def _targets(
     return mask, targets, rows
 
 
+def backbone_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """``[B, T, H]`` last hidden states of a causal LM's backbone (no LM head)."""
+    base = getattr(model, model.base_model_prefix)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+               use_cache=False)
+    return out.last_hidden_state
+
+
 def _completion_hidden(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
     """``[M, H]`` last hidden states at the positions that predict a completion token."""
-    base = getattr(model, model.base_model_prefix)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return hidden.last_hidden_state[:, :-1][mask]
+    return backbone_hidden(model, input_ids, attention_mask)[:, :-1][mask]
 
 
 @dataclass

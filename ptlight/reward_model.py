@@ -33,20 +33,11 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from ptlight.errors import ModelLoadError
+from ptlight.logps import backbone_hidden
 
 HEAD_WEIGHTS = "reward_head.safetensors"
 HEAD_CONFIG = "reward_head.json"
 HEAD_FORMAT = "ptlight.reward_head/1"
-
-
-def backbone_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
-                    ) -> torch.Tensor:
-    """``[B, T, H]`` last hidden states of a causal LM's backbone (no LM head)."""
-    base = getattr(model, model.base_model_prefix)
-    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-               use_cache=False)
-    return out.last_hidden_state
 
 
 def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -74,6 +65,19 @@ class RewardModel(torch.nn.Module):
         rows = torch.arange(h.shape[0], device=h.device)
         last = h[rows, last_positions(attention_mask)]
         return self.score(last.to(self.score.weight.dtype)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score_rows(self, rows: list[tuple[list[int], list[int]]], pad_id: int,
+                   batch_size: int) -> torch.Tensor:
+        """``[R]`` rewards of tokenized (prompt, completion) rows, right-padded in batches."""
+        from ptlight.data.module import pad_rows
+
+        device = self.score.weight.device
+        out = []
+        for i in range(0, len(rows), batch_size):
+            batch = pad_rows(rows[i : i + batch_size], pad_id)
+            out.append(self(batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+        return torch.cat(out) if out else torch.zeros(0)
 
     @torch.no_grad()
     def center(self, mean_reward: float) -> None:

@@ -195,6 +195,13 @@ def _gold_row(name: str, metrics: dict[str, Any], wall: float | None) -> list[st
             "" if wall is None else f"{wall:.0f}"]
 
 
+def print_heldout(report: dict[str, Any], prefix: str = "") -> None:
+    """A reward model's pairwise accuracy on held-out pairs (``report["heldout"]``)."""
+    held = report["heldout"]
+    Console().print(f"{prefix}reward model accuracy {held['rm/accuracy']:.3f} on "
+                    f"{held['num_pairs']} held-out pairs")
+
+
 def print_gold_table(rows: list[list[str]], title: str) -> None:
     table = Table(title=title)
     for col in ("model", "gold reward", "exact match", "wall s"):
@@ -260,10 +267,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> l
             rows.append(_gold_row("start (before " + r["stage"] + ")", r["before"], None))
         if "after" in r:
             rows.append(_gold_row("after " + r["stage"], r["after"], r["wall_time_s"]))
-        if "heldout" in r:  # a reward model: pairwise accuracy on held-out pairs
-            Console().print(f"{r['stage']}: reward model accuracy "
-                            f"{r['heldout']['rm/accuracy']:.3f} on "
-                            f"{r['heldout']['num_pairs']} held-out pairs")
+        if "heldout" in r:
+            print_heldout(r, f"{r['stage']}: ")
     if rows:
         print_gold_table(rows, f"gold metric on {cfg.eval.num_prompts} held-out prompts")
     (run_dir / "pipeline.json").write_text(json.dumps(reports, indent=2))
@@ -281,8 +286,7 @@ def run(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> float | No
         check_pipeline_launch(cfg.trainer, pipeline=False)  # refuses a DDP multirun
         report = train_stage(cfg, run_dir)
         if "heldout" in report:
-            Console().print(f"reward model accuracy {report['heldout']['rm/accuracy']:.3f} on "
-                            f"{report['heldout']['num_pairs']} held-out pairs")
+            print_heldout(report)
         if "after" in report and "before" in report:
             print_gold_table([_gold_row("before", report["before"], None),
                               _gold_row("after", report["after"], report["wall_time_s"])],

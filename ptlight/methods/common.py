@@ -48,6 +48,12 @@ def token_diagnostics(scores: TokenScores) -> dict[str, torch.Tensor]:
     }
 
 
+def block_columns(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``[K·B]`` rows (block k = completion k of every example, as the data module collates
+    them) -> ``[B, K]``."""
+    return values.view(k, -1).T
+
+
 def check_finite(module: L.LightningModule, loss: torch.Tensor) -> torch.Tensor:
     """Hand the training loss to the run's :class:`~ptlight.callbacks.NonFiniteGuard`; returns
     ``loss`` unchanged.

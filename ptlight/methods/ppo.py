@@ -49,9 +49,9 @@ from transformers import PreTrainedModel
 
 from ptlight.backbone import AdapterReference, reference_scope
 from ptlight.errors import ConfigError
+from ptlight.logps import backbone_hidden
 from ptlight.methods.common import check_finite, configure_optim
 from ptlight.objectives import Objective, Rollout
-from ptlight.reward_model import backbone_hidden
 from ptlight.rewards import Reward, build_reward
 from ptlight.rl import (AdaptiveKLController, FixedKLController, gae, kl_penalty,
                         masked_mean, masked_whiten, token_rewards)
@@ -226,7 +226,7 @@ class PPOMethod(L.LightningModule):
         }
         return {"seqs": seqs, "attn": full_attn, "mask": mask, "logps": logps,
                 "values": values * fmask, "advantages": advantages, "returns": returns,
-                "n_prompt": torch.tensor(n_prompt), "stats": stats, "texts": texts,
+                "n_prompt": n_prompt, "stats": stats,
                 "kl_seq": kl_seq, "scores": scores}
 
     # ---- optimisation ----------------------------------------------------------------------
@@ -251,7 +251,7 @@ class PPOMethod(L.LightningModule):
         s = self.s
         b = roll["seqs"].shape[0]
         mb = b // s.num_mini_batches
-        n_prompt = int(roll["n_prompt"])
+        n_prompt = roll["n_prompt"]
         total = int(self.trainer.estimated_stepping_batches)
         sums: dict[str, torch.Tensor] = {}
         n = 0

@@ -51,16 +51,12 @@ from ptlight import refcache
 from ptlight.backbone import TRAINED_ADAPTER, AdapterReference, reference_scope
 from ptlight.errors import ConfigError
 from ptlight.logps import TokenScores, completion_logps
-from ptlight.methods.common import check_finite, configure_optim, log_metrics, token_diagnostics
+from ptlight.methods.common import (block_columns, check_finite, configure_optim, log_metrics,
+                                    token_diagnostics)
 from ptlight.objectives import Logps, Objective, ObjectiveOutput
 from ptlight.progress import MANY_ITEMS, track
 
 REFERENCE_MODES = ("copy", "adapter", "precompute", "none")
-
-
-def _columns(values: torch.Tensor, k: int) -> torch.Tensor:
-    """``[K·B]`` (block k = completion k of every example) -> ``[B, K]``."""
-    return values.view(k, -1).T
 
 
 def _first_rows(scores: TokenScores, n: int) -> TokenScores:
@@ -152,7 +148,7 @@ class PreferenceMethod(L.LightningModule):
                     sums = self._reference_sums(batch)
                     if cache is None:  # [N, K]
                         cache = sums.new_zeros(len(loader.dataset), sums.shape[0] // b)
-                    cache[batch["index"]] = _columns(sums, sums.shape[0] // b)
+                    cache[batch["index"]] = block_columns(sums, sums.shape[0] // b)
                 out[split] = cache
         return out
 
@@ -209,13 +205,13 @@ class PreferenceMethod(L.LightningModule):
                 kl_reference=None if reference is None else reference[b:],
             )
         k = policy.shape[0] // b
-        columns = _columns(policy, k)
+        columns = block_columns(policy, k)
         return Logps(
             policy=columns,
-            reference=None if reference is None else _columns(reference, k),
-            lengths=_columns(lengths, k),
+            reference=None if reference is None else block_columns(reference, k),
+            lengths=block_columns(lengths, k),
             scores=batch.get("scores"),
-            chosen_nll=-columns[:, 0] / _columns(lengths, k)[:, 0].clamp(min=1),
+            chosen_nll=-columns[:, 0] / block_columns(lengths, k)[:, 0].clamp(min=1),
         )
 
     def forward_batch(

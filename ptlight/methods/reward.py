@@ -26,15 +26,11 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from ptlight.errors import ConfigError
-from ptlight.methods.common import check_finite, configure_optim, log_metrics
+from ptlight.methods.common import block_columns, check_finite, configure_optim, log_metrics
 from ptlight.objectives import Objective, ObjectiveOutput, Rewards
 from ptlight.reward_model import RewardModel
 
 DATA_KINDS = ("pairwise", "listwise")
-
-
-def _columns(values: torch.Tensor, k: int) -> torch.Tensor:
-    return values.view(k, -1).T
 
 
 class RewardMethod(L.LightningModule):
@@ -63,14 +59,14 @@ class RewardMethod(L.LightningModule):
     def rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, K]`` rewards of a pairwise/listwise batch."""
         r = self.model(batch["input_ids"], batch["attention_mask"])
-        return _columns(r, r.shape[0] // batch["index"].shape[0])
+        return block_columns(r, r.shape[0] // batch["index"].shape[0])
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         b = batch["index"].shape[0]
         lengths = batch["loss_mask"].sum(1)
         inputs = Rewards(rewards=self.rewards(batch), scores=batch.get("scores"),
                          margins=batch.get("margins"),
-                         lengths=_columns(lengths, lengths.shape[0] // b))
+                         lengths=block_columns(lengths, lengths.shape[0] // b))
         return self.objective(inputs)
 
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
@@ -97,7 +93,7 @@ class RewardMethod(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
-        for batch in dm.ordered_loaders()["val"]:
+        for batch in dm.val_dataloader():
             batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
             r = self.model(batch["input_ids"], batch["attention_mask"])
             total, count = total + r.sum().item(), count + r.numel()
@@ -111,25 +107,18 @@ class RewardMethod(L.LightningModule):
     @torch.no_grad()
     def evaluate(self, tokenizer, task: str, eval_cfg: DictConfig) -> dict[str, Any]:
         """Pairwise accuracy and mean margin on ``eval.num_pairs`` held-out pairs of ``task``."""
-        from ptlight.data.module import pad_rows
         from ptlight.data.shapes import parse_row
         from ptlight.data.tokenize import encode
         from ptlight.tasks import get_task
 
         rows = get_task(task).make_rows("pairwise", eval_cfg.num_pairs, eval_cfg.seed, "heldout")
+        encs = [encode(tokenizer, parse_row(r, "pairwise"), 10**6, "error") for r in rows]
+        seqs = [(e.prompt, e.completions[k]) for k in range(2) for e in encs]  # chosen block first
         was_training = self.model.training
         self.model.eval()
-        device = next(self.model.parameters()).device
-        deltas = []
-        for i in range(0, len(rows), eval_cfg.batch_size):
-            encs = [encode(tokenizer, parse_row(r, "pairwise"), 10**6, "error")
-                    for r in rows[i : i + eval_cfg.batch_size]]
-            seqs = [(e.prompt, e.completions[k]) for k in range(2) for e in encs]
-            batch = pad_rows(seqs, tokenizer.pad_token_id)
-            r = self.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            r = _columns(r, 2)
-            deltas.append(r[:, 0] - r[:, 1])
+        r = block_columns(self.model.score_rows(seqs, tokenizer.pad_token_id,
+                                                2 * eval_cfg.batch_size), 2)
         self.model.train(was_training)
-        delta = torch.cat(deltas)
+        delta = r[:, 0] - r[:, 1]
         return {"rm/accuracy": (delta > 0).float().mean().item(),
                 "rm/margin": delta.mean().item(), "num_pairs": len(rows)}

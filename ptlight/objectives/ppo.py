@@ -23,14 +23,12 @@ from __future__ import annotations
 import torch
 
 from ptlight.objectives.base import Objective, ObjectiveOutput, Rollout
-
-
-def _mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+from ptlight.rl import masked_mean as _mean
+from ptlight.rl import masked_var
 
 
 def _var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return _mean((x - _mean(x, mask)) ** 2, mask)
+    return masked_var(x, mask, unbiased=False)
 
 
 class PPO(Objective):

@@ -51,9 +51,7 @@ class ModelReward(Reward):
         self.model.to(device)
         return self
 
-    @torch.no_grad()
     def score(self, prompts: Sequence[Text], completions: Sequence[str]) -> list[float]:
-        from ptlight.data.module import pad_rows
         from ptlight.data.shapes import Example
         from ptlight.data.tokenize import encode
 
@@ -62,10 +60,5 @@ class ModelReward(Reward):
             comp: Text = [{"role": "assistant", "content": c}] if isinstance(p, list) else c
             enc = encode(self.tokenizer, Example(p, [comp]), self.max_length, "keep_end")
             rows.append((enc.prompt, enc.completions[0]))
-        device = next(self.model.parameters()).device
-        out: list[float] = []
-        for i in range(0, len(rows), self.batch_size):
-            batch = pad_rows(rows[i : i + self.batch_size], self.tokenizer.pad_token_id)
-            r = self.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            out.extend(r.float().cpu().tolist())
-        return out
+        return self.model.score_rows(rows, self.tokenizer.pad_token_id,
+                                     self.batch_size).cpu().tolist()
