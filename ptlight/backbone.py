@@ -183,6 +183,11 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
         model = _load_adapter(model, adapter, trainable=lora is not None)
     elif lora is not None:
         model = _new_adapter(model, lora)
+    if model_cfg.get("gradient_checkpointing"):
+        # Non-reentrant: no requires-grad inputs needed (LoRA's frozen embeddings are fine),
+        # and the layers' keyword arguments (the packed forward's conv chains) are replayed
+        # as they were in the forward.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it gets
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -33,8 +33,6 @@ caller takes the plain path.
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -225,27 +223,41 @@ def tree_conv(x: torch.Tensor, prev: torch.Tensor, weight: torch.Tensor,
     return out
 
 
-def _packed_short_conv(self, hidden_states, past_key_values=None, attention_mask=None,
-                       **kwargs):
-    """``Lfm2ShortConv.forward`` without a cache, convolving along ``self._ptl_prev``."""
+@dataclass(frozen=True)
+class ConvChain:
+    """What a packed forward hands LFM2's conv layers in place of their padding mask: each
+    token's predecessor column (``prev``, ``[R, N]``). Passed as the ``"conv"`` entry of the
+    model's per-layer-type mask mapping, it travels with the layer's arguments, so a
+    recomputation under gradient checkpointing (which replays those arguments in the backward)
+    convolves along the same chains as the forward did."""
+
+    prev: torch.Tensor
+
+
+def _short_conv_forward(self, hidden_states, past_key_values=None, attention_mask=None,
+                        **kwargs):
+    """``Lfm2ShortConv.forward``, convolving along the predecessor chains of a
+    :class:`ConvChain` mask (no cache: packed rows are scored, not generated); any other
+    mask takes the stock forward."""
+    if not isinstance(attention_mask, ConvChain):
+        return type(self).forward(self, hidden_states, past_key_values=past_key_values,
+                                  attention_mask=attention_mask, **kwargs)
     bcx = self.in_proj(hidden_states).transpose(-1, -2)
     b, c, x = bcx.chunk(3, dim=-2)
-    conv = tree_conv(b * x, self._ptl_prev, self.conv.weight.squeeze(1), self.conv.bias)
+    conv = tree_conv(b * x, attention_mask.prev, self.conv.weight.squeeze(1), self.conv.bias)
     y = (c * conv.to(c.dtype)).transpose(-1, -2).contiguous()
     return self.out_proj(y)
 
 
-@contextmanager
-def _tree_convs(model, prev: torch.Tensor) -> Iterator[None]:
-    convs = [m for m in model.modules() if type(m).__name__ == "Lfm2ShortConv"]
-    for m in convs:
-        m._ptl_prev = prev
-        m.forward = types.MethodType(_packed_short_conv, m)
-    try:
-        yield
-    finally:
-        for m in convs:
-            del m.forward, m._ptl_prev
+def install_tree_convs(model) -> None:
+    """Let every ``Lfm2ShortConv`` of ``model`` take a :class:`ConvChain` mask (idempotent;
+    with any other mask the layers behave exactly as before). Installed on the instances,
+    not the class, so other models in the process are untouched; ``copy.deepcopy`` carries it
+    to copies."""
+    for m in model.modules():
+        if type(m).__name__ == "Lfm2ShortConv" and not getattr(m, "_ptl_tree_conv", False):
+            m.forward = types.MethodType(_short_conv_forward, m)
+            m._ptl_tree_conv = True
 
 
 def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = None
@@ -258,10 +270,10 @@ def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = N
         dtype = next(model.parameters()).dtype
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
-    masks = {"full_attention": allowed, "conv": None}
-    with _tree_convs(base, packed.prev):
-        out = base(input_ids=packed.input_ids, attention_mask=masks,
-                   position_ids=packed.position_ids, use_cache=False)
+    install_tree_convs(base)
+    masks = {"full_attention": allowed, "conv": ConvChain(packed.prev)}
+    out = base(input_ids=packed.input_ids, attention_mask=masks,
+               position_ids=packed.position_ids, use_cache=False)
     h = out.last_hidden_state
     return h.reshape(-1, h.shape[-1]).index_select(
         0, packed.src if positions is None else positions)

@@ -38,6 +38,8 @@ from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, RngState
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
 from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
+from ptlight.lean import install_lean_mlp
+from ptlight.memory import pin_mmap_threshold
 from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
@@ -102,6 +104,7 @@ def _reference_mode(cfg: DictConfig, objective: Objective) -> str:
 def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one method on one config; returns the eval report (also written to eval.json)."""
     started = time.time()
+    pin_mmap_threshold()  # freed activation/gradient memory goes back to the OS (ptlight.memory)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -153,6 +156,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         callbacks.append(samples)
     overrides = method_cls.trainer_overrides(cfg) if hasattr(method_cls, "trainer_overrides") else {}
     trainer_cfg, strategy = build_strategy(cfg.trainer, policy)  # FSDP: wrap policy resolved
+    if not strategy:  # not FSDP: LFM2's MLPs keep 2 activations instead of 4 (ptlight.lean)
+        install_lean_mlp(policy)
     trainer: L.Trainer = instantiate(
         trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
         callbacks=callbacks, plugins=[AtomicCheckpointIO()], **strategy, **overrides,

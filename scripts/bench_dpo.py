@@ -10,7 +10,9 @@ so both frameworks load the very same weights from disk):
 
 - ``bench``: ``Lfm2ForCausalLM``, layers ``c,c,A,c,c,A,c,A``, hidden 512, FFN 2048, vocab
   32768, tied embeddings (≈50 M parameters); pairwise rows of the bundled sorting task with
-  8–20 words per list; 8 pairs per batch.
+  8–20 words per list behind a short context of 20–56 words, so that prompts are the issue's
+  ~50–100 tokens (the bundled tokenizer spends one token per word: the bare task prompt is
+  only 24–36); 8 pairs per batch.
 - ``lfm2-350m``: the LFM2-350M shape (hidden 1024, 16 layers of its conv/attention pattern,
   FFN 4608, vocab 65536, tied), random init; sorting pairs behind a long context so that
   prompt + completion is close to 512 tokens; 2 pairs per batch.
@@ -57,7 +59,7 @@ FIXTURES = {
                   layer_types=["conv", "conv", "full_attention", "conv", "conv",
                                "full_attention", "conv", "full_attention"],
                   vocab_size=32768),
-        batch=8, max_length=256, context_words=0),
+        batch=8, max_length=256, context_words=(20, 56)),
     "lfm2-350m": dict(
         arch=dict(hidden_size=1024, intermediate_size=4608, num_hidden_layers=16,
                   num_attention_heads=16, num_key_value_heads=8,
@@ -66,17 +68,19 @@ FIXTURES = {
                                "full_attention", "conv", "full_attention", "conv",
                                "full_attention", "conv"],
                   vocab_size=65536),
-        batch=2, max_length=512, context_words=440),
+        batch=2, max_length=512, context_words=(440, 440)),
     "tiny": dict(  # smoke tests only
         arch=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2,
                   layer_types=["conv", "conv", "full_attention"], vocab_size=704),
-        batch=4, max_length=128, context_words=0),
+        batch=4, max_length=128, context_words=(0, 0)),
 }
 TRL_CONFIGS = {"default": {}, "padding_free": {"padding_free": True},
                "precompute": {"precompute_ref_log_probs": True}}
 PTLIGHT_CONFIGS = {  # "fast" is what the README recommends; "plain" is the path before issue 5
     "fast": ["method.pack=true", "method.reference=precompute"],
+    "fast_ckpt": ["method.pack=true", "method.reference=precompute",
+                  "model.gradient_checkpointing=true"],  # less memory, one more body forward
     "plain": ["method.pack=false", "method.reference=copy"],
 }
 
@@ -88,10 +92,11 @@ def _rows(name: str, n: int, seed: int) -> list[dict]:
     from ptlight.tasks.sort import WORDS, make_rows
 
     rows = make_rows("pairwise", n, seed, "train", min_words=8, max_words=20)
-    words = FIXTURES[name]["context_words"]
-    if words:  # a long context before the task: prompt + completion near max_length
+    lo, hi = FIXTURES[name]["context_words"]
+    if hi:  # a context before the task (lfm2-350m: prompt + completion near max_length)
         rng = random.Random(seed)
         for r in rows:
+            words = rng.randint(lo, hi)
             context = " ".join(rng.choice(WORDS) for _ in range(words))
             r["prompt"] = [{"role": "user",
                             "content": f"Context: {context}\n{r['prompt'][0]['content']}"}]
@@ -108,7 +113,7 @@ def build_fixture(name: str, root: Path, n_rows: int, seed: int = 0) -> Path:
     fx = root / name
     stamp = fx / "fixture.json"
     spec = {"name": name, "rows": n_rows, "seed": seed, **FIXTURES[name]}
-    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+    if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(spec)):
         return fx
     fx.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER))

@@ -28,11 +28,13 @@ TINY = [
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_model_cfg():
-    """A ``model`` config for the same 3-layer, 64-wide LFM2, for tests that build it directly."""
+def tiny_model_cfg(**extra):
+    """A ``model`` config for the same 3-layer, 64-wide LFM2, for tests that build it directly
+    (``extra``: more ``model.*`` keys, e.g. ``gradient_checkpointing=True``)."""
     from omegaconf import OmegaConf
 
     return OmegaConf.create({
+        **extra,
         "path": None, "tokenizer": None, "trust_remote_code": False, "dtype": "float32",
         "disable_dropout": True,
         "arch": {"model_type": "lfm2", "hidden_size": 64, "intermediate_size": 128,

@@ -1,8 +1,9 @@
 """The DPO fast path equals the plain path: log-prob parity, packed vs unpacked, prefix-shared
 vs separate rows, and a training run with and without packing (ISSUE 5)."""
 
-import contextlib
+import copy
 import csv
+import types
 
 import pytest
 import torch
@@ -80,16 +81,56 @@ def test_packed_prefix_shared_equals_separate_rows_with_gradients(model, attn, m
         torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_conv_state_would_leak_across_branches_without_the_tree_conv(model, monkeypatch):
+def _stock_convs(model):
+    """Packing as if the tree convolution were missing: LFM2's own convolution, which reads
+    the previous slots of the row, whatever the packed forward passes its conv layers."""
+    def stock(self, hidden_states, past_key_values=None, attention_mask=None, **kwargs):
+        return type(self).forward(self, hidden_states, past_key_values=past_key_values)
+
+    for m in model.modules():
+        if type(m).__name__ == "Lfm2ShortConv":
+            m.forward = types.MethodType(stock, m)
+
+
+def test_conv_state_would_leak_across_branches_without_the_tree_conv(monkeypatch):
     """The test above is not vacuous: packing with LFM2's stock convolution (which reads the
     previous slots of the row) lets the rejected branch see the end of the chosen one."""
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg()
+    fresh = build_policy(cfg, load_tokenizer(cfg))
     batch = _batch(**PAIRS)
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    monkeypatch.setattr(packing, "install_tree_convs", _stock_convs)
     with torch.no_grad():
-        plain = completion_logps(model, *args).sequence_sum()
-        monkeypatch.setattr(packing, "_tree_convs", lambda *a: contextlib.nullcontext())
-        leaky = completion_logps(model, *args, pack=2).sequence_sum()
+        plain = completion_logps(fresh, *args).sequence_sum()
+        leaky = completion_logps(fresh, *args, pack=2).sequence_sum()
     assert (leaky - plain).abs().max() > 1e-4  # 10x the tolerance the exact path meets
+
+
+def test_gradient_checkpointing_recomputes_the_packed_forward_exactly():
+    """``model.gradient_checkpointing``: the backward recomputes each decoder layer; the conv
+    layers must convolve along the same predecessor chains then (they get them as arguments),
+    or the gradients would be those of a leaky forward. Same logps and gradients as without
+    checkpointing, packed and plain."""
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg(gradient_checkpointing=True)
+    ckpt = build_policy(cfg, load_tokenizer(cfg))
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg()
+    plain_model = build_policy(cfg, load_tokenizer(cfg))
+    assert ckpt.model.layers[0].gradient_checkpointing and ckpt.training
+    assert not plain_model.model.layers[0].gradient_checkpointing
+    batch = _batch(**PAIRS)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    for pack in (None, 2):
+        grads = []
+        for m in (plain_model, ckpt):
+            m.zero_grad()
+            out = completion_logps(m, *args, pack=pack).sequence_sum()
+            (out * torch.arange(1.0, 9.0)).sum().backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+        for name, g in grads[0].items():
+            torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -221,3 +262,38 @@ def test_bench_script_smoke_on_a_tiny_fixture(tmp_path):
     assert rec["fixture"] == "tiny" and rec["ptlight_pairs_per_s"] > 0
     assert fast["tokens_run_per_step"] < fast["tokens_per_step"]  # the prompt ran once per pair
     assert (tmp_path / "bench.md").read_text().startswith("| fixture |")
+
+
+def test_lean_mlp_gives_the_stock_values_and_gradients_and_saves_less():
+    """``ptlight.lean``: the policy's LFM2 MLPs keep a = w1(x) and b = w3(x) for the backward
+    instead of four [T, F] tensors; logps and every gradient equal the stock layers'."""
+    from ptlight.lean import install_lean_mlp
+
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg()
+    stock = build_policy(cfg, load_tokenizer(cfg))
+    lean = copy.deepcopy(stock)
+    assert install_lean_mlp(lean) == 3
+    batch = _batch(**PAIRS)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    results = []
+    for m in (stock, lean):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = completion_logps(m, *args, pack=2).sequence_sum()
+        (out * torch.arange(1.0, 9.0)).sum().backward()
+        width = m.config.intermediate_size  # [.., F] activations: the MLP's
+        weights = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        wide = {t.untyped_storage().data_ptr() for t in saved if t.shape[-1] == width} - weights
+        results.append((out.detach(), {n: p.grad for n, p in m.named_parameters()}, len(wide)))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=0)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+    assert results[1][2] == 2 * 3 < results[0][2]  # a and b per layer, nothing else that wide
+    assert all(m._ptl_lean_calls == 1 for m in lean.modules() if hasattr(m, "_ptl_lean_calls"))
+    # no_grad and autocast forwards take the stock layer
+    with torch.no_grad():
+        completion_logps(lean, *args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        completion_logps(lean, *args)
+    assert all(m._ptl_lean_calls == 1 for m in lean.modules() if hasattr(m, "_ptl_lean_calls"))
