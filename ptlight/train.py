@@ -35,6 +35,7 @@ from rich.table import Table
 from ptlight.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
                               has_adapters, load_export, load_tokenizer, lora_settings)
 from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, RngState
+from ptlight.cpu_bf16 import precision_plugins
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
 from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
@@ -115,6 +116,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"method.module={cfg.method.module!r} handles {method_cls.data_kinds}"
         )
     reference_mode = _reference_mode(cfg, objective)
+    # bf16-mixed on a CPU without bf16 units: fp32 GEMMs on bf16-rounded operands (cpu_bf16)
+    trainer_cfg, precision = precision_plugins(cfg.trainer, cfg.cpu_bf16)
     guard = NonFiniteGuard(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive,
                            checkpoint_dir=str(run_dir / "checkpoints"))
     tokenizer = load_tokenizer(cfg.model)
@@ -152,10 +155,11 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if samples is not None:
         callbacks.append(samples)
     overrides = method_cls.trainer_overrides(cfg) if hasattr(method_cls, "trainer_overrides") else {}
-    trainer_cfg, strategy = build_strategy(cfg.trainer, policy)  # FSDP: wrap policy resolved
+    trainer_cfg, strategy = build_strategy(trainer_cfg, policy)  # FSDP: wrap policy resolved
     trainer: L.Trainer = instantiate(
         trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
-        callbacks=callbacks, plugins=[AtomicCheckpointIO()], **strategy, **overrides,
+        callbacks=callbacks, plugins=[AtomicCheckpointIO(), *precision], **strategy,
+        **overrides,
     )
     fit_started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
