@@ -33,6 +33,7 @@ from peft import (LoraConfig, PeftConfig, PeftModel, get_peft_model,
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
                           PreTrainedModel)
 
+from ptlight.cpu_bf16 import checkpoint_contexts
 from ptlight.errors import ConfigError, ModelLoadError
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "lfm2-tiny-tokenizer"
@@ -186,8 +187,10 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     if model_cfg.get("gradient_checkpointing"):
         # Non-reentrant: no requires-grad inputs needed (LoRA's frozen embeddings are fine),
         # and the layers' keyword arguments (the packed forward's conv chains) are replayed
-        # as they were in the forward.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # as they were in the forward; the recomputation re-enters cpu_bf16's upcast mode
+        # when the forward ran under it.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": checkpoint_contexts})
     model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it gets
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -1,4 +1,4 @@
-"""Less activation memory for LFM2's SwiGLU MLP, with the same numbers and no extra matmul.
+"""Less activation memory for LFM2's SwiGLU MLP and RMSNorm, same numbers, no extra matmul.
 
 ``Lfm2MLP.forward`` is ``w2(silu(w1(x)) * w3(x))``. Autograd keeps, per layer, ``a = w1(x)``,
 ``silu(a)``, ``b = w3(x)`` and the product ``silu(a)·b`` (the input of ``w2``): four ``[T, F]``
@@ -7,13 +7,17 @@ quarters of every activation byte the policy's forward saved. :class:`SwiGLUDown
 ``w2(silu(a)·b)`` as one autograd node that keeps ``a`` and ``b`` only and rebuilds
 ``silu(a)`` and the product element-wise in the backward (cheap, memory-bound work; the
 matmuls run once, as before). Forward and backward are the same ops in the same order as
-autograd's, so values and gradients equal the stock layer's (tested to 1e-6).
+autograd's, so values and gradients are bitwise the stock layer's.
 
-:func:`install_lean_mlp` applies it to every ``Lfm2MLP`` of a model (the training policy,
-from :func:`ptlight.train.train_stage`). An MLP takes the lean path only when all of these
-hold, and the stock forward otherwise (same result, more memory):
+:class:`RMSNormLean` does the same for ``Lfm2RMSNorm`` (keeps ``x`` and the reciprocal RMS,
+not the normalised copy; equal to autograd's gradients within fp32 rounding).
 
-- ``w1``, ``w2``, ``w3`` are plain bias-free ``nn.Linear`` (LoRA's peft layers are not);
+:func:`install_lean_layers` applies both to every ``Lfm2MLP``/``Lfm2RMSNorm`` of a model
+(the training policy, from :func:`ptlight.train.train_stage`). A layer takes the lean path
+only when all of these hold, and the stock forward otherwise (same result, more memory):
+
+- MLP: ``w1``, ``w2``, ``w3`` are plain bias-free ``nn.Linear`` (LoRA's peft layers are
+  not); norm: fp32 input and weight;
 - no autocast is active on the input's device (``trainer.precision=bf16-mixed`` keeps the
   stock path, whose activations are half the size anyway);
 - gradients are being recorded (a ``no_grad`` forward saves nothing in either case).
@@ -24,33 +28,94 @@ the unsharded weights that autograd saves, and this node should not second-guess
 
 from __future__ import annotations
 
+import threading
 import types
 
 import torch
 import torch.nn.functional as F
 
 
+class _Scratch(threading.local):
+    """Per-thread flat buffers, grown to the largest request and reused: the temporaries of
+    :class:`SwiGLUDown` (``silu(a)``, the product) live only inside one call, so every MLP of
+    every step can share them instead of allocating (and, with ``ptlight.memory``'s pinned
+    mmap threshold, page-faulting) fresh ``[T, F]`` tensors each time."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, slot: int, like: torch.Tensor) -> torch.Tensor:
+        key = (slot, like.dtype, like.device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            self.buffers[key] = buf = torch.empty(like.numel(), dtype=like.dtype,
+                                                  device=like.device)
+        return buf[: like.numel()].view(like.shape)
+
+
+_scratch = _Scratch()
+
+
 class SwiGLUDown(torch.autograd.Function):
-    """``F.linear(silu(a) * b, weight)``, saving ``a``, ``b`` (and the weight) only."""
+    """``F.linear(silu(a) * b, weight)``, saving ``a``, ``b`` (and the weight) only.
+
+    The same element-wise ops as autograd's (``silu``, ``mul``, ``aten.silu_backward``) in
+    the same order, written into reused buffers: the results are bitwise the stock layer's."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a, b, weight)
-        return F.linear(F.silu(a) * b, weight)
+        s = torch.ops.aten.silu.out(a, out=_scratch.get(0, a))
+        return F.linear(torch.mul(s, b, out=_scratch.get(1, a)), weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         a, b, weight = ctx.saved_tensors
-        s = F.silu(a)
-        grad_p = grad @ weight  # d/dp of p @ W^T
+        s = torch.ops.aten.silu.out(a, out=_scratch.get(0, a))
         grad_w = None
         if ctx.needs_input_grad[2]:
-            p = s * b
+            p = torch.mul(s, b, out=_scratch.get(1, a))
             grad_w = grad.reshape(-1, grad.shape[-1]).T @ p.reshape(-1, p.shape[-1])
-        grad_b = grad_p * s if ctx.needs_input_grad[1] else None
-        grad_a = (torch.ops.aten.silu_backward(grad_p * b, a)
-                  if ctx.needs_input_grad[0] else None)
+        grad_p = grad @ weight  # d/dp of p @ W^T; becomes grad_b in place below
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.ops.aten.silu_backward(
+                torch.mul(grad_p, b, out=_scratch.get(1, a)), a)
+        grad_b = grad_p.mul_(s) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b, grad_w
+
+
+class RMSNormLean(torch.autograd.Function):
+    """``weight * (x * rsqrt(mean(x²) + eps))`` in fp32, saving ``x`` and the ``[.., 1]``
+    reciprocal RMS only (autograd keeps ``x`` and the normalised ``x`` as well: one more
+    ``[T, H]`` tensor per norm, 17 norms per forward in the benchmark model). The backward
+    is the closed form ``rstd · (g·w − x̂ · mean(g·w · x̂))``, equal to autograd's chain of
+    ``pow``/``mean``/``rsqrt``/``mul`` within fp32 rounding (tested)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x * rstd)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x * rstd
+        grad_w = (grad * xhat).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gw = grad * weight
+            grad_x = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        return grad_x, grad_w, None
+
+
+def _lean_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if (torch.is_grad_enabled() and hidden_states.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled(hidden_states.device.type)):
+        return RMSNormLean.apply(hidden_states, self.weight, self.variance_epsilon)
+    return type(self).forward(self, hidden_states)
 
 
 def _plain_linear(m: torch.nn.Module) -> bool:
@@ -65,15 +130,20 @@ def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, x)
 
 
-def install_lean_mlp(model: torch.nn.Module) -> int:
-    """Route every ``Lfm2MLP`` of ``model`` through :class:`SwiGLUDown` when it applies (see
-    the module doc); returns how many MLPs were patched (0 for other architectures).
-    Idempotent; set on the instances, so other models in the process are untouched."""
+def install_lean_layers(model: torch.nn.Module) -> int:
+    """Route every ``Lfm2MLP`` of ``model`` through :class:`SwiGLUDown` and every
+    ``Lfm2RMSNorm`` through :class:`RMSNormLean` when they apply (see the module doc);
+    returns how many MLPs were patched (0 for other architectures). Idempotent; set on the
+    instances, so other models in the process are untouched."""
     n = 0
     for m in model.modules():
-        if type(m).__name__ == "Lfm2MLP":
+        name = type(m).__name__
+        if name == "Lfm2MLP":
             if not getattr(m, "_ptl_lean", False):
                 m.forward = types.MethodType(_lean_mlp_forward, m)
                 m._ptl_lean, m._ptl_lean_calls = True, 0
             n += 1
+        elif name == "Lfm2RMSNorm" and not getattr(m, "_ptl_lean", False):
+            m.forward = types.MethodType(_lean_norm_forward, m)
+            m._ptl_lean = True
     return n

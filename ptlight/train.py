@@ -35,10 +35,11 @@ from rich.table import Table
 from ptlight.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
                               has_adapters, load_export, load_tokenizer, lora_settings)
 from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, RngState
+from ptlight.cpu_bf16 import precision_plugins
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
 from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
-from ptlight.lean import install_lean_mlp
+from ptlight.lean import install_lean_layers
 from ptlight.memory import pin_mmap_threshold
 from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
@@ -118,6 +119,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"method.module={cfg.method.module!r} handles {method_cls.data_kinds}"
         )
     reference_mode = _reference_mode(cfg, objective)
+    # bf16-mixed on a CPU without bf16 units: fp32 GEMMs on bf16-rounded operands (cpu_bf16)
+    trainer_cfg, precision = precision_plugins(cfg.trainer, cfg.cpu_bf16)
     guard = NonFiniteGuard(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive,
                            checkpoint_dir=str(run_dir / "checkpoints"))
     tokenizer = load_tokenizer(cfg.model)
@@ -155,12 +158,13 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if samples is not None:
         callbacks.append(samples)
     overrides = method_cls.trainer_overrides(cfg) if hasattr(method_cls, "trainer_overrides") else {}
-    trainer_cfg, strategy = build_strategy(cfg.trainer, policy)  # FSDP: wrap policy resolved
+    trainer_cfg, strategy = build_strategy(trainer_cfg, policy)  # FSDP: wrap policy resolved
     if not strategy:  # not FSDP: LFM2's MLPs keep 2 activations instead of 4 (ptlight.lean)
-        install_lean_mlp(policy)
+        install_lean_layers(policy)
     trainer: L.Trainer = instantiate(
         trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
-        callbacks=callbacks, plugins=[AtomicCheckpointIO()], **strategy, **overrides,
+        callbacks=callbacks, plugins=[AtomicCheckpointIO(), *precision], **strategy,
+        **overrides,
     )
     fit_started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
