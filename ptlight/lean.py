@@ -17,9 +17,9 @@ not the normalised copy; equal to autograd's gradients within fp32 rounding).
 only when all of these hold, and the stock forward otherwise (same result, more memory):
 
 - MLP: ``w1``, ``w2``, ``w3`` are plain bias-free ``nn.Linear`` (LoRA's peft layers are
-  not); norm: fp32 input and weight;
-- no autocast is active on the input's device (``trainer.precision=bf16-mixed`` keeps the
-  stock path, whose activations are half the size anyway);
+  not); norm: fp32 input and weight (also under autocast, which leaves its ops alone);
+- MLP: no autocast is active on the input's device (``trainer.precision=bf16-mixed`` keeps
+  the stock MLP, whose activations are half the size anyway);
 - gradients are being recorded (a ``no_grad`` forward saves nothing in either case).
 
 FSDP runs keep the stock layer (``train_stage`` does not install it there): FSDP manages
@@ -111,9 +111,9 @@ class RMSNormLean(torch.autograd.Function):
 
 
 def _lean_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    # autocast does not touch pow/mean/rsqrt/mul: fp32 in, fp32 ops, with or without it
     if (torch.is_grad_enabled() and hidden_states.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled(hidden_states.device.type)):
+            and self.weight.dtype == torch.float32):
         return RMSNormLean.apply(hidden_states, self.weight, self.variance_epsilon)
     return type(self).forward(self, hidden_states)
 

@@ -30,8 +30,16 @@ so one-off setup (model load, tokenization, reference precompute) is reported ap
 step count the matmuls each framework has to do for the tokens it runs, padding not counted:
 6·N_body·T + 6·N_head·M (+ 2·N_body·T + 2·N_head·M when the reference runs live), T = tokens
 through the body (ptlight: after prefix sharing), M = scored completion tokens; achieved FLOP/s
-is divided by this machine's matmul peak for the dtype, measured here (best of square fp32 /
-bf16 matmuls). Attention-score FLOPs are left out (<1% here).
+is divided by this machine's matmul peak for the precision, measured here (best of square fp32
+matmuls; for bf16-mixed the faster of torch's bf16 kernel and the fp32 kernel on bf16-rounded
+operands, see :func:`matmul_peak`). Attention-score FLOPs are left out (<1% here).
+
+ptlight runs as shipped: its fast path (packing, prefix sharing, precomputed reference), the
+lean LFM2 layers and glibc's pinned mmap threshold (``ptlight/lean.py``, ``ptlight/memory.py``)
+and, for bf16-mixed on a CPU without bf16 units, ``cpu_bf16=auto`` -> upcast. The
+``fast_heap`` config is the same run with glibc's mmap threshold fixed at 8 MiB instead
+(``MALLOC_MMAP_THRESHOLD_=8388608``: faster steps, more RSS); ``fast_ckpt`` adds
+``model.gradient_checkpointing=true``.
 
 Writes ``<out>/bench.json`` (one record per fixture × precision) and ``<out>/bench.md``.
 """
@@ -75,12 +83,14 @@ FIXTURES = {
                   layer_types=["conv", "conv", "full_attention"], vocab_size=704),
         batch=4, max_length=128, context_words=(0, 0)),
 }
+CONFIG_ENV = {"fast_heap": {"MALLOC_MMAP_THRESHOLD_": "8388608"}}  # ptlight.memory's opt-out
 TRL_CONFIGS = {"default": {}, "padding_free": {"padding_free": True},
                "precompute": {"precompute_ref_log_probs": True}}
 PTLIGHT_CONFIGS = {  # "fast" is what the README recommends; "plain" is the path before issue 5
     "fast": ["method.pack=true", "method.reference=precompute"],
     "fast_ckpt": ["method.pack=true", "method.reference=precompute",
                   "model.gradient_checkpointing=true"],  # less memory, one more body forward
+    "fast_heap": ["method.pack=true", "method.reference=precompute"],  # + CONFIG_ENV below
     "plain": ["method.pack=false", "method.reference=copy"],
 }
 
@@ -145,21 +155,33 @@ def param_counts(name: str) -> tuple[int, int]:
 
 
 def matmul_peak(dtype_name: str, seconds: float = 2.0) -> float:
-    """Best GFLOP/s of square matmuls in this dtype (torch's default thread count)."""
+    """Best GFLOP/s of square matmuls for this precision (torch's default thread count).
+
+    ``bf16-mixed``: the faster of torch's bf16 kernel and the fp32 kernel on bf16-rounded
+    operands (what ``cpu_bf16=upcast`` runs; on CPUs without bf16 units torch's own bf16
+    kernel reaches ~1 GFLOP/s, which would make every MFU meaningless)."""
     import torch
 
-    dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}[dtype_name]
-    best = 0.0
-    for n in ((512, 1024, 2048) if dtype == torch.float32 else (256, 512)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
+    def best(n: int, fn) -> float:
+        fn()
         times, start = [], time.perf_counter()
         while time.perf_counter() - start < seconds / 3 or len(times) < 3:
             t = time.perf_counter()
-            a @ b
+            fn()
             times.append(time.perf_counter() - t)
-        best = max(best, 2 * n**3 / statistics.median(times) / 1e9)
-    return best
+        return 2 * n**3 / statistics.median(times) / 1e9
+
+    peak = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        if dtype_name == "32-true":
+            peak = max(peak, best(n, lambda: a @ b))
+        else:
+            ab, bb = a.bfloat16(), b.bfloat16()
+            peak = max(peak, best(n, lambda: (ab.float() @ bb.float()).bfloat16()))
+            if n <= 512:  # torch's bf16 kernel: slow where there are no bf16 units
+                peak = max(peak, best(n, lambda: ab @ bb))
+    return peak
 
 
 # ---- children --------------------------------------------------------------------------
@@ -305,6 +327,7 @@ def run_child(framework: str, config: str, fixture: str, fx: Path, precision: st
            "--steps", str(args.steps_for(fixture, precision)),
            "--warmup", str(args.warmup_for(fixture, precision)), "--seed", str(args.seed)]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.update(CONFIG_ENV.get(config, {}) if framework == "ptlight" else {})
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     started = time.time()
@@ -416,20 +439,30 @@ def profile(fx: Path, fixture: str, args) -> None:
     dpo = build_objective("dpo", {"beta": 0.1})
     from ptlight.objectives import Logps
 
+    from ptlight.lean import install_lean_layers
+    from ptlight.memory import pin_mmap_threshold
+
     # before issue 5: padded rows, live reference, torch's default (per-tensor loop) AdamW on
-    # CPU; after: packed + shared, precomputed reference, fused AdamW (as the method now does)
+    # CPU; after: packed + shared, precomputed reference, fused AdamW, lean LFM2 layers and the
+    # pinned mmap threshold (as train_stage now runs it; the pin cannot be undone, so last)
     for label, pack, live_ref, fused in (
             ("plain (pack off, live reference, loop AdamW)", None, True, False),
-            ("fast (pack on, precomputed reference, fused AdamW)", 2, False, True)):
+            ("fast (pack on, precomputed reference, fused AdamW, lean layers, pinned mmap "
+             "threshold)", 2, False, True)):
+        if fused:
+            install_lean_layers(policy)
+            pin_mmap_threshold()
         phases: dict[str, list[tuple[float, float]]] = {}
         opt = torch.optim.AdamW(policy.parameters(), lr=5e-5, betas=(0.9, 0.95),
                                 weight_decay=0.0, fused=fused)
 
         def timed(name, fn):
             t, c = time.perf_counter(), time.process_time()
+            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             out = fn()
-            phases.setdefault(name, []).append((time.perf_counter() - t,
-                                                time.process_time() - c))
+            phases.setdefault(name, []).append((
+                time.perf_counter() - t, time.process_time() - c,
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f))
             return out
 
         for i, b in enumerate(batches):
@@ -455,13 +488,16 @@ def profile(fx: Path, fixture: str, args) -> None:
             timed("backward", loss.backward)
             timed("clip + AdamW step", lambda: (torch.nn.utils.clip_grad_norm_(
                 policy.parameters(), 1.0), opt.step(), opt.zero_grad()))
-        wall = {k: statistics.median(w for w, _ in v) for k, v in phases.items()}
-        cpu = {k: statistics.median(c for _, c in v) for k, v in phases.items()}
+        wall = {k: statistics.median(w for w, _, _ in v) for k, v in phases.items()}
+        cpu = {k: statistics.median(c for _, c, _ in v) for k, v in phases.items()}
+        faults = {k: statistics.median(f for _, _, f in v) for k, v in phases.items()}
         print(f"\n{fixture} fp32, {label}: {sum(wall.values()):.2f} s/step wall, "
-              f"{sum(cpu.values()):.2f} s CPU (medians of {args.steps} steps)")
+              f"{sum(cpu.values()):.2f} s CPU, {sum(faults.values()) / 1000:.0f}k page faults "
+              f"(medians of {args.steps} steps)")
         for name in phases:
             print(f"  {name:24s} {wall[name]:6.2f} s wall {cpu[name]:6.2f} s CPU "
-                  f"{100 * cpu[name] / sum(cpu.values()):4.0f}% of CPU")
+                  f"{100 * cpu[name] / sum(cpu.values()):4.0f}% of CPU "
+                  f"{faults[name] / 1000:6.0f}k page faults")
 
 
 def main(argv: list[str] | None = None) -> int:
