@@ -1,4 +1,4 @@
-"""Less activation memory for LFM2's SwiGLU MLP and RMSNorm, same numbers, no extra matmul.
+"""Less activation memory for LFM2's SwiGLU MLP: bitwise the same numbers, no extra matmul.
 
 ``Lfm2MLP.forward`` is ``w2(silu(w1(x)) * w3(x))``. Autograd keeps, per layer, ``a = w1(x)``,
 ``silu(a)``, ``b = w3(x)`` and the product ``silu(a)·b`` (the input of ``w2``): four ``[T, F]``
@@ -9,17 +9,18 @@ quarters of every activation byte the policy's forward saved. :class:`SwiGLUDown
 matmuls run once, as before). Forward and backward are the same ops in the same order as
 autograd's, so values and gradients are bitwise the stock layer's.
 
-:class:`RMSNormLean` does the same for ``Lfm2RMSNorm`` (keeps ``x`` and the reciprocal RMS,
-not the normalised copy; equal to autograd's gradients within fp32 rounding).
+:func:`install_lean_layers` applies it to every ``Lfm2MLP`` of a model (the training policy,
+from :func:`ptlight.train.train_stage`). An MLP takes the lean path only when all of these
+hold, and the stock forward otherwise (same result, more memory):
 
-:func:`install_lean_layers` applies both to every ``Lfm2MLP``/``Lfm2RMSNorm`` of a model
-(the training policy, from :func:`ptlight.train.train_stage`). A layer takes the lean path
-only when all of these hold, and the stock forward otherwise (same result, more memory):
+- ``w1``, ``w2``, ``w3`` are plain bias-free ``nn.Linear`` (LoRA's peft layers are not);
+- no autocast is active on the input's device (``trainer.precision=bf16-mixed`` keeps the
+  stock MLP, whose activations are half the size anyway);
 
-- MLP: ``w1``, ``w2``, ``w3`` are plain bias-free ``nn.Linear`` (LoRA's peft layers are
-  not); norm: fp32 input and weight (also under autocast, which leaves its ops alone);
-- MLP: no autocast is active on the input's device (``trainer.precision=bf16-mixed`` keeps
-  the stock MLP, whose activations are half the size anyway);
+Bitwise equality matters beyond tidiness: greedy evaluations of a small model amplify
+fp32-rounding differences in training into different gold figures, so a layer that is only
+"equal within rounding" (a closed-form RMSNorm backward was tried: 35 MB less at the
+benchmark's peak) would change every reproduced result table.
 - gradients are being recorded (a ``no_grad`` forward saves nothing in either case).
 
 FSDP runs keep the stock layer (``train_stage`` does not install it there): FSDP manages
@@ -85,39 +86,6 @@ class SwiGLUDown(torch.autograd.Function):
         return grad_a, grad_b, grad_w
 
 
-class RMSNormLean(torch.autograd.Function):
-    """``weight * (x * rsqrt(mean(x²) + eps))`` in fp32, saving ``x`` and the ``[.., 1]``
-    reciprocal RMS only (autograd keeps ``x`` and the normalised ``x`` as well: one more
-    ``[T, H]`` tensor per norm, 17 norms per forward in the benchmark model). The backward
-    is the closed form ``rstd · (g·w − x̂ · mean(g·w · x̂))``, equal to autograd's chain of
-    ``pow``/``mean``/``rsqrt``/``mul`` within fp32 rounding (tested)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return weight * (x * rstd)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        xhat = x * rstd
-        grad_w = (grad * xhat).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            gw = grad * weight
-            grad_x = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
-        return grad_x, grad_w, None
-
-
-def _lean_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    # autocast does not touch pow/mean/rsqrt/mul: fp32 in, fp32 ops, with or without it
-    if (torch.is_grad_enabled() and hidden_states.dtype == torch.float32
-            and self.weight.dtype == torch.float32):
-        return RMSNormLean.apply(hidden_states, self.weight, self.variance_epsilon)
-    return type(self).forward(self, hidden_states)
-
-
 def _plain_linear(m: torch.nn.Module) -> bool:
     return type(m) is torch.nn.Linear and m.bias is None
 
@@ -131,19 +99,14 @@ def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def install_lean_layers(model: torch.nn.Module) -> int:
-    """Route every ``Lfm2MLP`` of ``model`` through :class:`SwiGLUDown` and every
-    ``Lfm2RMSNorm`` through :class:`RMSNormLean` when they apply (see the module doc);
-    returns how many MLPs were patched (0 for other architectures). Idempotent; set on the
+    """Route every ``Lfm2MLP`` of ``model`` through :class:`SwiGLUDown` when it applies (see
+    the module doc); returns how many MLPs were patched (0 for other architectures). Idempotent; set on the
     instances, so other models in the process are untouched."""
     n = 0
     for m in model.modules():
-        name = type(m).__name__
-        if name == "Lfm2MLP":
+        if type(m).__name__ == "Lfm2MLP":
             if not getattr(m, "_ptl_lean", False):
                 m.forward = types.MethodType(_lean_mlp_forward, m)
                 m._ptl_lean, m._ptl_lean_calls = True, 0
             n += 1
-        elif name == "Lfm2RMSNorm" and not getattr(m, "_ptl_lean", False):
-            m.forward = types.MethodType(_lean_norm_forward, m)
-            m._ptl_lean = True
     return n

@@ -35,10 +35,9 @@ matmuls; for bf16-mixed the faster of torch's bf16 kernel and the fp32 kernel on
 operands, see :func:`matmul_peak`). Attention-score FLOPs are left out (<1% here).
 
 ptlight runs as shipped: its fast path (packing, prefix sharing, precomputed reference), the
-lean LFM2 layers and glibc's pinned mmap threshold (``ptlight/lean.py``, ``ptlight/memory.py``)
-and, for bf16-mixed on a CPU without bf16 units, ``cpu_bf16=auto`` -> upcast. The
-``fast_heap`` config is the same run with glibc's mmap threshold fixed at 8 MiB instead
-(``MALLOC_MMAP_THRESHOLD_=8388608``: faster steps, more RSS); ``fast_ckpt`` adds
+lean LFM2 MLP (``ptlight/lean.py``) and, for bf16-mixed on a CPU without bf16 units,
+``cpu_bf16=auto`` -> upcast. ``fast_lowmem`` adds ``malloc_mmap_threshold=131072``
+(``ptlight/memory.py``: freed memory back to the OS, slower steps); ``fast_ckpt`` adds
 ``model.gradient_checkpointing=true``.
 
 Writes ``<out>/bench.json`` (one record per fixture × precision) and ``<out>/bench.md``.
@@ -83,14 +82,14 @@ FIXTURES = {
                   layer_types=["conv", "conv", "full_attention"], vocab_size=704),
         batch=4, max_length=128, context_words=(0, 0)),
 }
-CONFIG_ENV = {"fast_heap": {"MALLOC_MMAP_THRESHOLD_": "8388608"}}  # ptlight.memory's opt-out
 TRL_CONFIGS = {"default": {}, "padding_free": {"padding_free": True},
                "precompute": {"precompute_ref_log_probs": True}}
 PTLIGHT_CONFIGS = {  # "fast" is what the README recommends; "plain" is the path before issue 5
     "fast": ["method.pack=true", "method.reference=precompute"],
     "fast_ckpt": ["method.pack=true", "method.reference=precompute",
                   "model.gradient_checkpointing=true"],  # less memory, one more body forward
-    "fast_heap": ["method.pack=true", "method.reference=precompute"],  # + CONFIG_ENV below
+    "fast_lowmem": ["method.pack=true", "method.reference=precompute",
+                    "malloc_mmap_threshold=131072"],  # ptlight.memory: less RSS, slower
     "plain": ["method.pack=false", "method.reference=copy"],
 }
 
@@ -195,19 +194,23 @@ class _Clock:
     def __init__(self) -> None:
         self.start = None
         self.ends: list[float] = []
+        self.faults: list[int] = []  # minor page faults (fresh pages) up to each step end
         self.rss_mb = 0.0
         self.batches: list[dict] = []
 
     def step_end(self) -> None:
         self.ends.append(time.perf_counter())
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
         self.rss_mb = _rss_mb()
 
     def result(self, warmup: int, pairs: int, **extra) -> dict:
         marks = [self.start, *self.ends]
         steps = [b - a for a, b in zip(marks, marks[1:])][warmup:]
         per = lambda k: statistics.median(b[k] for b in self.batches)  # noqa: E731
+        faults = [b - a for a, b in zip(self.faults, self.faults[1:])][max(warmup - 1, 0):]
         return {"steps": len(self.ends), "step_times": steps,
                 "step_s": statistics.median(steps), "pairs": pairs,
+                "page_faults_per_step": statistics.median(faults) if faults else None,
                 "tokens": per("tokens"), "tokens_run": per("tokens_run"),
                 "scored": per("scored"), "peak_rss_mb": self.rss_mb,
                 "final_rss_mb": _rss_mb(), "setup_s": self.start - T0, **extra}
@@ -327,7 +330,6 @@ def run_child(framework: str, config: str, fixture: str, fx: Path, precision: st
            "--steps", str(args.steps_for(fixture, precision)),
            "--warmup", str(args.warmup_for(fixture, precision)), "--seed", str(args.seed)]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env.update(CONFIG_ENV.get(config, {}) if framework == "ptlight" else {})
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     started = time.time()
@@ -340,8 +342,8 @@ def run_child(framework: str, config: str, fixture: str, fx: Path, precision: st
     out = json.loads(lines[-1][len(RESULT):])
     out.update(framework=framework, config=config, wall_s=time.time() - started)
     print(f"   {framework:7s} {config:12s} {out['pairs'] / out['step_s']:7.2f} pairs/s  "
-          f"{out['step_s']:7.2f} s/step  {out['peak_rss_mb']:7.0f} MB  setup {out['setup_s']:.0f} s",
-          flush=True)
+          f"{out['step_s']:7.2f} s/step  {out['peak_rss_mb']:7.0f} MB  setup {out['setup_s']:.0f} s"
+          f"  {(out.get('page_faults_per_step') or 0) / 1000:.0f}k page faults/step", flush=True)
     return out
 
 
@@ -373,6 +375,7 @@ def summarize(fixture: str, precision: str, runs: list[dict], peak: float) -> di
                 "mfu": _flops(rs0, fixture) / step / (peak * 1e9),
                 "tokens_per_step": rs0["tokens"], "tokens_run_per_step": rs0["tokens_run"],
                 "repeats": len(rs), "all_step_s": [r["step_s"] for r in rs],
+                "page_faults_per_step": rs0.get("page_faults_per_step"),
             }
         return stats
 
