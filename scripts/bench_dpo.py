@@ -443,18 +443,15 @@ def profile(fx: Path, fixture: str, args) -> None:
     from ptlight.objectives import Logps
 
     from ptlight.lean import install_lean_layers
-    from ptlight.memory import pin_mmap_threshold
 
     # before issue 5: padded rows, live reference, torch's default (per-tensor loop) AdamW on
-    # CPU; after: packed + shared, precomputed reference, fused AdamW, lean LFM2 layers and the
-    # pinned mmap threshold (as train_stage now runs it; the pin cannot be undone, so last)
+    # CPU; after: packed + shared, precomputed reference, fused AdamW, lean LFM2 MLP (as
+    # train_stage runs it by default)
     for label, pack, live_ref, fused in (
             ("plain (pack off, live reference, loop AdamW)", None, True, False),
-            ("fast (pack on, precomputed reference, fused AdamW, lean layers, pinned mmap "
-             "threshold)", 2, False, True)):
+            ("fast (pack on, precomputed reference, fused AdamW, lean MLP)", 2, False, True)):
         if fused:
             install_lean_layers(policy)
-            pin_mmap_threshold()
         phases: dict[str, list[tuple[float, float]]] = {}
         opt = torch.optim.AdamW(policy.parameters(), lr=5e-5, betas=(0.9, 0.95),
                                 weight_decay=0.0, fused=fused)
