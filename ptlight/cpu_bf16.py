@@ -117,12 +117,12 @@ class _UpcastLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         g = grad.float()
         grad_x = (g @ weight.float()).to(torch.bfloat16) if ctx.needs_input_grad[0] else None
+        rows = g.reshape(-1, g.shape[-1])  # [N, out]
         grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_w = (g.reshape(-1, g.shape[-1]).T @ x.float().reshape(-1, x.shape[-1])
-                      ).to(torch.bfloat16)
+            grad_w = (rows.T @ x.float().reshape(-1, x.shape[-1])).to(torch.bfloat16)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.reshape(-1, g.shape[-1]).sum(0).to(torch.bfloat16)
+            grad_b = rows.sum(0).to(torch.bfloat16)
         return grad_x, grad_w, grad_b
 
 

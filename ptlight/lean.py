@@ -9,19 +9,19 @@ quarters of every activation byte the policy's forward saved. :class:`SwiGLUDown
 matmuls run once, as before). Forward and backward are the same ops in the same order as
 autograd's, so values and gradients are bitwise the stock layer's.
 
-:func:`install_lean_layers` applies it to every ``Lfm2MLP`` of a model (the training policy,
+:func:`install_lean_mlp` applies it to every ``Lfm2MLP`` of a model (the training policy,
 from :func:`ptlight.train.train_stage`). An MLP takes the lean path only when all of these
 hold, and the stock forward otherwise (same result, more memory):
 
 - ``w1``, ``w2``, ``w3`` are plain bias-free ``nn.Linear`` (LoRA's peft layers are not);
 - no autocast is active on the input's device (``trainer.precision=bf16-mixed`` keeps the
   stock MLP, whose activations are half the size anyway);
+- gradients are being recorded (a ``no_grad`` forward saves nothing in either case).
 
 Bitwise equality matters beyond tidiness: greedy evaluations of a small model amplify
 fp32-rounding differences in training into different gold figures, so a layer that is only
 "equal within rounding" (a closed-form RMSNorm backward was tried: 35 MB less at the
 benchmark's peak) would change every reproduced result table.
-- gradients are being recorded (a ``no_grad`` forward saves nothing in either case).
 
 FSDP runs keep the stock layer (``train_stage`` does not install it there): FSDP manages
 the unsharded weights that autograd saves, and this node should not second-guess it.
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 class _Scratch(threading.local):
     """Per-thread flat buffers, grown to the largest request and reused: the temporaries of
     :class:`SwiGLUDown` (``silu(a)``, the product) live only inside one call, so every MLP of
-    every step can share them instead of allocating (and, with ``ptlight.memory``'s pinned
-    mmap threshold, page-faulting) fresh ``[T, F]`` tensors each time."""
+    every step can share them instead of allocating (and, with ``malloc_mmap_threshold`` set,
+    page-faulting) fresh ``[T, F]`` tensors each time."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, torch.Tensor] = {}
@@ -98,10 +98,10 @@ def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, x)
 
 
-def install_lean_layers(model: torch.nn.Module) -> int:
+def install_lean_mlp(model: torch.nn.Module) -> int:
     """Route every ``Lfm2MLP`` of ``model`` through :class:`SwiGLUDown` when it applies (see
-    the module doc); returns how many MLPs were patched (0 for other architectures). Idempotent; set on the
-    instances, so other models in the process are untouched."""
+    the module doc); returns how many MLPs were patched (0 for other architectures).
+    Idempotent; set on the instances, so other models in the process are untouched."""
     n = 0
     for m in model.modules():
         if type(m).__name__ == "Lfm2MLP":

@@ -21,7 +21,8 @@ It is a process-wide setting, applied by :func:`ptlight.train.train_stage` befor
 load when the root config's ``malloc_mmap_threshold`` is set.
 
 glibc's own variable, ``MALLOC_MMAP_THRESHOLD_=<bytes>`` in the environment, does the same
-from process start; when it is set this leaves it alone (see ``man mallopt``). Non-glibc platforms (macOS, musl) are left as they are.
+from process start; when it is set this leaves it alone (see ``man mallopt``). Non-glibc
+platforms (macOS, musl) are left as they are.
 """
 
 from __future__ import annotations

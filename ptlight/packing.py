@@ -253,11 +253,13 @@ def install_tree_convs(model) -> None:
     """Let every ``Lfm2ShortConv`` of ``model`` take a :class:`ConvChain` mask (idempotent;
     with any other mask the layers behave exactly as before). Installed on the instances,
     not the class, so other models in the process are untouched; ``copy.deepcopy`` carries it
-    to copies."""
+    to copies. Walks the modules once per model, not on every packed forward."""
+    if getattr(model, "_ptl_tree_convs", False):
+        return
     for m in model.modules():
-        if type(m).__name__ == "Lfm2ShortConv" and not getattr(m, "_ptl_tree_conv", False):
+        if type(m).__name__ == "Lfm2ShortConv":
             m.forward = types.MethodType(_short_conv_forward, m)
-            m._ptl_tree_conv = True
+    model._ptl_tree_convs = True
 
 
 def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = None

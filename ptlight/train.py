@@ -39,7 +39,7 @@ from ptlight.cpu_bf16 import precision_plugins
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
 from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
-from ptlight.lean import install_lean_layers
+from ptlight.lean import install_lean_mlp
 from ptlight.memory import pin_mmap_threshold
 from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
@@ -161,7 +161,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     overrides = method_cls.trainer_overrides(cfg) if hasattr(method_cls, "trainer_overrides") else {}
     trainer_cfg, strategy = build_strategy(trainer_cfg, policy)  # FSDP: wrap policy resolved
     if not strategy:  # not FSDP: LFM2's MLPs keep 2 activations instead of 4 (ptlight.lean)
-        install_lean_layers(policy)
+        install_lean_mlp(policy)
     trainer: L.Trainer = instantiate(
         trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
         callbacks=callbacks, plugins=[AtomicCheckpointIO(), *precision], **strategy,

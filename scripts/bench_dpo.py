@@ -153,33 +153,25 @@ def param_counts(name: str) -> tuple[int, int]:
     return body, a["vocab_size"] * h
 
 
-def matmul_peak(dtype_name: str, seconds: float = 2.0) -> float:
-    """Best GFLOP/s of square matmuls for this precision (torch's default thread count).
+def matmul_peak(dtype_name: str) -> float:
+    """Best GFLOP/s of square fp32-input matmuls run as the Trainer runs this precision
+    (``scripts/bench_precision.py``'s timer and modes; torch's default thread count).
 
-    ``bf16-mixed``: the faster of torch's bf16 kernel and the fp32 kernel on bf16-rounded
-    operands (what ``cpu_bf16=upcast`` runs; on CPUs without bf16 units torch's own bf16
-    kernel reaches ~1 GFLOP/s, which would make every MFU meaningless)."""
+    ``bf16-mixed``: the faster of autocast on torch's bf16 kernel and ``cpu_bf16=upcast``
+    (fp32 kernel on bf16-rounded operands; on CPUs without bf16 units torch's own kernel
+    reaches ~1 GFLOP/s, which would make every MFU meaningless)."""
     import torch
 
-    def best(n: int, fn) -> float:
-        fn()
-        times, start = [], time.perf_counter()
-        while time.perf_counter() - start < seconds / 3 or len(times) < 3:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return 2 * n**3 / statistics.median(times) / 1e9
+    from bench_precision import gflops
 
+    modes = ["fp32"] if dtype_name == "32-true" else ["bf16 native", "bf16 upcast"]
     peak = 0.0
     for n in (512, 1024, 2048):
         a, b = torch.randn(n, n), torch.randn(n, n)
-        if dtype_name == "32-true":
-            peak = max(peak, best(n, lambda: a @ b))
-        else:
-            ab, bb = a.bfloat16(), b.bfloat16()
-            peak = max(peak, best(n, lambda: (ab.float() @ bb.float()).bfloat16()))
-            if n <= 512:  # torch's bf16 kernel: slow where there are no bf16 units
-                peak = max(peak, best(n, lambda: ab @ bb))
+        for mode in modes:
+            if mode == "bf16 native" and n > 512:  # too slow to time where there are no units
+                continue
+            peak = max(peak, gflops(lambda: a @ b, 2 * n**3, mode))
     return peak
 
 
@@ -442,7 +434,7 @@ def profile(fx: Path, fixture: str, args) -> None:
     dpo = build_objective("dpo", {"beta": 0.1})
     from ptlight.objectives import Logps
 
-    from ptlight.lean import install_lean_layers
+    from ptlight.lean import install_lean_mlp
 
     # before issue 5: padded rows, live reference, torch's default (per-tensor loop) AdamW on
     # CPU; after: packed + shared, precomputed reference, fused AdamW, lean LFM2 MLP (as
@@ -451,7 +443,7 @@ def profile(fx: Path, fixture: str, args) -> None:
             ("plain (pack off, live reference, loop AdamW)", None, True, False),
             ("fast (pack on, precomputed reference, fused AdamW, lean MLP)", 2, False, True)):
         if fused:
-            install_lean_layers(policy)
+            install_lean_mlp(policy)
         phases: dict[str, list[tuple[float, float]]] = {}
         opt = torch.optim.AdamW(policy.parameters(), lr=5e-5, betas=(0.9, 0.95),
                                 weight_decay=0.0, fused=fused)

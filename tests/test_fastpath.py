@@ -267,13 +267,13 @@ def test_bench_script_smoke_on_a_tiny_fixture(tmp_path):
 def test_lean_layers_give_the_stock_values_and_gradients_and_save_less():
     """``ptlight.lean``: the policy's LFM2 MLPs keep a = w1(x) and b = w3(x) for the backward
     instead of four [T, F] tensors; logps and every gradient are bitwise the stock layers'."""
-    from ptlight.lean import install_lean_layers
+    from ptlight.lean import install_lean_mlp
 
     torch.manual_seed(0)
     cfg = tiny_model_cfg()
     stock = build_policy(cfg, load_tokenizer(cfg))
     lean = copy.deepcopy(stock)
-    assert install_lean_layers(lean) == 3
+    assert install_lean_mlp(lean) == 3
     batch = _batch(**PAIRS)
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     results = []
