@@ -46,7 +46,7 @@ from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
 from ptlight.report import write_model_card, write_pipeline_report, write_run_report
 from ptlight.strategy import (ShardReference, build_strategy, check_pipeline_launch,
-                              fsdp_without_rank0_generation, full_policy_state)
+                              fsdp_without_rank0_generation, full_policy_state, is_fsdp)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,14 @@ def _reference_mode(cfg: DictConfig, objective: Objective) -> str:
     return "adapter" if lora and mode == "copy" else mode  # LoRA: no second copy of the weights
 
 
+def _resumes(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether ``trainer.fit`` will restore a checkpoint (``ckpt_path=last`` without one
+    starts fresh, see tests/test_resume.py)."""
+    if cfg.get("ckpt_path") is None:
+        return False
+    return cfg.ckpt_path != "last" or (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
 def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one method on one config; returns the eval report (also written to eval.json)."""
     started = time.time()
@@ -136,15 +144,30 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule.setup()
 
     policy = build_policy(cfg.model, tokenizer)
-    reference = None if reference_mode == "none" else (
-        AdapterReference(policy) if has_adapters(policy) else frozen_copy(policy))
+    if reference_mode == "none":
+        reference = None
+    elif has_adapters(policy):
+        reference = AdapterReference(policy)
+    elif (reference_mode == "precompute" and not is_fsdp(cfg.trainer.get("strategy"))
+          and not _resumes(cfg, run_dir)):
+        # A fresh run's policy is the reference until its first step, which comes after the
+        # precompute: it scores the reference itself, and no copy of the weights is made
+        # (PreferenceMethod.on_fit_start). A resumed run restores trained weights into the
+        # policy first, so it keeps a frozen copy of the starting weights, as "copy" does.
+        reference = policy
+    else:
+        reference = frozen_copy(policy)
     task = cfg.data.task
     report: dict[str, Any] = {"method": cfg.method.module, "objective": objective.name,
                               "data": datamodule.report()}
     if task and cfg.eval.before and generates and rank_zero_only.rank == 0:
         report["before"] = gold_eval(policy, tokenizer, task, cfg.eval)
 
-    module = method_cls(policy=policy, objective=objective, optim=cfg.method.optim,
+    optim = cfg.method.optim
+    if cfg.get("optimizer_offload"):  # AdamW's moments in a file (ptlight.offload)
+        optim = OmegaConf.create({**OmegaConf.to_container(optim, resolve=True),
+                                  "offload_dir": str(cfg.optimizer_offload)})
+    module = method_cls(policy=policy, objective=objective, optim=optim,
                         reference=reference, reference_mode=reference_mode, **extra)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,

@@ -38,7 +38,9 @@ ptlight runs as shipped: its fast path (packing, prefix sharing, precomputed ref
 lean LFM2 MLP (``ptlight/lean.py``) and, for bf16-mixed on a CPU without bf16 units,
 ``cpu_bf16=auto`` -> upcast. ``fast_lowmem`` adds ``malloc_mmap_threshold=131072``
 (``ptlight/memory.py``: freed memory back to the OS, slower steps); ``fast_ckpt`` adds
-``model.gradient_checkpointing=true``.
+``model.gradient_checkpointing=true``; ``fast_offload`` adds ``optimizer_offload`` (AdamW's
+moments in a file under the temp dir, ``ptlight/offload.py``), ``lowmem_offload`` that and
+the threshold, ``ckpt_offload`` that and checkpointing.
 
 Writes ``<out>/bench.json`` (one record per fixture × precision) and ``<out>/bench.md``.
 """
@@ -90,6 +92,13 @@ PTLIGHT_CONFIGS = {  # "fast" is what the README recommends; "plain" is the path
                   "model.gradient_checkpointing=true"],  # less memory, one more body forward
     "fast_lowmem": ["method.pack=true", "method.reference=precompute",
                     "malloc_mmap_threshold=131072"],  # ptlight.memory: less RSS, slower
+    "fast_offload": ["method.pack=true", "method.reference=precompute",
+                     f"optimizer_offload={tempfile.gettempdir()}"],  # ptlight.offload: moments on disk
+    "lowmem_offload": ["method.pack=true", "method.reference=precompute",
+                       "malloc_mmap_threshold=131072", f"optimizer_offload={tempfile.gettempdir()}"],
+    "ckpt_offload": ["method.pack=true", "method.reference=precompute",
+                     "model.gradient_checkpointing=true",
+                     f"optimizer_offload={tempfile.gettempdir()}"],
     "plain": ["method.pack=false", "method.reference=copy"],
 }
 

@@ -94,3 +94,28 @@ def test_key_depends_on_weights_and_tokens():
              "loss_mask": torch.tensor([[False, True]]), "index": torch.tensor([0])}
     other = {**batch, "input_ids": torch.tensor([[1, 3]])}
     assert refcache.batches_fingerprint([batch]) != refcache.batches_fingerprint([other])
+
+
+def test_a_fresh_run_scores_the_reference_with_the_policy_and_makes_no_copy(
+        compose_cfg, tmp_path, monkeypatch):
+    """No deep copy of the weights in a fresh precompute run (the policy, before its first
+    step, is the reference); a resumed run, whose policy holds trained weights, scores with a
+    copy of the starting weights, and both give the same values bit for bit."""
+    import ptlight.train as train_mod
+
+    copies, outputs = [], []
+    real_copy, real_precompute = train_mod.frozen_copy, PreferenceMethod._precompute
+    monkeypatch.setattr(train_mod, "frozen_copy", lambda m: copies.append(1) or real_copy(m))
+
+    def spy(self, loaders):
+        outputs.append(real_precompute(self, loaders))
+        return outputs[-1]
+
+    monkeypatch.setattr(PreferenceMethod, "_precompute", spy)
+    _run(compose_cfg, tmp_path, "null")
+    assert copies == [] and len(outputs) == 1
+    _run(compose_cfg, tmp_path, "null", "trainer.max_steps=4", "ckpt_path=last")
+    assert copies == [1] and len(outputs) == 2
+    assert outputs[0].keys() == outputs[1].keys()
+    for split in outputs[0]:
+        assert torch.equal(outputs[0][split], outputs[1][split]), split

@@ -10,23 +10,27 @@ from transformers import get_scheduler
 
 from ptlight.callbacks import NonFiniteGuard
 from ptlight.logps import TokenScores
+from ptlight.offload import DiskAdamW
 
 
 def configure_optim(module: L.LightningModule, cfg: DictConfig) -> dict:
     """AdamW over trainable parameters plus a transformers LR schedule stepped every step.
 
     ``method.optim``: ``lr``, ``weight_decay`` (not applied to biases and norms), ``betas``,
-    ``scheduler`` (cosine | linear | constant_with_warmup | ...), ``warmup_ratio``.
+    ``scheduler`` (cosine | linear | constant_with_warmup | ...), ``warmup_ratio``; and
+    ``offload_dir``, which :func:`ptlight.train.train_stage` sets from the root key
+    ``optimizer_offload``: AdamW's moments then live in a file there (:mod:`ptlight.offload`).
     """
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=tuple(cfg.betas),
-    )
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.get("offload_dir"):  # root key optimizer_offload: the moments live on disk
+        opt = DiskAdamW(groups, offload_dir=cfg.offload_dir, lr=cfg.lr, betas=tuple(cfg.betas))
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     total = int(module.trainer.estimated_stepping_batches)
     sched = get_scheduler(
         cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * total),

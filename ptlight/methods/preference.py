@@ -19,9 +19,11 @@ The reference log-probs come from, by ``method.reference``:
   (the base), or with its frozen starting adapter active when ``model.path`` was an adapter
   (:class:`ptlight.backbone.AdapterReference`); no second copy of the weights. Chosen
   automatically when LoRA is on and ``method.reference=copy``.
-- ``precompute``: the same frozen copy (with LoRA: the adapter reference) scores the whole
-  train and val sets once before training (same precision), then is freed; batches look the
-  values up by example index. Not for unpaired data: its mismatched rows change with every
+- ``precompute``: the reference (with LoRA: the adapter reference) scores the whole train
+  and val sets once before training (same precision); batches look the values up by example
+  index. A fresh run scores them with the policy itself (in eval mode, before its first step:
+  the same weights), so no copy is ever made; a resumed run (or a cache miss on resume) uses
+  a frozen copy of the starting weights, freed after the precompute. Not for unpaired data: its mismatched rows change with every
   shuffled batch.
 - ``none``: no reference (reference-free objectives such as SimPO/ORPO); an objective with
   ``needs_reference = True`` refuses this before any weights load.
@@ -54,6 +56,7 @@ from ptlight.logps import TokenScores, completion_logps
 from ptlight.methods.common import (block_columns, check_finite, configure_optim, log_metrics,
                                     token_diagnostics)
 from ptlight.objectives import Logps, Objective, ObjectiveOutput
+from ptlight.offload import DiskAdamW
 from ptlight.progress import MANY_ITEMS, track
 
 REFERENCE_MODES = ("copy", "adapter", "precompute", "none")
@@ -169,12 +172,23 @@ class PreferenceMethod(L.LightningModule):
                       f"{refcache.cache_path(self.reference_cache, key)}")
                 self._ref_cache = {s: v.to(self.device) for s, v in cached.items()}
             else:
-                self._ref_cache = self._precompute(loaders)
+                if ref is self.policy:  # a fresh run: the policy is its own starting point
+                    if self.trainer.global_step:
+                        raise RuntimeError("the policy can only score the reference before its "
+                                           "first step (train_stage keeps a copy to resume)")
+                    was_training = ref.training
+                    ref.eval()  # as the frozen copy is: no dropout
+                    try:
+                        self._ref_cache = self._precompute(loaders)
+                    finally:
+                        ref.train(was_training)
+                else:
+                    self._ref_cache = self._precompute(loaders)
                 if key is not None and self.trainer.is_global_zero:
                     path = refcache.save(self.reference_cache, key, self._ref_cache, meta)
                     print(f"[ptlight] reference log-probs: saved {path}")
             self._reference[0] = None  # the cache is all we need from here on
-            if isinstance(ref, PreTrainedModel):
+            if isinstance(ref, PreTrainedModel) and ref is not self.policy:
                 # The caller (train_stage) still holds the copy object until fit returns, so
                 # drop its weights here: the memory goes to gradients and optimiser state.
                 for t in [*ref.parameters(), *ref.buffers()]:
@@ -252,7 +266,7 @@ class PreferenceMethod(L.LightningModule):
         # same update within fp tolerance. Set per group before the first step, so the state
         # is created for it; plain tensors on CPU/CUDA only (not DTensor/FSDP shards).
         params = [p for g in out["optimizer"].param_groups for p in g["params"]]
-        if params and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda")
+        if params and not isinstance(out["optimizer"], DiskAdamW) and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda")
                           and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
                           for p in params):
             for group in out["optimizer"].param_groups:
