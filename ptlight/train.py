@@ -128,6 +128,10 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"method.module={cfg.method.module!r} handles {method_cls.data_kinds}"
         )
     reference_mode = _reference_mode(cfg, objective)
+    offload = cfg.get("optimizer_offload")
+    if offload and not Path(str(offload)).expanduser().is_dir():  # before any weights load
+        raise ConfigError(f"optimizer_offload={offload!r} is not a directory: create it, or "
+                          "set optimizer_offload=null to keep AdamW's moments in RAM")
     # bf16-mixed on a CPU without bf16 units: fp32 GEMMs on bf16-rounded operands (cpu_bf16)
     trainer_cfg, precision = precision_plugins(cfg.trainer, cfg.cpu_bf16)
     guard = NonFiniteGuard(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive,

@@ -198,6 +198,12 @@ def test_unknown_names_in_keys_list_what_exists(compose_cfg, tmp_path, no_weight
         _stage(compose_cfg, tmp_path, "dpo", override)
 
 
+def test_optimizer_offload_to_a_missing_directory(compose_cfg, tmp_path, no_weights):
+    with pytest.raises(ConfigError, match=r"optimizer_offload='.*missing' is not a directory: "
+                                          r"create it, or set optimizer_offload=null"):
+        _stage(compose_cfg, tmp_path, "dpo", f"optimizer_offload={tmp_path / 'missing'}")
+
+
 def test_model_path_that_is_not_a_model_dir(compose_cfg, tmp_path, no_weights):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("hi")
