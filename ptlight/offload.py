@@ -70,6 +70,10 @@ class DiskAdamW(torch.optim.AdamW):
             raise ConfigError("optimizer_offload does not support amsgrad")
         kwargs.pop("fused", None), kwargs.pop("foreach", None)
         super().__init__(params, fused=True, **kwargs)  # the kernel step() runs per chunk
+        # fused=True flags the optimiser as unscaling AMP gradients itself, and Lightning then
+        # refuses gradient clipping under mixed precision. step() passes no grad_scale: the
+        # precision plugin unscales (fp16) and clips before it, as for unfused AdamW.
+        self._step_supports_amp_scaling = False
         for group in self.param_groups:
             for p in group["params"]:
                 if type(p) is not torch.nn.Parameter or p.device.type != "cpu":

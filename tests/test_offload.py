@@ -96,9 +96,11 @@ def test_bad_offload_dir_is_a_config_error(tmp_path):
         DiskAdamW(_params(), offload_dir=str(tmp_path), amsgrad=True)
 
 
-def test_dpo_run_with_optimizer_offload_equals_the_run_without(compose_cfg, tmp_path):
-    """Through ``train_stage`` and Lightning: the same weights after 4 steps, and the last
-    checkpoint holds a standard AdamW state equal to the in-RAM run's."""
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_dpo_run_with_optimizer_offload_equals_the_run_without(compose_cfg, tmp_path, precision):
+    """Through ``train_stage`` and Lightning (gradient clipping on; bf16-mixed goes through
+    the mixed-precision plugin): the same weights after 4 steps, and the last checkpoint holds
+    a standard AdamW state equal to the in-RAM run's."""
     from safetensors.torch import load_file
 
     from ptlight.train import train_stage
@@ -109,7 +111,8 @@ def test_dpo_run_with_optimizer_offload_equals_the_run_without(compose_cfg, tmp_
     runs = {}
     for name, extra in (("ram", []), ("disk", [f"optimizer_offload={offload}"])):
         cfg = compose_cfg("method=dpo", "eval.before=false", "eval.val_samples=0", *TINY,
-                          "trainer.max_steps=4", *extra)
+                          "trainer.max_steps=4", f"trainer.precision={precision}",
+                          "trainer.gradient_clip_val=1.0", *extra)
         train_stage(cfg, tmp_path / name)
         runs[name] = tmp_path / name
     a, b = (load_file(str(runs[n] / "export" / "model.safetensors")) for n in ("ram", "disk"))
