@@ -21,7 +21,7 @@ import copy
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 from typing import Any
@@ -352,9 +352,7 @@ class AdapterReference:
 
     @contextmanager
     def scope(self) -> Iterator[PreTrainedModel]:
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
+        with eval_mode(self.policy):
             if REFERENCE_ADAPTER in self.peft_model.peft_config:
                 # set_adapter also flips requires_grad (active: True, others: False); harmless
                 # under no_grad, and undone before the backward pass (as TRL's ref_adapter_name)
@@ -366,15 +364,26 @@ class AdapterReference:
             else:
                 with self.peft_model.disable_adapter():
                     yield self.policy
-        finally:
-            self.policy.train(was_training)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode (no dropout) for the block, then back in its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def reference_scope(reference: PreTrainedModel | AdapterReference):
-    """Context manager yielding the model that scores the reference log-probs."""
+    """Context manager yielding the model that scores the reference log-probs, in eval mode:
+    a frozen copy already is; the adapter reference and the policy scoring its own starting
+    point (a fresh ``method.reference=precompute`` run) are switched for the call."""
     if isinstance(reference, AdapterReference):
         return reference.scope()
-    return nullcontext(reference)
+    return eval_mode(reference)
 
 
 def export_model(policy: PreTrainedModel, tokenizer, export_dir: Path,

@@ -56,6 +56,16 @@ def _pwrite(fd: int, t: torch.Tensor, offset: int) -> None:
         done += os.pwrite(fd, buf[done:], offset + done)
 
 
+def offload_directory(value: Any) -> str:
+    """The ``optimizer_offload`` directory, user-expanded; a :class:`ConfigError` unless it
+    exists (``train_stage`` checks it before any weights load, :class:`DiskAdamW` again)."""
+    directory = os.path.expanduser(str(value))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"optimizer_offload={value!r} is not a directory: create it, or set "
+                          "optimizer_offload=null to keep AdamW's moments in RAM")
+    return directory
+
+
 class DiskAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` (fused kernel, decoupled weight decay) whose ``exp_avg`` and
     ``exp_avg_sq`` live in a file under ``offload_dir``; see the module docstring.
@@ -81,12 +91,9 @@ class DiskAdamW(torch.optim.AdamW):
                         "optimizer_offload streams AdamW's moments through CPU memory: it "
                         f"takes plain CPU parameters, got a {type(p).__name__} on "
                         f"{p.device} (FSDP and GPU runs: set optimizer_offload=null)")
-        directory = os.path.expanduser(str(offload_dir))
-        if not os.path.isdir(directory):
-            raise ConfigError(f"optimizer_offload={offload_dir!r} is not a directory: create "
-                              "it, or set optimizer_offload=null to keep AdamW's moments in RAM")
         try:
-            self._file = tempfile.TemporaryFile(dir=directory, prefix="ptlight-adamw-")
+            self._file = tempfile.TemporaryFile(dir=offload_directory(offload_dir),
+                                                prefix="ptlight-adamw-")
         except OSError as e:
             raise ConfigError(f"optimizer_offload={offload_dir!r}: cannot create the moments "
                               f"file there ({e}); point it at a writable directory") from e
@@ -98,7 +105,7 @@ class DiskAdamW(torch.optim.AdamW):
         self._end = 0
         self._chunk_bytes = int(chunk_bytes)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="ptlight-adamw-io")
-        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # 2 × (exp_avg, exp_avg_sq)
 
     # ---- the moments file ----------------------------------------------------------------
     def _slot(self, p: torch.Tensor) -> int:
@@ -110,26 +117,13 @@ class DiskAdamW(torch.optim.AdamW):
             os.ftruncate(self._fd, self._end)
         return self._offsets[p]
 
-    def _read_moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        off = self._slot(p)
-        m, v = torch.empty_like(p, memory_format=torch.contiguous_format), torch.empty_like(
-            p, memory_format=torch.contiguous_format)
-        _pread(self._fd, m, off)
-        _pread(self._fd, v, off + m.numel() * m.element_size())
-        return m, v
-
-    def _write_moments(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
-        off = self._slot(p)
-        _pwrite(self._fd, m.detach().to(p.dtype).contiguous(), off)
-        _pwrite(self._fd, v.detach().to(p.dtype).contiguous(), off + p.numel() * p.element_size())
-
-    def _buffer(self, i: int, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        while len(self._buffers) <= i:
-            self._buffers.append((torch.empty(0, dtype=torch.uint8),) * 2)
-        if self._buffers[i][0].numel() < nbytes:
-            self._buffers[i] = (torch.empty(nbytes, dtype=torch.uint8),
-                                torch.empty(nbytes, dtype=torch.uint8))
-        return self._buffers[i]
+    def _transfer(self, io: Any, p: torch.Tensor, a: int, m: torch.Tensor,
+                  v: torch.Tensor) -> None:
+        """``io`` (:func:`_pread`: file -> ``m``/``v``, or :func:`_pwrite`) the moments of
+        ``p`` from its element ``a`` on, as many elements as ``m`` holds."""
+        off, es = self._slot(p), p.element_size()
+        io(self._fd, m, off + a * es)
+        io(self._fd, v, off + (p.numel() + a) * es)
 
     # ---- the step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -152,6 +146,7 @@ class DiskAdamW(torch.optim.AdamW):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["step"] += 1  # once per step, as fused AdamW's _foreach_add_
                 grad = p.grad.contiguous()
+                self._slot(p)  # here, not in the I/O thread
                 per_chunk = max(1, self._chunk_bytes // p.element_size())
                 for a in range(0, p.numel(), per_chunk):
                     work.append((group, p, grad, a, min(p.numel(), a + per_chunk)))
@@ -159,8 +154,9 @@ class DiskAdamW(torch.optim.AdamW):
             return loss
 
         need = max((b - a) * p.element_size() for _, p, _, a, b in work)
-        for i in range(2):  # sized here, once: the I/O thread only fills them
-            self._buffer(i, need)
+        if not self._buffers or self._buffers[0][0].numel() < need:  # main thread only
+            self._buffers = [(torch.empty(need, dtype=torch.uint8),
+                              torch.empty(need, dtype=torch.uint8)) for _ in range(2)]
 
         def moments(i: int) -> tuple[torch.Tensor, torch.Tensor]:
             _, p, _, a, b = work[i]
@@ -169,11 +165,7 @@ class DiskAdamW(torch.optim.AdamW):
             return bm[:nbytes].view(p.dtype), bv[:nbytes].view(p.dtype)
 
         def transfer(i: int, io: Any) -> None:  # io: _pread (file -> buffers) or _pwrite
-            _, p, _, a, _ = work[i]
-            m, v = moments(i)
-            off, es = self._slot(p), p.element_size()
-            io(self._fd, m, off + a * es)
-            io(self._fd, v, off + (p.numel() + a) * es)
+            self._transfer(io, work[i][1], work[i][3], *moments(i))
 
         pending: Future = self._io.submit(transfer, 0, _pread)
         writes: list[Future] = []
@@ -203,7 +195,9 @@ class DiskAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             for p in group["params"]:
                 if p in self._offsets and index in sd["state"]:
-                    m, v = self._read_moments(p)
+                    m, v = (torch.empty_like(p, memory_format=torch.contiguous_format)
+                            for _ in range(2))
+                    self._transfer(_pread, p, 0, m, v)
                     sd["state"][index] = {**sd["state"][index], "exp_avg": m, "exp_avg_sq": v}
                 index += 1
         return sd
@@ -212,6 +206,7 @@ class DiskAdamW(torch.optim.AdamW):
         super().load_state_dict(state_dict)
         for p, state in self.state.items():
             if "exp_avg" in state:
-                self._write_moments(p, state.pop("exp_avg"), state.pop("exp_avg_sq"))
-                state.pop("max_exp_avg_sq", None)
-                state["step"] = state["step"].to(torch.float32)
+                m, v = (state.pop(k).detach().to(p.dtype).contiguous()
+                        for k in ("exp_avg", "exp_avg_sq"))
+                self._transfer(_pwrite, p, 0, m, v)
+                state["step"] = state["step"].to(torch.float32)  # as fused AdamW keeps it

@@ -41,6 +41,7 @@ from ptlight.errors import ConfigError
 from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
 from ptlight.lean import install_lean_mlp
 from ptlight.memory import pin_mmap_threshold
+from ptlight.offload import offload_directory
 from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
@@ -129,9 +130,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
     reference_mode = _reference_mode(cfg, objective)
     offload = cfg.get("optimizer_offload")
-    if offload and not Path(str(offload)).expanduser().is_dir():  # before any weights load
-        raise ConfigError(f"optimizer_offload={offload!r} is not a directory: create it, or "
-                          "set optimizer_offload=null to keep AdamW's moments in RAM")
+    if offload:  # checked before any weights load
+        offload = offload_directory(offload)
     # bf16-mixed on a CPU without bf16 units: fp32 GEMMs on bf16-rounded operands (cpu_bf16)
     trainer_cfg, precision = precision_plugins(cfg.trainer, cfg.cpu_bf16)
     guard = NonFiniteGuard(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive,
@@ -168,9 +168,9 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         report["before"] = gold_eval(policy, tokenizer, task, cfg.eval)
 
     optim = cfg.method.optim
-    if cfg.get("optimizer_offload"):  # AdamW's moments in a file (ptlight.offload)
+    if offload:  # AdamW's moments in a file (ptlight.offload)
         optim = OmegaConf.create({**OmegaConf.to_container(optim, resolve=True),
-                                  "offload_dir": str(cfg.optimizer_offload)})
+                                  "offload_dir": offload})
     module = method_cls(policy=policy, objective=objective, optim=optim,
                         reference=reference, reference_mode=reference_mode, **extra)
     callbacks: list[L.Callback] = [

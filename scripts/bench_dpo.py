@@ -86,19 +86,17 @@ FIXTURES = {
 }
 TRL_CONFIGS = {"default": {}, "padding_free": {"padding_free": True},
                "precompute": {"precompute_ref_log_probs": True}}
+_FAST = ["method.pack=true", "method.reference=precompute"]
+_LOWMEM = "malloc_mmap_threshold=131072"  # ptlight.memory: less RSS, slower steps
+_CKPT = "model.gradient_checkpointing=true"  # less memory, one more body forward
+_OFFLOAD = f"optimizer_offload={tempfile.gettempdir()}"  # ptlight.offload: moments on disk
 PTLIGHT_CONFIGS = {  # "fast" is what the README recommends; "plain" is the path before issue 5
-    "fast": ["method.pack=true", "method.reference=precompute"],
-    "fast_ckpt": ["method.pack=true", "method.reference=precompute",
-                  "model.gradient_checkpointing=true"],  # less memory, one more body forward
-    "fast_lowmem": ["method.pack=true", "method.reference=precompute",
-                    "malloc_mmap_threshold=131072"],  # ptlight.memory: less RSS, slower
-    "fast_offload": ["method.pack=true", "method.reference=precompute",
-                     f"optimizer_offload={tempfile.gettempdir()}"],  # ptlight.offload: moments on disk
-    "lowmem_offload": ["method.pack=true", "method.reference=precompute",
-                       "malloc_mmap_threshold=131072", f"optimizer_offload={tempfile.gettempdir()}"],
-    "ckpt_offload": ["method.pack=true", "method.reference=precompute",
-                     "model.gradient_checkpointing=true",
-                     f"optimizer_offload={tempfile.gettempdir()}"],
+    "fast": _FAST,
+    "fast_ckpt": [*_FAST, _CKPT],
+    "fast_lowmem": [*_FAST, _LOWMEM],
+    "fast_offload": [*_FAST, _OFFLOAD],
+    "lowmem_offload": [*_FAST, _LOWMEM, _OFFLOAD],
+    "ckpt_offload": [*_FAST, _CKPT, _OFFLOAD],
     "plain": ["method.pack=false", "method.reference=copy"],
 }
 

@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from ptlight.backbone import AdapterReference, reference_scope
+from ptlight.backbone import AdapterReference, eval_mode, reference_scope
 from ptlight.errors import ConfigError
 from ptlight.logps import backbone_hidden
 from ptlight.methods.common import check_finite, configure_optim
@@ -179,14 +179,12 @@ class PPOMethod(L.LightningModule):
         s, tok = self.s, self.tokenizer
         ids, attn = batch["input_ids"], batch["attention_mask"]
         n_prompt = ids.shape[1]
-        was_training = self.policy.training
-        self.policy.eval()
-        gen = self.policy.generate(
-            input_ids=ids, attention_mask=attn, do_sample=True, temperature=s.temperature,
-            top_k=0, top_p=1.0, max_new_tokens=s.max_new_tokens,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        )
-        self.policy.train(was_training)
+        with eval_mode(self.policy):
+            gen = self.policy.generate(
+                input_ids=ids, attention_mask=attn, do_sample=True, temperature=s.temperature,
+                top_k=0, top_p=1.0, max_new_tokens=s.max_new_tokens,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            )
         responses = gen[:, n_prompt:]
         mask, has_eos = response_mask(responses, tok.eos_token_id)
         seqs = torch.cat([ids, responses.masked_fill(~mask, tok.pad_token_id)], dim=1)

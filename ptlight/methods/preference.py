@@ -23,8 +23,8 @@ The reference log-probs come from, by ``method.reference``:
   and val sets once before training (same precision); batches look the values up by example
   index. A fresh run scores them with the policy itself (in eval mode, before its first step:
   the same weights), so no copy is ever made; a resumed run (or a cache miss on resume) uses
-  a frozen copy of the starting weights, freed after the precompute. Not for unpaired data: its mismatched rows change with every
-  shuffled batch.
+  a frozen copy of the starting weights, freed after the precompute. Not for unpaired data:
+  its mismatched rows change with every shuffled batch.
 - ``none``: no reference (reference-free objectives such as SimPO/ORPO); an objective with
   ``needs_reference = True`` refuses this before any weights load.
 
@@ -56,7 +56,6 @@ from ptlight.logps import TokenScores, completion_logps
 from ptlight.methods.common import (block_columns, check_finite, configure_optim, log_metrics,
                                     token_diagnostics)
 from ptlight.objectives import Logps, Objective, ObjectiveOutput
-from ptlight.offload import DiskAdamW
 from ptlight.progress import MANY_ITEMS, track
 
 REFERENCE_MODES = ("copy", "adapter", "precompute", "none")
@@ -172,18 +171,10 @@ class PreferenceMethod(L.LightningModule):
                       f"{refcache.cache_path(self.reference_cache, key)}")
                 self._ref_cache = {s: v.to(self.device) for s, v in cached.items()}
             else:
-                if ref is self.policy:  # a fresh run: the policy is its own starting point
-                    if self.trainer.global_step:
-                        raise RuntimeError("the policy can only score the reference before its "
-                                           "first step (train_stage keeps a copy to resume)")
-                    was_training = ref.training
-                    ref.eval()  # as the frozen copy is: no dropout
-                    try:
-                        self._ref_cache = self._precompute(loaders)
-                    finally:
-                        ref.train(was_training)
-                else:
-                    self._ref_cache = self._precompute(loaders)
+                if ref is self.policy and self.trainer.global_step:  # a fresh run only
+                    raise RuntimeError("the policy can only score the reference before its "
+                                       "first step (train_stage keeps a copy to resume)")
+                self._ref_cache = self._precompute(loaders)
                 if key is not None and self.trainer.is_global_zero:
                     path = refcache.save(self.reference_cache, key, self._ref_cache, meta)
                     print(f"[ptlight] reference log-probs: saved {path}")
@@ -266,7 +257,7 @@ class PreferenceMethod(L.LightningModule):
         # same update within fp tolerance. Set per group before the first step, so the state
         # is created for it; plain tensors on CPU/CUDA only (not DTensor/FSDP shards).
         params = [p for g in out["optimizer"].param_groups for p in g["params"]]
-        if params and not isinstance(out["optimizer"], DiskAdamW) and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda")
+        if params and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda")
                           and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
                           for p in params):
             for group in out["optimizer"].param_groups:
