@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from ptlight.packing import pack as pack_batch
-from ptlight.packing import packed_hidden, supports_packing
+from ptlight.packing import base_forward, packed_hidden, supports_packing
 
 _NON_LINEAR_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -135,10 +135,10 @@ def _targets(
 def backbone_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
                     ) -> torch.Tensor:
-    """``[B, T, H]`` last hidden states of a causal LM's backbone (no LM head)."""
-    base = getattr(model, model.base_model_prefix)
-    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-               use_cache=False)
+    """``[B, T, H]`` last hidden states of a causal LM's backbone (no LM head; under FSDP see
+    :func:`ptlight.packing.base_forward`)."""
+    out = base_forward(model, input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 
 

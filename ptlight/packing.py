@@ -45,6 +45,36 @@ def supports_packing(model) -> bool:
             and getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
 
 
+def base_forward(model, **kwargs):
+    """``model``'s backbone output (``last_hidden_state`` and the rest) for ``kwargs``.
+
+    The backbone (``model.<base_model_prefix>``) is called directly, skipping the LM head,
+    except when ``model`` is an FSDP2 unit itself (``trainer=fsdp``): its parameters outside
+    the decoder layers (embeddings, final norm, LM head) are gathered by hooks on *its*
+    forward, so that forward runs, with ``logits_to_keep=1`` (one position through the head),
+    and the backbone's output is taken from a forward hook. FSDP keeps the root unit's
+    parameters gathered until the backward, so the caller's own head matmul can use them.
+    """
+    base = getattr(model, model.base_model_prefix)
+    if base is model or not _is_fsdp_unit(model):
+        return base(**kwargs)
+    captured = []
+    handle = base.register_forward_hook(lambda _m, _args, out: captured.append(out))
+    try:
+        model(**kwargs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def _is_fsdp_unit(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 has no FSDP2 in this place; ptlight's FSDP needs it
+        return False
+    return isinstance(model, FSDPModule)
+
+
 @dataclass
 class PackedBatch:
     """Packed rows ``[R', N]`` plus the map back to the plain batch's completion tokens.
@@ -274,8 +304,8 @@ def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = N
             ~allowed, torch.finfo(dtype).min)
     install_tree_convs(base)
     masks = {"full_attention": allowed, "conv": ConvChain(packed.prev)}
-    out = base(input_ids=packed.input_ids, attention_mask=masks,
-               position_ids=packed.position_ids, use_cache=False)
+    out = base_forward(model, input_ids=packed.input_ids, attention_mask=masks,
+                       position_ids=packed.position_ids, use_cache=False)
     h = out.last_hidden_state
     return h.reshape(-1, h.shape[-1]).index_select(
         0, packed.src if positions is None else positions)

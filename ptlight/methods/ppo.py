@@ -55,6 +55,7 @@ from ptlight.objectives import Objective, Rollout
 from ptlight.rewards import Reward, build_reward
 from ptlight.rl import (AdaptiveKLController, FixedKLController, gae, kl_penalty,
                         masked_mean, masked_whiten, token_rewards)
+from ptlight.strategy import is_sharded, shard_method, submodule_state
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -169,6 +170,13 @@ class PPOMethod(L.LightningModule):
         self.reward.to(self.device)
         self.kl_ctl.value = float(self.kl_coef)  # restored from a checkpoint when resuming
 
+    def fsdp_roots(self) -> list[torch.nn.Module]:
+        """The modules ``trainer=fsdp`` shards (:func:`ptlight.strategy.shard_method`)."""
+        return [self.policy, self.value_head]
+
+    def configure_model(self) -> None:
+        shard_method(self)
+
     def configure_optimizers(self) -> dict:
         return configure_optim(self, self.optim_cfg)
 
@@ -184,6 +192,8 @@ class PPOMethod(L.LightningModule):
                 input_ids=ids, attention_mask=attn, do_sample=True, temperature=s.temperature,
                 top_k=0, top_p=1.0, max_new_tokens=s.max_new_tokens,
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                # sharded (FSDP) ranks gather each layer together: all decode to the longest
+                synced_gpus=is_sharded(self.policy) and self.trainer.world_size > 1,
             )
         responses = gen[:, n_prompt:]
         mask, has_eos = response_mask(responses, tok.eos_token_id)
@@ -306,8 +316,11 @@ class PPOMethod(L.LightningModule):
         self.log_dict({k: v.float() for k, v in values.items()}, on_epoch=True, batch_size=b,
                       sync_dist=True)
 
-    def export_extras(self, export_dir: Path) -> None:
-        """``value_head.safetensors`` next to the policy (PPO's critic, for continued runs)."""
-        save_file({"weight": self.value_head.weight.detach().float().cpu().contiguous(),
-                   "bias": self.value_head.bias.detach().float().cpu().contiguous()},
+    def export_extras(self, export_dir: Path, state: dict[str, torch.Tensor] | None = None
+                      ) -> None:
+        """``value_head.safetensors`` next to the policy (PPO's critic, for continued runs);
+        ``state``: this module's full state dict when the head holds a shard (FSDP)."""
+        head = (dict(self.value_head.named_parameters()) if state is None
+                else submodule_state(state, self, self.value_head))
+        save_file({k: head[k].detach().float().cpu().contiguous() for k in ("weight", "bias")},
                   str(export_dir / VALUE_HEAD))

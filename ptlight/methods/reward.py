@@ -28,7 +28,8 @@ from transformers import PreTrainedModel
 from ptlight.errors import ConfigError
 from ptlight.methods.common import block_columns, check_finite, configure_optim, log_metrics
 from ptlight.objectives import Objective, ObjectiveOutput, Rewards
-from ptlight.reward_model import RewardModel
+from ptlight.reward_model import RewardModel, load_head
+from ptlight.strategy import shard_method, submodule_state
 
 DATA_KINDS = ("pairwise", "listwise")
 
@@ -80,6 +81,13 @@ class RewardMethod(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
+    def fsdp_roots(self) -> list[torch.nn.Module]:
+        """The modules ``trainer=fsdp`` shards (:func:`ptlight.strategy.shard_method`)."""
+        return [self.model]
+
+    def configure_model(self) -> None:
+        shard_method(self)
+
     def configure_optimizers(self) -> dict:
         return configure_optim(self, self.optim_cfg)
 
@@ -101,8 +109,19 @@ class RewardMethod(L.LightningModule):
         if count:
             self.model.center(total / count)
 
-    def export_extras(self, export_dir: Path) -> None:
-        self.model.save_head(export_dir)
+    def export_extras(self, export_dir: Path, state: dict[str, torch.Tensor] | None = None
+                      ) -> None:
+        """The score head next to the backbone; ``state``: this module's full state dict when
+        the head itself holds a shard (FSDP)."""
+        head = None if state is None else submodule_state(state, self, self.model.score)
+        self.model.save_head(export_dir, head)
+
+    def unsharded(self, backbone: PreTrainedModel, export_dir: Path) -> "RewardMethod":
+        """This method around the reward model read back from its export (``backbone`` and the
+        saved head): what rank 0 evaluates after FSDP training, whose modules hold shards."""
+        method = RewardMethod(backbone, self.objective, self.optim_cfg)
+        method.model.score = load_head(export_dir)
+        return method
 
     @torch.no_grad()
     def evaluate(self, tokenizer, task: str, eval_cfg: DictConfig) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from ptlight.logps import completion_logits, completion_logps
 from ptlight.methods.common import check_finite, configure_optim, log_metrics, token_diagnostics
 from ptlight.objectives import Objective, ObjectiveOutput, TokenLogps
 from ptlight.objectives.rdrop import RDropInputs
+from ptlight.strategy import shard_method
 
 
 def active_dropout(model: torch.nn.Module) -> float:
@@ -100,6 +101,13 @@ class SFTMethod(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
+
+    def fsdp_roots(self) -> list[torch.nn.Module]:
+        """The modules ``trainer=fsdp`` shards (:func:`ptlight.strategy.shard_method`)."""
+        return [self.policy]
+
+    def configure_model(self) -> None:
+        shard_method(self)
 
     def configure_optimizers(self) -> dict:
         return configure_optim(self, self.optim_cfg)

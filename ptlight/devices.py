@@ -1,0 +1,73 @@
+"""Where a run trains, settled before any weights load.
+
+``trainer.accelerator: auto`` (the default) is a CUDA GPU when one is visible, else the CPU;
+``trainer.precision: auto`` is ``bf16-mixed`` on a CUDA GPU with bf16 support (Ampere and
+newer), else ``32-true``. What the user sets is kept, and checked against the machine: a GPU
+asked for where none is visible, more GPUs than are visible, bf16 on a GPU without it, or a
+precision Lightning does not know is a :class:`~ptlight.errors.ConfigError` naming the key.
+The resolved values are what ``config.yaml`` records.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ptlight.errors import ConfigError
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+# lightning.Trainer(precision=...) values (the int/short forms are Lightning's aliases)
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true",
+              "transformer-engine", "transformer-engine-float16", "32", "16", "64", "bf16")
+BF16 = ("bf16-mixed", "bf16-true", "bf16")
+
+
+def uses_cuda(trainer_cfg: DictConfig) -> bool:
+    """Whether the (resolved or unresolved) trainer config trains on CUDA GPUs."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator == "auto":
+        return torch.cuda.is_available()
+    return accelerator in GPU_ACCELERATORS
+
+
+def _device_count(devices) -> int | None:
+    """How many GPUs ``trainer.devices`` asks for (None: every visible one)."""
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    if str(devices) in ("auto", "-1"):
+        return None
+    try:
+        return len([d for d in str(devices).split(",") if d.strip()]) if "," in str(devices) \
+            else int(devices)
+    except ValueError:
+        raise ConfigError(f"trainer.devices={devices!r}; use a number, a list of GPU indices, "
+                          "or auto") from None
+
+
+def resolve_trainer(trainer_cfg: DictConfig) -> DictConfig:
+    """``trainer_cfg`` with ``accelerator`` and ``precision`` resolved (see the module doc)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(trainer_cfg, resolve=False))
+    accelerator = str(cfg.get("accelerator", "auto"))
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator in GPU_ACCELERATORS and not visible:
+        raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible to "
+                          "torch; use trainer.accelerator=auto (the CPU here) or cpu")
+    cuda = accelerator in GPU_ACCELERATORS or (accelerator == "auto" and visible > 0)
+    if accelerator == "auto":
+        cfg.accelerator = "gpu" if cuda else "cpu"
+    wanted = _device_count(cfg.get("devices", 1))
+    if cuda and wanted is not None and wanted > visible:
+        raise ConfigError(f"trainer.devices={cfg.devices} but {visible} CUDA GPU(s) are "
+                          f"visible; use trainer.devices={visible} or fewer (or auto: all)")
+    precision = str(cfg.get("precision", "auto"))
+    if precision == "auto":
+        precision = "bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true"
+    elif precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r}; use auto, 32-true, bf16-mixed, "
+                          "16-mixed, bf16-true or 16-true")
+    if cuda and precision in BF16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"trainer.precision={precision}: this GPU "
+                          f"({torch.cuda.get_device_name()}) has no bf16 support; use "
+                          "trainer.precision=16-mixed or 32-true")
+    cfg.precision = precision
+    return cfg
