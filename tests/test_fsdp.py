@@ -153,3 +153,21 @@ def test_fsdp_shards_over_two_cpu_processes(tmp_path, method):
 def test_every_method_under_fsdp_on_gpu_in_bf16(tmp_path, method):
     report = _train_resume_export(tmp_path, method, "trainer.precision=bf16-mixed")
     assert report["world_size"] == torch.cuda.device_count()
+
+
+@pytest.mark.slow
+def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
+    """``scripts/bench_gpu.py --device cpu --fixture tiny``: the GPU benchmark's own code path
+    (fixture, ptlight child, summary, json + markdown) in seconds, without a GPU."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_gpu.py"), "--device", "cpu",
+         "--fixture", "tiny", "--ptlight", "default", "--trl", "", "--steps", "2",
+         "--warmup", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads((tmp_path / "bench_gpu.json").read_text())
+    run = data["records"][0]["runs"]["ptlight default"]
+    assert run["pairs_per_s"] > 0 and 0 < run["mfu"] < 1 and run["flops_per_step"] > 0
+    assert "| tiny | ptlight default |" in (tmp_path / "bench_gpu.md").read_text()

@@ -1,0 +1,364 @@
+"""DPO on a CUDA GPU: ptlight's shipped defaults (and variants) vs TRL's DPOTrainer, side by side.
+
+    python scripts/bench_gpu.py --out bench_gpu_out                 # on one H100/H200, < 8 min
+    python scripts/bench_gpu.py --device cpu --fixture tiny         # smoke test, seconds
+
+Fixtures (built offline with ``scripts/bench_dpo.py``'s builder: random init saved with
+``save_pretrained``, so both frameworks load the very same weights; pairwise rows of the
+bundled sorting task behind a context, prompt + completion close to ``max_length``):
+
+- ``gpu-350m``: the LFM2-350M shape (hidden 1024, FFN 4608, 16 layers, vocab 65536),
+  16 pairs a batch, max_length 512;
+- ``gpu-1.2b``: the LFM2-1.2B shape (hidden 2048, FFN 8192, 16 layers, vocab 65536),
+  8 pairs a batch, max_length 512;
+- ``tiny``: the 3-layer test model (smoke test).
+
+Every run is its own process. ptlight runs ``train_stage`` with ``method=dpo`` (exactly what
+``python -m ptlight method=dpo`` runs) on its defaults — ``default`` — plus the variants in
+:data:`PTLIGHT_CONFIGS`; TRL runs ``DPOTrainer`` in the configurations of
+:data:`TRL_CONFIGS`. Same data, batch, max length, optimiser (AdamW lr 5e-5, betas 0.9/0.95,
+cosine, clip 1.0), beta 0.1, bf16-mixed on the GPU (fp32 on the CPU).
+
+Measured per run: the median time between optimiser-step ends (a CUDA synchronize at each)
+after ``--warmup`` steps; pairs/s, tokens/s (real tokens of the batch, padding not counted);
+peak allocated and reserved CUDA memory of the process (``torch.cuda.max_memory_*``); MFU =
+model FLOPs per step (``bench_dpo._flops``: 6·N·T for the policy, 2·N·T more when the
+reference runs live; T = tokens the body runs) / step time / a bf16 matmul peak measured at
+the start (8192³ products on this card). Writes ``<out>/bench_gpu.json`` and
+``<out>/bench_gpu.md`` after every run, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_dpo  # noqa: E402  (fixture builder, FLOP count, ptlight config composer)
+
+T0 = time.perf_counter()
+RESULT = "BENCH_GPU_RESULT "
+_CTX = (360, 400)  # context words: prompt + completion close to 512 tokens
+_350M = bench_dpo.FIXTURES["lfm2-350m"]["arch"]
+bench_dpo.FIXTURES.update({
+    "gpu-350m": dict(arch=_350M, batch=16, max_length=512, context_words=_CTX),
+    "gpu-1.2b": dict(arch={**_350M, "hidden_size": 2048, "intermediate_size": 8192,
+                           "num_attention_heads": 32, "num_key_value_heads": 8},
+                     batch=8, max_length=512, context_words=_CTX),
+})
+PTLIGHT_CONFIGS = {
+    "default": [],                                               # as shipped
+    "precompute": ["method.reference=precompute"],
+    "precompute_pack": ["method.reference=precompute", "method.pack=true"],
+    "precompute_ckpt": ["method.reference=precompute", "model.gradient_checkpointing=true"],
+}
+TRL_CONFIGS = {
+    "default": {},                                                # gradient checkpointing on
+    "best": {"precompute_ref_log_probs": True, "gradient_checkpointing": False},
+}
+PLAN = {  # fixture -> (ptlight configs, TRL configs) the full run measures
+    "gpu-350m": (["default", "precompute", "precompute_pack"],
+                 ["default", "best"]),
+    "gpu-1.2b": (["default", "precompute"], ["best"]),
+    "tiny": (["default", "precompute"], ["best"]),
+}
+
+
+# ---- children ----------------------------------------------------------------------------
+class _Clock:
+    def __init__(self, device: str) -> None:
+        self.device, self.start, self.ends, self.batches = device, None, [], []
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def begin(self) -> None:
+        self.sync()
+        self.start = time.perf_counter()
+
+    def step_end(self) -> None:
+        self.sync()
+        self.ends.append(time.perf_counter())
+
+    def result(self, warmup: int, pairs: int, live_reference: bool) -> dict:
+        import torch
+
+        marks = [self.start, *self.ends]
+        steps = [b - a for a, b in zip(marks, marks[1:])][warmup:]
+        med = lambda k: statistics.median(b[k] for b in self.batches)  # noqa: E731
+        cuda = self.device == "cuda"
+        return {"steps": len(self.ends), "step_s": statistics.median(steps),
+                "step_times": steps, "pairs": pairs, "tokens": med("tokens"),
+                "tokens_run": med("tokens_run"), "scored": med("scored"),
+                "live_reference": live_reference, "setup_s": self.start - T0,
+                "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+                "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None}
+
+
+def child_ptlight(args) -> dict:
+    from ptlight.methods.preference import PreferenceMethod
+    from ptlight.packing import pack
+    from ptlight.train import train_stage
+
+    fx, spec = Path(args.fixture_dir), bench_dpo.FIXTURES[args.fixture]
+    clock = _Clock(args.device)
+
+    def on_train_start(self):
+        clock.begin()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        clock.step_end()
+        clock.batches.append({k: batch[k].detach().cpu()
+                              for k in ("input_ids", "attention_mask", "loss_mask")})
+
+    PreferenceMethod.on_train_start = on_train_start
+    PreferenceMethod.on_train_batch_end = on_train_batch_end
+    precision = "bf16-mixed" if args.device == "cuda" else "32-true"
+    cfg = bench_dpo.ptlight_cfg(fx, args.fixture, precision, [
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        f"trainer.max_steps={args.warmup + args.steps}", "method.reference_cache=null",
+        f"seed={args.seed}", *PTLIGHT_CONFIGS[args.config]])
+    with tempfile.TemporaryDirectory() as run_dir:
+        train_stage(cfg, Path(run_dir))
+    packs = ("method.pack=true" in PTLIGHT_CONFIGS[args.config]
+             or (cfg.method.pack == "auto" and args.device == "cpu"))
+    for b in clock.batches:
+        b["tokens"] = int(b["attention_mask"].sum())
+        b["scored"] = int(b["loss_mask"][:, 1:].sum())
+        b["tokens_run"] = (pack(b["input_ids"], b["attention_mask"], b["loss_mask"], 2).num_tokens
+                           if packs else b["tokens"])
+    return clock.result(args.warmup, spec["batch"],
+                        live_reference=cfg.method.reference == "copy")
+
+
+def child_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    fx, spec = Path(args.fixture_dir), bench_dpo.FIXTURES[args.fixture]
+    clock = _Clock(args.device)
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            clock.begin()
+
+        def on_step_end(self, *a, **k):
+            clock.step_end()
+
+    class CountingDPOTrainer(DPOTrainer):
+        def compute_loss(self, model, inputs, *a, **k):
+            if model.training:
+                n = int(inputs["attention_mask"].sum())
+                clock.batches.append({"tokens": n, "tokens_run": n,
+                                      "scored": int(inputs["completion_mask"][:, 1:].sum())})
+            return super().compute_loss(model, inputs, *a, **k)
+
+    torch.manual_seed(args.seed)
+    rows = [json.loads(line) for line in open(fx / "train.jsonl")]
+    model = AutoModelForCausalLM.from_pretrained(fx / "model", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(fx / "model")
+    total = args.warmup + args.steps
+    cuda = args.device == "cuda"
+    with tempfile.TemporaryDirectory() as out:
+        dpo_args = DPOConfig(
+            output_dir=out, per_device_train_batch_size=spec["batch"], max_steps=total,
+            max_length=spec["max_length"], learning_rate=5e-5, lr_scheduler_type="cosine",
+            warmup_steps=max(1, int(0.1 * total)), adam_beta1=0.9, adam_beta2=0.95,
+            weight_decay=0.0, max_grad_norm=1.0, beta=0.1, bf16=cuda, use_cpu=not cuda,
+            logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none",
+            seed=args.seed, dataloader_num_workers=0, disable_dropout=True,
+            **TRL_CONFIGS[args.config])
+        trainer = CountingDPOTrainer(model=model, args=dpo_args,
+                                     train_dataset=Dataset.from_list(rows),
+                                     processing_class=tok, callbacks=[Timer()])
+        trainer.train()
+    return clock.result(args.warmup, spec["batch"], live_reference=not TRL_CONFIGS[
+        args.config].get("precompute_ref_log_probs", False))
+
+
+# ---- parent ------------------------------------------------------------------------------
+def matmul_peak_tflops(device: str) -> float:
+    """Best bf16 (CUDA) / fp32 (CPU) matmul TFLOP/s measured here."""
+    import torch
+
+    if device != "cuda":
+        return bench_dpo.matmul_peak("32-true") / 1e3
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = 0.0
+    for _ in range(5):
+        start.record()
+        for _ in range(10):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        best = max(best, 10 * 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e12)
+    return best
+
+
+def run_child(framework: str, config: str, fixture: str, fx: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", framework, "--config", config,
+           "--fixture", fixture, "--fixture-dir", str(fx), "--device", args.device,
+           "--steps", str(args.steps_for(fixture)), "--warmup", str(args.warmup),
+           "--seed", str(args.seed)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    started = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=args.run_timeout)
+        stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        stdout, stderr, code = str(exc.stdout or ""), str(exc.stderr or ""), -1
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT)]
+    if code or not lines:
+        tail = (stdout + stderr)[-2500:]
+        print(f"!! {framework}/{config} {fixture} failed:\n{tail}", flush=True)
+        return {"framework": framework, "config": config, "error": tail[-800:]}
+    out = json.loads(lines[-1][len(RESULT):])
+    out.update(framework=framework, config=config, wall_s=round(time.time() - started, 1))
+    mem = (f"{out['peak_allocated_gb']:.1f} GB alloc, {out['peak_reserved_gb']:.1f} GB reserved"
+           if out["peak_allocated_gb"] is not None else "")
+    print(f"   {framework:7s} {config:16s} {out['pairs'] / out['step_s']:8.2f} pairs/s "
+          f"{out['step_s'] * 1e3:8.1f} ms/step  {mem}  wall {out['wall_s']:.0f} s", flush=True)
+    return out
+
+
+def summarize(fixture: str, runs: list[dict], peak_tflops: float) -> dict:
+    stats = {}
+    for r in runs:
+        if "error" in r:
+            stats[f"{r['framework']} {r['config']}"] = {"error": r["error"]}
+            continue
+        flops = bench_dpo._flops(r, fixture)
+        stats[f"{r['framework']} {r['config']}"] = {
+            "pairs_per_s": r["pairs"] / r["step_s"], "tokens_per_s": r["tokens"] / r["step_s"],
+            "step_s": r["step_s"], "peak_allocated_gb": r["peak_allocated_gb"],
+            "peak_reserved_gb": r["peak_reserved_gb"], "setup_s": r["setup_s"],
+            "wall_s": r["wall_s"], "flops_per_step": flops,
+            "mfu": flops / r["step_s"] / (peak_tflops * 1e12)}
+    rec = {"fixture": fixture, "matmul_peak_tflops": peak_tflops, "runs": stats}
+    trl = {k: v for k, v in stats.items() if k.startswith("trl") and "error" not in v}
+    pt = stats.get("ptlight default", {})
+    if trl and "pairs_per_s" in pt:
+        best = max(trl, key=lambda k: trl[k]["pairs_per_s"])
+        rec.update(trl_best=best, speedup=pt["pairs_per_s"] / trl[best]["pairs_per_s"])
+        if pt["peak_allocated_gb"] is not None:
+            rec["memory_ratio"] = pt["peak_allocated_gb"] / trl[best]["peak_allocated_gb"]
+    return rec
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    lines = [f"Measured {meta['date']} on {meta['device_name']} (torch {meta['torch']}, "
+             f"transformers {meta['transformers']}, lightning {meta['lightning']}, "
+             f"TRL {meta['trl']}); `python scripts/bench_gpu.py`.", "",
+             "| fixture | run | pairs/s | tokens/s | ms/step | peak alloc GB | peak reserved GB "
+             "| MFU |", "|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        for name, s in rec["runs"].items():
+            if "error" in s:
+                lines.append(f"| {rec['fixture']} | {name} | failed | | | | | |")
+                continue
+            gb = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
+            lines.append(
+                f"| {rec['fixture']} | {name} | {s['pairs_per_s']:.1f} | {s['tokens_per_s']:.0f} "
+                f"| {s['step_s'] * 1e3:.0f} | {gb(s['peak_allocated_gb'])} | "
+                f"{gb(s['peak_reserved_gb'])} | {100 * s['mfu']:.0f}% |")
+        if "speedup" in rec:
+            mem = f", memory {rec['memory_ratio']:.2f}×" if "memory_ratio" in rec else ""
+            lines.append(f"| {rec['fixture']} | **ptlight default ÷ {rec['trl_best']}** | "
+                         f"**{rec['speedup']:.2f}×**{mem} | | | | | |")
+    lines.append("")
+    if records:
+        kind = "bf16 (8192³)" if meta["device_name"] != "CPU" else "fp32"
+        lines.append(f"MFU is of the {kind} matmul peak measured in the same run: "
+                     f"{records[0]['matmul_peak_tflops']:.2f} TFLOP/s.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench_gpu_out")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--fixture", default="gpu-350m,gpu-1.2b")
+    p.add_argument("--ptlight", default=None, help="comma list of ptlight configs (default: plan)")
+    p.add_argument("--trl", default=None, help="comma list of TRL configs (default: plan)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-timeout", type=int, default=150)
+    p.add_argument("--child", choices=["ptlight", "trl"])
+    p.add_argument("--config")
+    p.add_argument("--fixture-dir")
+    args = p.parse_args()
+    args.steps_for = lambda fixture: args.steps
+    if args.child:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        res = (child_ptlight if args.child == "ptlight" else child_trl)(args)
+        print(RESULT + json.dumps(res), flush=True)
+        return
+
+    import lightning
+    import torch
+    import transformers
+
+    try:
+        import trl
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible (use --device cpu --fixture tiny)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "lightning": lightning.__version__,
+            "trl": trl_version,
+            "device_name": torch.cuda.get_device_name() if args.device == "cuda"
+            else "CPU"}
+    peak = matmul_peak_tflops(args.device)
+    print(f"{meta['device_name']}: matmul peak {peak:.1f} TFLOP/s", flush=True)
+    records = []
+    for fixture in args.fixture.split(","):
+        pt_cfgs, trl_cfgs = PLAN.get(fixture, (["default"], ["best"]))
+        pt_cfgs = args.ptlight.split(",") if args.ptlight else pt_cfgs
+        trl_cfgs = ([c for c in args.trl.split(",") if c] if args.trl is not None else trl_cfgs)
+        if trl_version is None:
+            print("TRL is not installed: ptlight runs only (pip install -e '.[bench]')")
+            trl_cfgs = []
+        spec = bench_dpo.FIXTURES[fixture]
+        rows = (args.warmup + args.steps) * spec["batch"] + 2 * spec["batch"]
+        fx = bench_dpo.build_fixture(fixture, out / "fixtures", rows, args.seed)
+        print(f"== {fixture} ({time.perf_counter() - T0:.0f} s)", flush=True)
+        runs = []
+        for fw, cfg in [*(("trl", c) for c in trl_cfgs), *(("ptlight", c) for c in pt_cfgs)]:
+            runs.append(run_child(fw, cfg, fixture, fx, args))
+            rec = summarize(fixture, runs, peak)
+            done = [*records, rec]
+            (out / "bench_gpu.json").write_text(json.dumps({"meta": meta, "records": done},
+                                                           indent=2))
+            (out / "bench_gpu.md").write_text(markdown(done, meta))
+        records.append(rec)
+    print((out / "bench_gpu.md").read_text())
+    print(f"total {time.perf_counter() - T0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
