@@ -1,0 +1,114 @@
+"""Where a run trains (ptlight.devices): CUDA + bf16-mixed when present, else the CPU in fp32;
+what the user sets is checked against the machine before any weights load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import REPO, TINY, run_cli
+from ptlight.devices import resolve_trainer
+from ptlight.errors import ConfigError
+
+
+def _gpus(monkeypatch, count: int, bf16: bool = True) -> None:
+    """Pretend ``count`` CUDA GPUs are visible (with or without bf16)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+
+
+def test_defaults_are_the_cpu_in_fp32_without_a_gpu(compose_cfg, monkeypatch):
+    _gpus(monkeypatch, 0)
+    cfg = compose_cfg()
+    assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("auto", "auto")
+    resolved = resolve_trainer(cfg.trainer)
+    assert (resolved.accelerator, resolved.precision) == ("cpu", "32-true")
+
+
+def test_defaults_are_the_gpu_in_bf16_mixed_with_one(compose_cfg, monkeypatch):
+    _gpus(monkeypatch, 2)
+    resolved = resolve_trainer(compose_cfg().trainer)
+    assert (resolved.accelerator, resolved.precision) == ("gpu", "bf16-mixed")
+    _gpus(monkeypatch, 1, bf16=False)  # pre-Ampere: fp32 unless the user says otherwise
+    assert resolve_trainer(compose_cfg().trainer).precision == "32-true"
+
+
+def test_what_the_user_sets_is_kept(compose_cfg, monkeypatch):
+    _gpus(monkeypatch, 2)
+    resolved = resolve_trainer(compose_cfg("trainer.accelerator=cpu",
+                                           "trainer.precision=bf16-mixed").trainer)
+    assert (resolved.accelerator, resolved.precision) == ("cpu", "bf16-mixed")
+    resolved = resolve_trainer(compose_cfg("trainer=ddp", "trainer.precision=32-true").trainer)
+    assert (resolved.accelerator, resolved.precision, resolved.devices) == ("gpu", "32-true", 2)
+
+
+@pytest.mark.parametrize("gpus,bf16,overrides,message", [
+    (0, True, ["trainer.accelerator=gpu"], r"trainer\.accelerator=gpu but no CUDA GPU"),
+    (1, True, ["trainer.devices=4"], r"trainer\.devices=4 but 1 CUDA GPU\(s\) are visible"),
+    (2, True, ["trainer.devices=[0,1,2]"], r"trainer\.devices=\[0, 1, 2\] but 2 CUDA"),
+    (1, False, ["trainer.precision=bf16-mixed"], r"Tesla V100\) has no bf16 support"),
+    (0, True, ["trainer.precision=fp8"], r"trainer\.precision='fp8'; use auto"),
+    (0, True, ["trainer.devices=two"], r"trainer\.devices='two'"),
+])
+def test_settings_the_machine_cannot_serve_are_refused(compose_cfg, monkeypatch, gpus, bf16,
+                                                      overrides, message):
+    _gpus(monkeypatch, gpus, bf16)
+    with pytest.raises(ConfigError, match=message):
+        resolve_trainer(compose_cfg(*overrides).trainer)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_asking_for_a_gpu_without_one_fails_before_weights_load(tmp_path):
+    out = run_cli(*TINY, "method=sft", "trainer.accelerator=gpu", f"hydra.run.dir={tmp_path}",
+                  cwd=REPO)
+    assert out.returncode == 2
+    assert "trainer.accelerator=gpu but no CUDA GPU is visible" in out.stderr
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()
+
+
+def test_the_saved_config_records_the_resolved_device(tmp_path):
+    out = run_cli(*TINY, "method=sft", "trainer.max_steps=1", "eval.before=false",
+                  "eval.val_samples=0", f"hydra.run.dir={tmp_path}", cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    saved = (tmp_path / "config.yaml").read_text()
+    expected = ("gpu", "bf16-mixed") if torch.cuda.is_available() else ("cpu", "32-true")
+    assert f"accelerator: {expected[0]}" in saved and f"precision: {expected[1]}" in saved
+
+
+def test_optimizer_offload_on_a_gpu_is_refused_before_weights_load(compose_cfg, monkeypatch,
+                                                                   tmp_path):
+    from ptlight.train import train_stage
+
+    _gpus(monkeypatch, 1)
+    cfg = compose_cfg(*TINY, "method=sft", f"optimizer_offload={tmp_path}")
+    loaded = []
+    monkeypatch.setattr("ptlight.train.build_policy", lambda *a, **k: loaded.append(1))
+    with pytest.raises(ConfigError, match=r"optimizer_offload .* CUDA GPU"):
+        train_stage(cfg, tmp_path / "run")
+    assert not loaded
+
+
+def test_packing_auto_is_on_for_the_cpu_only(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from helpers import tiny_model_cfg
+    from ptlight.backbone import build_policy, load_tokenizer
+    from ptlight.methods.preference import PreferenceMethod
+    from ptlight.objectives import build_objective
+
+    cfg = tiny_model_cfg()
+    policy = build_policy(cfg, load_tokenizer(cfg))
+    optim = OmegaConf.create({})
+
+    def method(pack):
+        return PreferenceMethod(policy, build_objective("dpo", {}), optim, None, "none",
+                                pack=pack)
+
+    auto = method("auto")
+    assert auto.packs  # on the CPU (measured 5x there; slower on an H200: README)
+    monkeypatch.setattr(PreferenceMethod, "device", property(lambda self: torch.device("cuda")))
+    assert not auto.packs and method(True).packs and not method(False).packs
+    with pytest.raises(ConfigError, match=r"method\.pack='yes'; use auto, true or false"):
+        method("yes")
