@@ -23,8 +23,10 @@ fp32-rounding differences in training into different gold figures, so a layer th
 "equal within rounding" (a closed-form RMSNorm backward was tried: 35 MB less at the
 benchmark's peak) would change every reproduced result table.
 
-FSDP runs keep the stock layer (``train_stage`` does not install it there): FSDP manages
-the unsharded weights that autograd saves, and this node should not second-guess it.
+It is a CPU measure (measured there: ``scripts/bench_dpo.py``), so GPU runs keep the stock
+layer, and so do FSDP runs, since FSDP manages the unsharded weights that autograd saves and
+this node should not second-guess it: ``train_stage`` installs it on single-process or DDP
+runs on the CPU only.
 """
 
 from __future__ import annotations
