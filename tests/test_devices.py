@@ -112,3 +112,24 @@ def test_packing_auto_is_on_for_the_cpu_only(monkeypatch):
     assert not auto.packs and method(True).packs and not method(False).packs
     with pytest.raises(ConfigError, match=r"method\.pack='yes'; use auto, true or false"):
         method("yes")
+
+
+def test_fused_adamw_on_cuda_for_every_method_and_on_cpu_where_the_method_asks():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from ptlight.methods.common import configure_optim
+
+    cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.95],
+                            "scheduler": "constant", "warmup_ratio": 0.0})
+
+    class Module(torch.nn.Linear):
+        trainer = SimpleNamespace(estimated_stepping_batches=10)
+
+    def fused(**kwargs):
+        groups = configure_optim(Module(2, 2), cfg, **kwargs)["optimizer"].param_groups
+        return {g["fused"] for g in groups}
+
+    assert fused(fused_on_cpu=True) == {True}  # the preference methods on the CPU
+    assert fused() == {None}  # sft/rm/ppo on the CPU: torch's default (their result tables)

@@ -269,4 +269,4 @@ class PreferenceMethod(L.LightningModule):
         shard_method(self)
 
     def configure_optimizers(self) -> dict:
-        return configure_optim(self, self.optim_cfg)
+        return configure_optim(self, self.optim_cfg, fused_on_cpu=True)
