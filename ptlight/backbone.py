@@ -82,6 +82,10 @@ def _from_pretrained(loader, source: str, what: str, **kwargs):
     uncached hub id is only fetched when the hub answers one quick connect; otherwise (offline,
     firewalled) the user gets one message instead of a minute of retries.
     """
+    trust = kwargs.get("trust_remote_code", False)
+    if not isinstance(trust, bool):  # "false" as a string is truthy: refuse (ptlight.validate)
+        raise ConfigError(f"trust_remote_code={trust!r} for the {what} of {source!r}: a boolean "
+                          "only, written unquoted (false or true)")
     try:
         return loader.from_pretrained(source, local_files_only=True, **kwargs)
     except Exception as local_exc:

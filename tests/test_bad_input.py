@@ -247,3 +247,58 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path):
     out = run_cli("method=nope", f"hydra.run.dir={tmp_path / 'run2'}", cwd=REPO)
     assert out.returncode == 1 and "Available options in 'method'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fail the test if a tokenizer or model is loaded: config values are checked first."""
+    import ptlight.train
+
+    for name in ("load_tokenizer", "build_policy"):
+        monkeypatch.setattr(ptlight.train, name, lambda *a, _n=name: pytest.fail(f"{_n} ran"))
+
+
+CONFIG_CASES = [
+    ("data.batch_size=0", r"data\.batch_size=0: examples per device per step; write a whole "
+                          r"number >= 1, e\.g\. data\.batch_size=8"),
+    ("data.batch_size=-4", r"data\.batch_size=-4: examples per device"),
+    ("data.batch_size=abc", r"data\.batch_size='abc': examples per device"),
+    ("data.max_length=0", r"data\.max_length=0: tokens of prompt \+ completion; a row needs at "
+                          r"least one of each; write a whole number >= 2"),
+    ("data.max_length=1", r"data\.max_length=1: tokens of prompt"),
+    ("data.val_size=0", r"data\.val_size=0: rows held out for validation \(or set "
+                        r"data\.val_path=<file>\)"),
+    ("method.optim.lr=nan", r"method\.optim\.lr=nan: the learning rate must be a finite number "
+                            r"> 0\.0; e\.g\. method\.optim\.lr=5e-5"),
+    ("method.optim.lr=-1e-3", r"method\.optim\.lr=-0\.001: the learning rate must be"),
+    ("method.optim.lr=fast", r"method\.optim\.lr='fast': the learning rate must be"),
+    ("method.optim.warmup_ratio=2", r"method\.optim\.warmup_ratio=2: the share of steps spent "
+                                    r"warming up must be a finite number >= 0\.0 and <= 1\.0"),
+    ("method.optim.weight_decay=-1", r"method\.optim\.weight_decay=-1: the weight decay"),
+    ("method.optim.betas=[0.9]", r"method\.optim\.betas=\[0\.9\]: AdamW takes two numbers"),
+    ("method.optim.betas=[0.9,1.0]", r"method\.optim\.betas\[1\]=1\.0: an AdamW beta must be "
+                                     r"below 1"),
+    ("method.optim.scheduler=cosine_annealing",
+     r"method\.optim\.scheduler='cosine_annealing' is not a schedule ptlight can run; use one of "
+     r"linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, "
+     r"inverse_sqrt"),
+    ("method.optim.scheduler=reduce_lr_on_plateau", r"scheduler='reduce_lr_on_plateau' is not"),
+    ("trainer.max_steps=-1", r"trainer\.max_steps=-1: the number of optimiser steps, a whole "
+                             r"number >= 1 .*or trainer\.max_steps=-1 together with "
+                             r"trainer\.max_epochs=<N>"),
+    ("trainer.max_steps=0", r"trainer\.max_steps=0: the number of optimiser steps"),
+]
+
+
+@pytest.mark.parametrize("override,message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_values_fail_before_anything_loads(compose_cfg, tmp_path, nothing_loads, override,
+                                               message):
+    with pytest.raises(ConfigError, match=message):
+        _stage(compose_cfg, tmp_path, "dpo", override)
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_max_steps_minus_one_runs_max_epochs(compose_cfg, tmp_path, nothing_loads):
+    """Lightning's "no step limit" is fine when an epoch limit ends the run."""
+    with pytest.raises(pytest.fail.Exception, match="load_tokenizer ran"):  # past the checks
+        _stage(compose_cfg, tmp_path, "dpo", "trainer.max_steps=-1", "trainer.max_epochs=1")
