@@ -141,7 +141,8 @@ def test_parquet_and_bundled_task(tok, tmp_path):
     dm = PtlDataModule(data_cfg(task="sort"), tok, "pairwise")
     dm.setup()
     assert dm.report() == {"train_rows": 16, "val_rows": 4, "dropped": 0,
-                           "dropped_by_reason": {}, "truncated": 0}
+                           "dropped_by_reason": {}, "truncated": 0,
+                           "special_tokens_as_text": 0, "notes": []}
 
 
 # ---- unpaired and listwise shapes ----------------------------------------------------------
