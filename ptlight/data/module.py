@@ -398,6 +398,7 @@ class PtlDataModule(L.LightningDataModule):
                 self.dropped[str(exc)] += 1
                 continue
             self.truncated += sum(it.enc.truncated for it in items)
+            self.special_as_text += sum(it.enc.special_as_text for it in items)
             out.extend(items)
         if not out:
             reasons = "; ".join(f"{n}x {why}" for why, n in self.dropped.most_common(3))
