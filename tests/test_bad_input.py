@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 from importlib.metadata import EntryPoint
 
@@ -464,3 +465,58 @@ def test_kto_data_with_one_kind_of_label_is_refused(compose_cfg, tmp_path, no_we
                        rf"and undesirable \(label false\) examples; the training split has {good} "
                        rf"desirable and {bad} undesirable\. Add rows of the missing kind"):
         _stage(compose_cfg, tmp_path, "kto", f"data.path={path}", "data.task=null")
+
+
+# ---- logger=wandb with credentials but no network ---------------------------------------------
+def test_wandb_without_network_goes_offline_in_seconds(monkeypatch, capfd):
+    """This machine has no route to api.wandb.ai: the probe answers in seconds, not minutes."""
+    import time
+
+    from ptlight.config import wandb_offline
+
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    started = time.monotonic()
+    assert wandb_offline() is True and wandb_offline() is True
+    assert time.monotonic() - started < 10
+    err = capfd.readouterr().err
+    assert err.count("[ptlight] wandb: https://api.wandb.ai does not answer (no network?); "
+                     "logging offline under <run dir>/wandb, upload later with `wandb sync") == 1
+
+
+def test_wandb_with_a_server_that_answers_stays_online(monkeypatch):
+    import socket
+
+    from ptlight.config import wandb_offline
+
+    server = socket.create_server(("127.0.0.1", 0))  # a local "wandb server" that accepts
+    try:
+        monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert wandb_offline() is False
+        monkeypatch.delenv("WANDB_API_KEY")
+        monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.netrc login either
+        assert wandb_offline() is True  # no credentials: offline, as before
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_wandb_run_without_network_finishes_offline(tmp_path):
+    import os
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_API_KEY="0" * 40, HF_HUB_OFFLINE="1", HOME=str(tmp_path))
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "ptlight", "method=sft", "logger=wandb", "eval.before=false",
+         f"hydra.run.dir={tmp_path / 'run'}", *TINY],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("[ptlight] wandb: https://api.wandb.ai does not answer") == 1
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert "offline: true" in (tmp_path / "run" / "config.yaml").read_text()
+    print(f"run took {time.monotonic() - started:.0f} s")
