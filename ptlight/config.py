@@ -48,7 +48,14 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-_WANDB_HOST = "https://api.wandb.ai"
+def wandb_base_url() -> str:
+    """The server wandb talks to: ``WANDB_BASE_URL``, else wandb's own default (it moves
+    between releases: https://api.wandb.ai, https://api.forge.coreweave.com)."""
+    if os.environ.get("WANDB_BASE_URL"):
+        return os.environ["WANDB_BASE_URL"]
+    from wandb.sdk.wandb_settings import Settings
+
+    return Settings().base_url
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,10 +76,10 @@ def _answers(host: str, port: int, timeout: float) -> bool:
 
 
 def wandb_reachable(timeout: float = 3.0) -> bool:
-    """Whether the wandb server (``WANDB_BASE_URL``, or the ``HTTPS_PROXY`` in front of it)
+    """Whether the wandb server (:func:`wandb_base_url`, or the ``HTTPS_PROXY`` in front of it)
     answers a TCP connect within ``timeout`` seconds; the answer is kept for the process."""
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    url = urlparse(proxy or os.environ.get("WANDB_BASE_URL", _WANDB_HOST))
+    url = urlparse(proxy or wandb_base_url())
     return _answers(url.hostname or "", url.port or (443 if url.scheme == "https" else 80),
                     timeout)
 
@@ -84,13 +91,13 @@ def wandb_offline() -> bool:
     """``logger=wandb`` logs offline (files under the run dir) without credentials, and with
     credentials when the server does not answer a quick connect: then one line says so, instead
     of wandb retrying for minutes and failing the run."""
-    if not wandb_has_credentials():
+    if not wandb_has_credentials() or os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
         return True
     if wandb_reachable():
         return False
     from lightning.pytorch.utilities import rank_zero_only
 
-    host = os.environ.get("WANDB_BASE_URL", _WANDB_HOST)
+    host = wandb_base_url()
     if rank_zero_only.rank == 0 and host not in _TOLD:
         _TOLD.add(host)
         print(f"[ptlight] wandb: {host} does not answer (no network?); logging offline under "
