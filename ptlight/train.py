@@ -46,9 +46,9 @@ from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
 from ptlight.report import write_model_card, write_pipeline_report, write_run_report
-from ptlight.validate import check_config
 from ptlight.strategy import (ShardReference, build_strategy, check_pipeline_launch,
                               fsdp_without_rank0_generation, full_policy_state, is_fsdp)
+from ptlight.validate import check_config
 
 log = logging.getLogger(__name__)
 
