@@ -44,6 +44,11 @@ _WAYS_OUT = (
 )
 
 
+# Any one of these makes a directory loadable by AutoTokenizer (fast, BPE or SentencePiece).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                    "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
 def _check_local_dir(path: str) -> None:
     p = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or path.count("/") >= 2  # hub ids: org/name
@@ -82,6 +87,10 @@ def _from_pretrained(loader, source: str, what: str, **kwargs):
     uncached hub id is only fetched when the hub answers one quick connect; otherwise (offline,
     firewalled) the user gets one message instead of a minute of retries.
     """
+    trust = kwargs.get("trust_remote_code", False)
+    if not isinstance(trust, bool):  # "false" as a string is truthy: refuse (ptlight.validate)
+        raise ConfigError(f"trust_remote_code={trust!r} for the {what} of {source!r}: a boolean "
+                          "only, written unquoted (false or true)")
     try:
         return loader.from_pretrained(source, local_files_only=True, **kwargs)
     except Exception as local_exc:
@@ -110,6 +119,14 @@ def load_tokenizer(model_cfg: DictConfig):
         adapter = _adapter_dir(source)
         if adapter is not None and not (adapter / "tokenizer_config.json").is_file():
             source = _adapter_base(adapter)  # an adapter saved without its tokenizer
+    local = Path(source).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
+        key = "model.tokenizer" if source == model_cfg.tokenizer else "model.path"
+        raise ModelLoadError(
+            f"{key}={source!r} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...). "
+            "Copy the model's tokenizer files there (tokenizer.save_pretrained), or set "
+            "model.tokenizer=<dir or hub id of its tokenizer>."
+        )
     tok = _from_pretrained(AutoTokenizer, source, "tokenizer",
                            trust_remote_code=model_cfg.trust_remote_code)
     if tok.pad_token_id is None:

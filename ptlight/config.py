@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import netrc
 import os
+import socket
+import sys
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
@@ -43,6 +48,64 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+def wandb_base_url() -> str:
+    """The server wandb talks to: ``WANDB_BASE_URL``, else wandb's own default (it moves
+    between releases: https://api.wandb.ai, https://api.forge.coreweave.com)."""
+    if os.environ.get("WANDB_BASE_URL"):
+        return os.environ["WANDB_BASE_URL"]
+    from wandb.sdk.wandb_settings import Settings
+
+    return Settings().base_url
+
+
+@functools.lru_cache(maxsize=None)
+def _answers(host: str, port: int, timeout: float) -> bool:
+    """One TCP connect (name lookup included) within ``timeout`` seconds."""
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    ok: list[bool] = []
+    probe = threading.Thread(target=connect, daemon=True)  # a name lookup ignores the timeout
+    probe.start()
+    probe.join(timeout)
+    return bool(ok)
+
+
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    """Whether the wandb server (:func:`wandb_base_url`, or the ``HTTPS_PROXY`` in front of it)
+    answers a TCP connect within ``timeout`` seconds; the answer is kept for the process."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or wandb_base_url())
+    return _answers(url.hostname or "", url.port or (443 if url.scheme == "https" else 80),
+                    timeout)
+
+
+_TOLD: set[str] = set()  # wandb hosts the user was told about (one line per host and process)
+
+
+def wandb_offline() -> bool:
+    """``logger=wandb`` logs offline (files under the run dir) without credentials, and with
+    credentials when the server does not answer a quick connect: then one line says so, instead
+    of wandb retrying for minutes and failing the run."""
+    if not wandb_has_credentials() or os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+        return True
+    if wandb_reachable():
+        return False
+    from lightning.pytorch.utilities import rank_zero_only
+
+    host = wandb_base_url()
+    if rank_zero_only.rank == 0 and host not in _TOLD:
+        _TOLD.add(host)
+        print(f"[ptlight] wandb: {host} does not answer (no network?); logging offline under "
+              "<run dir>/wandb, upload later with `wandb sync <run dir>/wandb/offline-run-*`",
+              file=sys.stderr)
+    return True
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ptlight.wandb_offline"):
-        OmegaConf.register_new_resolver("ptlight.wandb_offline", lambda: not wandb_has_credentials())
+        OmegaConf.register_new_resolver("ptlight.wandb_offline", wandb_offline)

@@ -50,6 +50,7 @@ from ptlight.report import write_model_card, write_pipeline_report, write_run_re
 from ptlight.strategy import (build_strategy, check_pipeline_launch,
                               fsdp_without_rank0_generation, full_module_state, is_fsdp,
                               submodule_state)
+from ptlight.validate import check_config
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def _resumes(cfg: DictConfig, run_dir: Path) -> bool:
 def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one method on one config; returns the eval report (also written to eval.json)."""
     started = time.time()
+    check_config(cfg)  # before anything is written or loaded (ptlight.validate)
     if cfg.get("malloc_mmap_threshold"):  # opt-in: lower peak RSS, slower steps (ptlight.memory)
         pin_mmap_threshold(int(cfg.malloc_mmap_threshold))
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -52,3 +52,23 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
         [sys.executable, "-m", "ptlight", *args], cwd=cwd, env=full_env, capture_output=True,
         text=True, timeout=timeout,
     )
+
+
+def venv_with_our_packages(venv: Path) -> Path:
+    """A fresh virtualenv at ``venv`` that imports the packages this interpreter has (torch,
+    transformers, ...) but nothing installed in it yet; returns its python.
+
+    ``venv --system-site-packages`` would not do: run from inside a virtualenv it exposes the
+    *base* interpreter's site-packages, not the virtualenv's, where the README's install put the
+    dependencies. So the new venv gets a ``.pth`` file naming this interpreter's site dirs. A
+    ``.pth`` line only adds a directory (the ``.pth`` files inside it, such as an editable
+    install's finder, are not run), so whatever is installed into the new venv comes first.
+    """
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; "
+                              "print(sysconfig.get_paths()['purelib'])"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    (Path(purelib) / "_parent_site.pth").write_text("\n".join(ours) + "\n")
+    return python

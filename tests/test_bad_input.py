@@ -5,7 +5,9 @@ an unknown config group option) and that it names the file and row, or the key t
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 import sys
 from importlib.metadata import EntryPoint
 
@@ -247,3 +249,277 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path):
     out = run_cli("method=nope", f"hydra.run.dir={tmp_path / 'run2'}", cwd=REPO)
     assert out.returncode == 1 and "Available options in 'method'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fail the test if a tokenizer or model is loaded: config values are checked first."""
+    import ptlight.train
+
+    for name in ("load_tokenizer", "build_policy"):
+        monkeypatch.setattr(ptlight.train, name, lambda *a, _n=name: pytest.fail(f"{_n} ran"))
+
+
+CONFIG_CASES = [
+    ("data.batch_size=0", r"data\.batch_size=0: examples per device per step; write a whole "
+                          r"number >= 1, e\.g\. data\.batch_size=8"),
+    ("data.batch_size=-4", r"data\.batch_size=-4: examples per device"),
+    ("data.batch_size=abc", r"data\.batch_size='abc': examples per device"),
+    ("data.max_length=0", r"data\.max_length=0: tokens of prompt \+ completion; a row needs at "
+                          r"least one of each; write a whole number >= 2"),
+    ("data.max_length=1", r"data\.max_length=1: tokens of prompt"),
+    ("data.val_size=0", r"data\.val_size=0: rows held out for validation \(or set "
+                        r"data\.val_path=<file>\)"),
+    ("method.optim.lr=nan", r"method\.optim\.lr=nan: the learning rate must be a finite number "
+                            r"> 0\.0; e\.g\. method\.optim\.lr=5e-5"),
+    ("method.optim.lr=-1e-3", r"method\.optim\.lr=-0\.001: the learning rate must be"),
+    ("method.optim.lr=fast", r"method\.optim\.lr='fast': the learning rate must be"),
+    ("method.optim.warmup_ratio=2", r"method\.optim\.warmup_ratio=2: the share of steps spent "
+                                    r"warming up must be a finite number >= 0\.0 and <= 1\.0"),
+    ("method.optim.weight_decay=-1", r"method\.optim\.weight_decay=-1: the weight decay"),
+    ("method.optim.betas=[0.9]", r"method\.optim\.betas=\[0\.9\]: AdamW takes two numbers"),
+    ("method.optim.betas=[0.9,1.0]", r"method\.optim\.betas\[1\]=1\.0: an AdamW beta must be "
+                                     r"below 1"),
+    ("method.optim.scheduler=cosine_annealing",
+     r"method\.optim\.scheduler='cosine_annealing' is not a schedule ptlight can run; use one of "
+     r"linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, "
+     r"inverse_sqrt"),
+    ("method.optim.scheduler=reduce_lr_on_plateau", r"scheduler='reduce_lr_on_plateau' is not"),
+    ("trainer.max_steps=-1", r"trainer\.max_steps=-1: the number of optimiser steps, a whole "
+                             r"number >= 1 .*or trainer\.max_steps=-1 together with "
+                             r"trainer\.max_epochs=<N>"),
+    ("trainer.max_steps=0", r"trainer\.max_steps=0: the number of optimiser steps"),
+]
+
+
+@pytest.mark.parametrize("override,message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_values_fail_before_anything_loads(compose_cfg, tmp_path, nothing_loads, override,
+                                               message):
+    with pytest.raises(ConfigError, match=message):
+        _stage(compose_cfg, tmp_path, "dpo", override)
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_max_steps_minus_one_runs_max_epochs(compose_cfg, tmp_path, nothing_loads):
+    """Lightning's "no step limit" is fine when an epoch limit ends the run."""
+    with pytest.raises(pytest.fail.Exception, match="load_tokenizer ran"):  # past the checks
+        _stage(compose_cfg, tmp_path, "dpo", "trainer.max_steps=-1", "trainer.max_epochs=1")
+
+
+# ---- data files: each error names the file (and row or line) and the fix --------------------
+def _data(compose_cfg, kind, *overrides):
+    """A set-up data module of ``kind`` on the composed ``data``/``model`` config."""
+    from ptlight.backbone import load_tokenizer
+    from ptlight.data.module import PtlDataModule
+
+    cfg = compose_cfg("method=sft", "data.task=null", *overrides)
+    dm = PtlDataModule(cfg.data, load_tokenizer(cfg.model), kind)
+    dm.setup()
+    return dm
+
+
+def test_small_files_hold_out_one_row_and_one_row_is_refused(compose_cfg, tmp_path, no_weights,
+                                                             capsys):
+    path = _jsonl(tmp_path, [GOOD_SFT] * 5)
+    dm = _data(compose_cfg, "sft", f"data.path={path}")  # under 10 rows: 4 train + 1 held out
+    assert (dm.report()["train_rows"], dm.report()["val_rows"]) == (4, 1)
+    assert dm.report()["notes"] == [f"data.val_size=64 but {path} has 5 rows: 1 held out for "
+                                    "validation (at most a tenth of the rows); set "
+                                    "data.val_path=<file> to validate on rows of your own"]
+    assert f"[ptlight] data: data.val_size=64 but {path} has 5 rows" in capsys.readouterr().out
+    one = _jsonl(tmp_path, [GOOD_SFT], "one.jsonl")
+    with pytest.raises(DataError, match=r"one\.jsonl: 1 row; a file needs at least 2 \(one to "
+                       r"train on, one held out for validation\)\. Add rows, or set "
+                       r"data\.val_path=<file>"):
+        _stage(compose_cfg, tmp_path, "sft", f"data.path={one}", "data.task=null")
+
+
+def test_val_size_within_a_tenth_is_taken_as_given(compose_cfg, tmp_path):
+    path = _jsonl(tmp_path, [GOOD_SFT] * 50)
+    dm = _data(compose_cfg, "sft", f"data.path={path}", "data.val_size=3")
+    assert (dm.report()["train_rows"], dm.report()["val_rows"], dm.report()["notes"]) == (47, 3, [])
+
+
+@pytest.mark.parametrize("name,content", [("empty.jsonl", ""), ("blank.jsonl", "\n \n\r\n\n"),
+                                          ("empty.json", ""), ("empty.csv", ""),
+                                          ("header.csv", "prompt,completion\n"),
+                                          ("array.json", "[]")])
+def test_empty_files(compose_cfg, tmp_path, no_weights, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=rf"{name}: no rows \(the file is empty or holds only "
+                       r"blank lines\); point data\.path at a file with data"):
+        _stage(compose_cfg, tmp_path, "sft", f"data.path={tmp_path / name}", "data.task=null")
+
+
+@pytest.mark.parametrize("path", ["data/train.txt", "data/train.jsonl", "notes/sft",
+                                  "train.txt", "./train"])
+def test_missing_local_path_is_not_looked_up_on_the_hub(compose_cfg, tmp_path, no_weights,
+                                                        monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(DataError, match=rf"'{re.escape(path)}': no such file or directory "
+                       r"\(relative to .*\); fix data\.path \(a hub data set id looks like "
+                       r"org/name\)"):
+        _stage(compose_cfg, tmp_path, "sft", f"data.path={path}", "data.task=null")
+
+
+def test_numeric_strings_keep_their_type_so_the_bad_row_is_named(compose_cfg, tmp_path,
+                                                                 no_weights):
+    rows = [{"prompt": "12", "completion": " 34"}] * 20  # valid rows of digits
+    path = _jsonl(tmp_path, _with(rows, 7, {"prompt": "12", "completion": 34}))
+    with pytest.raises(DataError, match=r"data\.jsonl, row 7: column 'completion' must be a "
+                       r"string or a list of \{'role', 'content'\} messages, got int"):
+        _stage(compose_cfg, tmp_path, "sft", f"data.path={path}", f"data.val_path={path}",
+               "data.task=null")
+
+
+def test_csv_cells_are_strings_except_label_and_margin(compose_cfg, tmp_path, no_weights):
+    sft = tmp_path / "sft.csv"
+    sft.write_text("prompt,completion\n" + "42,NA\n" * 10 + "Q: null?,None\n" * 10)
+    dm = _data(compose_cfg, "sft", f"data.path={sft}")
+    assert dm.report()["train_rows"] + dm.report()["val_rows"] == 20
+    kto = tmp_path / "kto.csv"  # a BOM and CRLF line ends too
+    kto.write_bytes(b"\xef\xbb\xbfprompt,completion,label\r\n"
+                    + b"Q:,1,TRUE\r\n" * 10 + b"Q:,2,false\r\n" * 10)
+    dm = _data(compose_cfg, "unpaired", f"data.path={kto}", f"data.val_path={kto}")
+    assert sorted(it.label for it in dm.val) == [False] * 10 + [True] * 10
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,completion,label\n" + "Q:,a,true\n" * 5 + "Q:,b,maybe\n"
+                   + "Q:,c,0\n" * 5)
+    with pytest.raises(DataError, match=r"bad\.csv, row 5: column 'label' must be a boolean "
+                       r"\(true/false or 1/0\), got 'maybe'"):
+        _stage(compose_cfg, tmp_path, "kto", f"data.path={bad}", f"data.val_path={bad}",
+               "data.task=null")
+    extra = tmp_path / "extra.csv"
+    extra.write_text("prompt,completion\n" + "Q:,a\n" * 3 + "Q:,b,c\n")
+    with pytest.raises(DataError, match=r"extra\.csv, line 5: 3 cells but the header has 2 "
+                       r"columns"):
+        _stage(compose_cfg, tmp_path, "sft", f"data.path={extra}", "data.task=null")
+
+
+def test_json_array_and_bom_jsonl_read_as_rows(compose_cfg, tmp_path):
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([GOOD_SFT] * 20))
+    assert _data(compose_cfg, "sft", f"data.path={array}").report()["train_rows"] == 18
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(GOOD_SFT).encode()
+                                                   for _ in range(20)) + b"\r\n")
+    assert _data(compose_cfg, "sft", f"data.path={bom}").report()["train_rows"] == 18
+
+
+MESSAGE_CASES = {
+    "no content": ({"prompt": U, "completion": [{"role": "assistant"}]},
+                   r"column 'completion', message 0 has no 'content' \(it has \['role'\]\)"),
+    "content not a string": ({"prompt": [{"role": "user", "content": ["hi"]}], "completion": A},
+                             r"column 'prompt', message 0: 'content' must be a string, got list"),
+    "unknown role": ({"prompt": [{"role": "wizard", "content": "hi"}], "completion": A},
+                     r"column 'prompt', message 0 has role 'wizard'; the roles chat templates "
+                     r"know are system, user, assistant, tool"),
+    "no role": ({"prompt": [{"content": "hi"}], "completion": A},
+                r"column 'prompt', message 0 has role None"),
+    "not an object": ({"prompt": ["hi"], "completion": A},
+                      r"column 'prompt', message 0 is a str, not a \{'role', 'content'\} object"),
+}
+
+
+@pytest.mark.parametrize("case", MESSAGE_CASES)
+def test_bad_messages_name_the_message(compose_cfg, tmp_path, no_weights, case):
+    row, message = MESSAGE_CASES[case]
+    path = _jsonl(tmp_path, _with([GOOD_SFT] * 20, 3, row))
+    with pytest.raises(DataError, match=r"data\.jsonl, row 3: " + message):
+        _stage(compose_cfg, tmp_path, "sft", f"data.path={path}", f"data.val_path={path}",
+               "data.task=null")
+
+
+def test_model_dir_without_tokenizer_files(compose_cfg, tmp_path, no_weights):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=rf"model\.path='{model}' holds no tokenizer files "
+                       r"\(tokenizer\.json, tokenizer_config\.json, tokenizer\.model, \.\.\.\)\. "
+                       r"Copy the model's tokenizer files there"):
+        _stage(compose_cfg, tmp_path, "sft", f"model.path={model}")
+    with pytest.raises(ModelLoadError, match=rf"model\.tokenizer='{model}' holds no tokenizer"):
+        _stage(compose_cfg, tmp_path, "sft", f"model.tokenizer={model}")
+
+
+def test_text_files_are_refused_alone_and_in_a_directory(compose_cfg, tmp_path, no_weights):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("remember the milk\n")
+    (notes / "b.txt").write_text("call back\n")
+    with pytest.raises(DataError, match=r"notes: a directory with no "
+                       r"\.csv/\.json/\.jsonl/\.parquet files \(found: a\.txt, b\.txt\); point "
+                       r"data\.path at a data file or a directory of them"):
+        _stage(compose_cfg, tmp_path, "sft", f"data.path={notes}", "data.task=null")
+    with pytest.raises(DataError, match=r"a\.txt: unsupported file type '\.txt'"):
+        _stage(compose_cfg, tmp_path, "sft", f"data.path={notes / 'a.txt'}", "data.task=null")
+
+
+@pytest.mark.parametrize("label", [True, False])
+def test_kto_data_with_one_kind_of_label_is_refused(compose_cfg, tmp_path, no_weights, label):
+    path = _jsonl(tmp_path, [{**GOOD_SFT, "label": label}] * 20)
+    good, bad = (18, 0) if label else (0, 18)
+    with pytest.raises(DataError, match=rf"data\.jsonl: KTO needs both desirable \(label true\) "
+                       rf"and undesirable \(label false\) examples; the training split has {good} "
+                       rf"desirable and {bad} undesirable\. Add rows of the missing kind"):
+        _stage(compose_cfg, tmp_path, "kto", f"data.path={path}", "data.task=null")
+
+
+# ---- logger=wandb with credentials but no network ---------------------------------------------
+def test_wandb_without_network_goes_offline_in_seconds(monkeypatch, capfd):
+    """This machine has no route to api.wandb.ai: the probe answers in seconds, not minutes."""
+    import time
+
+    from ptlight.config import wandb_base_url, wandb_offline
+
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # conftest's offline mode skips the probe
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    assert wandb_base_url().startswith("https://api.")  # wandb's default server
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    started = time.monotonic()
+    assert wandb_offline() is True and wandb_offline() is True
+    assert time.monotonic() - started < 10
+    err = capfd.readouterr().err
+    assert err.count(f"[ptlight] wandb: {wandb_base_url()} does not answer (no network?); "
+                     "logging offline under <run dir>/wandb, upload later with `wandb sync") == 1
+
+
+def test_wandb_with_a_server_that_answers_stays_online(monkeypatch):
+    import socket
+
+    from ptlight.config import wandb_offline
+
+    server = socket.create_server(("127.0.0.1", 0))  # a local "wandb server" that accepts
+    try:
+        monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert wandb_offline() is False
+        monkeypatch.delenv("WANDB_API_KEY")
+        monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.netrc login either
+        assert wandb_offline() is True  # no credentials: offline, as before
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_wandb_run_without_network_finishes_offline(tmp_path):
+    import os
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_API_KEY="0" * 40, HF_HUB_OFFLINE="1", HOME=str(tmp_path))
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "ptlight", "method=sft", "logger=wandb", "eval.before=false",
+         f"hydra.run.dir={tmp_path / 'run'}", *TINY],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("does not answer (no network?); logging offline") == 1
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert "offline: true" in (tmp_path / "run" / "config.yaml").read_text()
+    print(f"run took {time.monotonic() - started:.0f} s")

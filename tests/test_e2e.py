@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import REPO, TINY, run_cli
+from helpers import REPO, TINY, run_cli, venv_with_our_packages
 
 pytestmark = pytest.mark.slow
 
@@ -155,9 +155,7 @@ def test_wheel_install_finds_its_configs(tmp_path):
     _ok(subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                         "-w", str(wheels), str(REPO)], capture_output=True, text=True))
     venv = tmp_path / "venv"
-    _ok(subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                       capture_output=True, text=True))
-    py = venv / "bin" / "python"
+    py = venv_with_our_packages(venv)  # works inside a virtualenv and outside one
     _ok(subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index",
                         str(next(wheels.glob("ptlight-*.whl")))], capture_output=True, text=True))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

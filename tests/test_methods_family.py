@@ -160,7 +160,7 @@ def test_mismatched_pairs_respect_max_length(tok, tmp_path):
 
 
 def test_a_last_batch_of_one_unpaired_example_is_dropped(tok, tmp_path):
-    rows = [{"prompt": f"q{i}", "completion": f" a{i}", "label": True} for i in range(5)]
+    rows = [{"prompt": f"q{i}", "completion": f" a{i}", "label": i % 2 == 0} for i in range(5)]
     dm = PtlDataModule(_data_cfg(_jsonl(tmp_path / "u.jsonl", rows), batch_size=2), tok,
                        "unpaired")
     dm.setup()

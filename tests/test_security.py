@@ -120,3 +120,54 @@ def test_wandb_api_key_never_lands_in_the_run_dir_or_logs(tmp_path):
     assert secret not in proc.stdout + proc.stderr
     leaks = [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaks == []
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fail the test if a tokenizer or model is loaded: the flags are checked first."""
+    import ptlight.train
+
+    for name in ("load_tokenizer", "build_policy"):
+        monkeypatch.setattr(ptlight.train, name, lambda *a, _n=name: pytest.fail(f"{_n} ran"))
+
+
+@pytest.mark.parametrize("value", ["'false'", "no", "'true'", "off", "0", "1"])
+def test_trust_remote_code_takes_a_real_bool_only(compose_cfg, tmp_path, nothing_loads, value):
+    from ptlight.errors import ConfigError
+    from ptlight.train import train_stage
+
+    cfg = compose_cfg("method=sft", f"model.trust_remote_code={value}", *TINY)
+    with pytest.raises(ConfigError, match=r"model\.trust_remote_code=.*: this security setting "
+                       r"takes a boolean only, written unquoted"):
+        train_stage(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # not even config.yaml is written
+
+
+def test_security_flags_anywhere_in_the_tree_and_from_the_environment(compose_cfg, tmp_path,
+                                                                      nothing_loads, monkeypatch):
+    from ptlight.errors import ConfigError
+    from ptlight.train import train_stage
+
+    monkeypatch.setenv("PTL_TRUST", "false")  # an environment variable is always a string
+    cases = {"model.trust_remote_code=${oc.env:PTL_TRUST}": r"model\.trust_remote_code='false'",
+             "+judge.trust_remote_code=no": r"judge\.trust_remote_code='no'",
+             "+data.allow_pickle=yes": r"data\.allow_pickle='yes'"}
+    for override, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            train_stage(compose_cfg("method=sft", override, *TINY), tmp_path / "run")
+    for ok in ("true", "false"):  # real booleans pass the check (and then load the tokenizer)
+        with pytest.raises(pytest.fail.Exception, match="load_tokenizer ran"):
+            train_stage(compose_cfg("method=sft", f"model.trust_remote_code={ok}", *TINY),
+                        tmp_path / "run")
+
+
+def test_the_model_loader_refuses_a_string_flag_too():
+    """ptlight.eval, ptlight.label and the judges load through the same loader."""
+    from ptlight import backbone
+    from ptlight.errors import ConfigError
+
+    cfg = tiny_model_cfg()
+    cfg.trust_remote_code = "false"
+    with pytest.raises(ConfigError, match=r"trust_remote_code='false' for the tokenizer of "
+                       r"'.*lfm2-tiny-tokenizer': a boolean only"):
+        backbone.load_tokenizer(cfg)

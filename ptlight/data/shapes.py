@@ -24,7 +24,8 @@ different ratings are a bad row. Every listwise row of a split must have the sam
 data module checks (a batch is ``[B, K]``).
 
 Every text field is either a string ("standard" data, used as-is) or a list of
-``{"role", "content"}`` messages ("conversational" data, rendered with the chat template).
+``{"role", "content"}`` messages ("conversational" data, rendered with the chat template); a
+message's role is one of :data:`ROLES` and its content a string.
 A row that does not fit raises :class:`BadRow` with the reason; the data module turns it
 into an error naming the file and row, or drops and counts it (``data.on_bad_row=drop``).
 """
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 Text = str | list[dict[str, str]]
+ROLES = ("system", "user", "assistant", "tool")  # the roles of a message (HF chat templates)
 
 
 class BadRow(ValueError):
@@ -77,10 +79,8 @@ def _check_value(value: Any, key: str, allow_empty: bool = False) -> Text:
         if not value.strip() and not allow_empty:
             raise BadRow(f"column {key!r} is an empty string")
         return value
-    if isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value
-    ):
+    if isinstance(value, list):
+        _check_messages(value, key)
         if not value and not allow_empty:
             raise BadRow(f"column {key!r} is an empty message list")
         if any(not m["content"].strip() for m in value) and not allow_empty:
@@ -90,6 +90,22 @@ def _check_value(value: Any, key: str, allow_empty: bool = False) -> Text:
         f"column {key!r} must be a string or a list of {{'role', 'content'}} messages, "
         f"got {type(value).__name__}"
     )
+
+
+def _check_messages(messages: list, key: str) -> None:
+    """Each message is ``{"role": one of ROLES, "content": str}`` (other keys are ignored)."""
+    for i, m in enumerate(messages):
+        where = f"column {key!r}, message {i}"
+        if not isinstance(m, dict):
+            raise BadRow(f"{where} is a {type(m).__name__}, not a {{'role', 'content'}} object")
+        if m.get("content") is None:
+            keys = sorted(k for k in m if m[k] is not None)
+            raise BadRow(f"{where} has no 'content' (it has {keys})")
+        if not isinstance(m["content"], str):
+            raise BadRow(f"{where}: 'content' must be a string, got {type(m['content']).__name__}")
+        if m.get("role") not in ROLES:
+            raise BadRow(f"{where} has role {m.get('role')!r}; the roles chat templates know are "
+                         f"{', '.join(ROLES)}")
 
 
 def _split_messages(messages: Text, key: str) -> tuple[Text, Text]:

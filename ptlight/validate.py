@@ -1,0 +1,138 @@
+"""Config values checked before anything loads: each bad value is a
+:class:`~ptlight.errors.ConfigError` that names the key and says what to write instead.
+
+Hydra composes whatever a command line or YAML file gives, so ``data.batch_size=abc`` or
+``model.trust_remote_code="false"`` (a string, as from an environment variable or quoted YAML)
+reach the code as they are. :func:`check_config` runs first in
+:func:`ptlight.train.train_stage`; without it they would fail (or, worse, pass: any non-empty
+string is truthy) only after the weights have loaded.
+
+Checked here: security flags (real booleans only), ``data.batch_size``, ``data.max_length``,
+``data.val_size``, ``method.optim`` (``lr``, ``weight_decay``, ``betas``, ``warmup_ratio``,
+``scheduler``) and ``trainer.max_steps``. ``trainer.precision``/``accelerator``/``devices`` are
+checked where the trainer is set up (:mod:`ptlight.strategy`, :mod:`ptlight.cpu_bf16`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
+
+from ptlight.errors import ConfigError
+
+# Keys that, when true, let a file or a remote party run code or reach past a safety check.
+# Anywhere in the config tree (model, judge, reward, ...) they take a YAML boolean and nothing
+# else: "false" or "no" as a string is truthy in Python and would turn the check off.
+SECURITY_FLAG = re.compile(r"^(trust_remote_code|allow_\w+)$")
+
+# transformers.get_scheduler names that build from warmup + total steps alone and step without
+# a monitored metric (reduce_lr_on_plateau and greedy need one; cosine_with_min_lr,
+# cosine_warmup_with_min_lr and warmup_stable_decay need extra arguments ptlight does not pass).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+              "constant_with_warmup", "inverse_sqrt")
+
+# One prompt token plus one completion token: the least a row can be cut down to.
+MIN_MAX_LENGTH = 2
+
+
+def _walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, resolved value) of every leaf; values whose interpolation does not resolve
+    here (Hydra's own ``${hydra:...}``) are skipped."""
+    items = (node.items_ex(resolve=False) if isinstance(node, DictConfig)
+             else enumerate(node))
+    for key, _ in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        try:
+            value = node[key]
+        except Exception:  # an interpolation only Hydra's runtime resolves
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            yield from _walk(value, path)
+        else:
+            yield path, value
+
+
+def check_security_flags(cfg: DictConfig) -> None:
+    """Every ``trust_remote_code`` / ``allow_*`` key in the tree is a real boolean."""
+    for path, value in _walk(cfg, ""):
+        name = path.rsplit(".", 1)[-1]
+        if SECURITY_FLAG.match(name) and not isinstance(value, bool):
+            raise ConfigError(
+                f"{path}={value!r} ({type(value).__name__}): this security setting takes a "
+                f"boolean only, written unquoted: {path}=false (the default) or {path}=true. A "
+                "string such as 'false' or 'no' is not accepted, because any non-empty string "
+                "would count as true."
+            )
+
+
+def _int(value: Any, key: str, least: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{key}={value!r}: {what}; write a whole number >= {least}, "
+                          f"e.g. {key}={max(least, 8)}")
+    return value
+
+
+def _number(value: Any, key: str, low: float, high: float | None, low_open: bool,
+            what: str, example: str) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        bound += f" and <= {high}" if high is not None else ""
+        raise ConfigError(f"{key}={value!r}: {what} must be a finite number {bound}; "
+                          f"e.g. {key}={example}")
+    return float(value)
+
+
+def check_data(data: DictConfig) -> None:
+    _int(data.batch_size, "data.batch_size", 1, "examples per device per step")
+    _int(data.max_length, "data.max_length", MIN_MAX_LENGTH,
+         "tokens of prompt + completion; a row needs at least one of each")
+    if data.get("val_path") is None:
+        _int(data.val_size, "data.val_size", 1,
+             "rows held out for validation (or set data.val_path=<file>)")
+
+
+def check_optim(optim: DictConfig) -> None:
+    _number(optim.lr, "method.optim.lr", 0.0, None, True, "the learning rate", "5e-5")
+    _number(optim.weight_decay, "method.optim.weight_decay", 0.0, None, False,
+            "the weight decay", "0.0")
+    _number(optim.warmup_ratio, "method.optim.warmup_ratio", 0.0, 1.0, False,
+            "the share of steps spent warming up", "0.1")
+    betas = optim.betas
+    if not isinstance(betas, ListConfig) or len(betas) != 2:
+        raise ConfigError(f"method.optim.betas={betas!r}: AdamW takes two numbers, "
+                          "e.g. method.optim.betas=[0.9,0.95]")
+    for i, beta in enumerate(betas):
+        _number(beta, f"method.optim.betas[{i}]", 0.0, 1.0, False, "an AdamW beta", "0.9")
+        if beta == 1.0:
+            raise ConfigError(f"method.optim.betas[{i}]=1.0: an AdamW beta must be below 1, "
+                              "e.g. method.optim.betas=[0.9,0.95]")
+    if optim.scheduler not in SCHEDULERS:
+        raise ConfigError(f"method.optim.scheduler={optim.scheduler!r} is not a schedule "
+                          f"ptlight can run; use one of {', '.join(SCHEDULERS)}")
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    steps = trainer.get("max_steps")
+    epochs = trainer.get("max_epochs")
+    if steps == -1 and isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1:
+        return  # Lightning: run trainer.max_epochs epochs
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(
+            f"trainer.max_steps={steps!r}: the number of optimiser steps, a whole number >= 1 "
+            "(the learning-rate schedule needs a finite length); e.g. trainer.max_steps=100, or "
+            "trainer.max_steps=-1 together with trainer.max_epochs=<N>"
+        )
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every check above, on one stage's composed config (``method`` set)."""
+    check_security_flags(cfg)
+    check_data(cfg.data)
+    check_optim(cfg.method.optim)
+    check_trainer(cfg.trainer)
