@@ -22,6 +22,15 @@ PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-t
 BF16 = ("bf16-mixed", "bf16-true", "bf16")
 
 
+def configure_cuda(cudnn_attention: bool) -> None:
+    """Process-wide CUDA settings of a run that trains on a GPU: whether SDPA may use cuDNN's
+    attention kernel (root key ``cudnn_attention``). cuDNN builds an execution plan per new
+    sequence length, and a training run's batches change length at nearly every step."""
+    if not isinstance(cudnn_attention, bool):
+        raise ConfigError(f"cudnn_attention={cudnn_attention!r}; use true or false")
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
+
+
 def uses_cuda(trainer_cfg: DictConfig) -> bool:
     """Whether the (resolved or unresolved) trainer config trains on CUDA GPUs."""
     accelerator = str(trainer_cfg.get("accelerator", "auto"))

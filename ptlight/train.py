@@ -37,7 +37,7 @@ from ptlight.backbone import (AdapterReference, build_policy, export_model, froz
 from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, RngState
 from ptlight.cpu_bf16 import precision_plugins
 from ptlight.data.module import PtlDataModule
-from ptlight.devices import resolve_trainer, uses_cuda
+from ptlight.devices import configure_cuda, resolve_trainer, uses_cuda
 from ptlight.errors import ConfigError
 from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
 from ptlight.lean import install_lean_mlp
@@ -123,6 +123,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     # trainer.accelerator/precision "auto" settled for this machine, and checked against it
     cfg = OmegaConf.merge(cfg, {"trainer": resolve_trainer(cfg.trainer)})
+    if uses_cuda(cfg.trainer):
+        configure_cuda(cfg.get("cudnn_attention", False))
     if cfg.get("optimizer_offload") and uses_cuda(cfg.trainer):
         raise ConfigError("optimizer_offload streams CPU parameters' AdamW state through a "
                           "file; this run trains on a CUDA GPU: set optimizer_offload=null")

@@ -58,6 +58,7 @@ PTLIGHT_CONFIGS = {
     "precompute": ["method.reference=precompute"],
     "precompute_pack": ["method.reference=precompute", "method.pack=true"],
     "precompute_ckpt": ["method.reference=precompute", "model.gradient_checkpointing=true"],
+    "cudnn_attention": ["cudnn_attention=true"],                  # SDPA may use cuDNN
 }
 TRL_CONFIGS = {
     "default": {},                                                # gradient checkpointing on

@@ -133,3 +133,15 @@ def test_fused_adamw_on_cuda_for_every_method_and_on_cpu_where_the_method_asks()
 
     assert fused(fused_on_cpu=True) == {True}  # the preference methods on the CPU
     assert fused() == {None}  # sft/rm/ppo on the CPU: torch's default (their result tables)
+
+
+def test_gpu_runs_keep_sdpa_off_cudnn_unless_asked(monkeypatch):
+    from ptlight.devices import configure_cuda
+
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    configure_cuda(False)
+    configure_cuda(True)
+    assert calls == [False, True]
+    with pytest.raises(ConfigError, match=r"cudnn_attention='no'; use true or false"):
+        configure_cuda("no")
