@@ -197,6 +197,9 @@ class _Clock:
         self.rss_mb = 0.0
         self.batches: list[dict] = []
 
+    def begin(self) -> None:
+        self.start = time.perf_counter()
+
     def step_end(self) -> None:
         self.ends.append(time.perf_counter())
         self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
@@ -237,56 +240,69 @@ def ptlight_cfg(fx: Path, fixture: str, precision: str, extra: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
+def time_preference_steps(clock) -> None:
+    """Patch ptlight's preference method so that ``clock`` sees the start of training
+    (``clock.begin()``), every optimiser-step end (``clock.step_end()``) and every batch's
+    token tensors (``clock.batches``)."""
+    from ptlight.methods.preference import PreferenceMethod
+
+    def on_train_start(self):
+        clock.begin()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        clock.step_end()
+        clock.batches.append({k: batch[k].detach().cpu().clone()
+                              for k in ("input_ids", "attention_mask", "loss_mask")})
+
+    PreferenceMethod.on_train_start = on_train_start
+    PreferenceMethod.on_train_batch_end = on_train_batch_end
+
+
+def count_tokens(batches: list[dict], packed: bool) -> None:
+    """Per batch: ``tokens`` (real tokens), ``scored`` (completion tokens) and ``tokens_run``
+    (what the body runs: after prefix sharing when ``packed``)."""
+    from ptlight.packing import pack
+
+    for b in batches:
+        b["tokens"] = int(b["attention_mask"].sum())
+        b["scored"] = int(b["loss_mask"][:, 1:].sum())
+        b["tokens_run"] = (pack(b["input_ids"], b["attention_mask"], b["loss_mask"], 2).num_tokens
+                           if packed else b["tokens"])
+
+
 def child_ptlight(args) -> dict:
     import torch
 
-    from ptlight.methods.preference import PreferenceMethod
-    from ptlight.packing import pack
     from ptlight.train import train_stage
 
     fx, spec = Path(args.fixture_dir), FIXTURES[args.fixture]
     clock = _Clock()
     config = args.config
     cache = tempfile.mkdtemp(prefix="ptl-bench-refcache-")  # a miss: the full precompute runs
-
-    def on_train_start(self):
-        clock.start = time.perf_counter()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        clock.step_end()
-        clock.batches.append({k: batch[k].detach().clone()
-                              for k in ("input_ids", "attention_mask", "loss_mask")})
-
-    PreferenceMethod.on_train_start = on_train_start
-    PreferenceMethod.on_train_batch_end = on_train_batch_end
+    time_preference_steps(clock)
     cfg = ptlight_cfg(fx, args.fixture, args.precision, [
         f"trainer.max_steps={args.warmup + args.steps}", f"method.reference_cache={cache}",
         f"seed={args.seed}", *PTLIGHT_CONFIGS[config]])
     with tempfile.TemporaryDirectory() as run_dir:
         train_stage(cfg, Path(run_dir))
-    pack_on = "method.pack=true" in PTLIGHT_CONFIGS[config]
-    for b in clock.batches:
-        b["tokens"] = int(b["attention_mask"].sum())
-        b["scored"] = int(b["loss_mask"][:, 1:].sum())
-        b["tokens_run"] = (pack(b["input_ids"], b["attention_mask"], b["loss_mask"], 2).num_tokens
-                           if pack_on else b["tokens"])
+    count_tokens(clock.batches, "method.pack=true" in PTLIGHT_CONFIGS[config])
     live_ref = "method.reference=copy" in PTLIGHT_CONFIGS[config]
     return clock.result(args.warmup, spec["batch"], live_reference=live_ref,
                         threads=torch.get_num_threads())
 
 
-def child_trl(args) -> dict:
+def train_trl(fx: Path, spec: dict, clock, args, trl_config: dict, bf16: bool,
+              use_cpu: bool) -> None:
+    """TRL's ``DPOTrainer`` on a fixture, the benchmark's shared settings plus ``trl_config``,
+    timed by ``clock`` (``begin``, ``step_end``, ``batches`` with token counts)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    fx, spec = Path(args.fixture_dir), FIXTURES[args.fixture]
-    clock = _Clock()
-
     class Timer(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            clock.start = time.perf_counter()
+            clock.begin()
 
         def on_step_end(self, *a, **k):
             clock.step_end()
@@ -294,9 +310,9 @@ def child_trl(args) -> dict:
     class CountingDPOTrainer(DPOTrainer):
         def compute_loss(self, model, inputs, *a, **k):
             if model.training:
-                clock.batches.append({"tokens": int(inputs["attention_mask"].sum()),
+                n = int(inputs["attention_mask"].sum())
+                clock.batches.append({"tokens": n, "tokens_run": n,
                                       "scored": int(inputs["completion_mask"][:, 1:].sum())})
-                clock.batches[-1]["tokens_run"] = clock.batches[-1]["tokens"]
             return super().compute_loss(model, inputs, *a, **k)
 
     torch.manual_seed(args.seed)
@@ -310,12 +326,21 @@ def child_trl(args) -> dict:
             max_length=spec["max_length"], learning_rate=5e-5, lr_scheduler_type="cosine",
             warmup_steps=max(1, int(0.1 * total)) if total >= 10 else 0, adam_beta1=0.9,
             adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
-            bf16=args.precision == "bf16-mixed", use_cpu=True, logging_steps=10,
+            bf16=bf16, use_cpu=use_cpu, logging_steps=10,
             save_strategy="no", eval_strategy="no", report_to="none", seed=args.seed,
-            dataloader_num_workers=0, disable_dropout=True, **TRL_CONFIGS[args.config])
+            dataloader_num_workers=0, disable_dropout=True, **trl_config)
         trainer = CountingDPOTrainer(model=model, args=dpo_args, train_dataset=Dataset.from_list(rows),
                                      processing_class=tok, callbacks=[Timer()])
         trainer.train()
+
+
+def child_trl(args) -> dict:
+    import torch
+
+    fx, spec = Path(args.fixture_dir), FIXTURES[args.fixture]
+    clock = _Clock()
+    train_trl(fx, spec, clock, args, TRL_CONFIGS[args.config],
+              bf16=args.precision == "bf16-mixed", use_cpu=True)
     live_ref = not TRL_CONFIGS[args.config].get("precompute_ref_log_probs", False)
     return clock.result(args.warmup, spec["batch"], live_reference=live_ref,
                         threads=torch.get_num_threads())

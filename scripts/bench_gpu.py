@@ -107,23 +107,11 @@ class _Clock:
 
 
 def child_ptlight(args) -> dict:
-    from ptlight.methods.preference import PreferenceMethod
-    from ptlight.packing import pack
     from ptlight.train import train_stage
 
     fx, spec = Path(args.fixture_dir), bench_dpo.FIXTURES[args.fixture]
     clock = _Clock(args.device)
-
-    def on_train_start(self):
-        clock.begin()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        clock.step_end()
-        clock.batches.append({k: batch[k].detach().cpu()
-                              for k in ("input_ids", "attention_mask", "loss_mask")})
-
-    PreferenceMethod.on_train_start = on_train_start
-    PreferenceMethod.on_train_batch_end = on_train_batch_end
+    bench_dpo.time_preference_steps(clock)
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
     cfg = bench_dpo.ptlight_cfg(fx, args.fixture, precision, [
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
@@ -131,60 +119,18 @@ def child_ptlight(args) -> dict:
         f"seed={args.seed}", *PTLIGHT_CONFIGS[args.config]])
     with tempfile.TemporaryDirectory() as run_dir:
         train_stage(cfg, Path(run_dir))
-    packs = ("method.pack=true" in PTLIGHT_CONFIGS[args.config]
-             or (cfg.method.pack == "auto" and args.device == "cpu"))
-    for b in clock.batches:
-        b["tokens"] = int(b["attention_mask"].sum())
-        b["scored"] = int(b["loss_mask"][:, 1:].sum())
-        b["tokens_run"] = (pack(b["input_ids"], b["attention_mask"], b["loss_mask"], 2).num_tokens
-                           if packs else b["tokens"])
+    bench_dpo.count_tokens(clock.batches, "method.pack=true" in PTLIGHT_CONFIGS[args.config]
+                           or (cfg.method.pack == "auto" and args.device == "cpu"))
     return clock.result(args.warmup, spec["batch"],
                         live_reference=cfg.method.reference == "copy")
 
 
 def child_trl(args) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
     fx, spec = Path(args.fixture_dir), bench_dpo.FIXTURES[args.fixture]
     clock = _Clock(args.device)
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            clock.begin()
-
-        def on_step_end(self, *a, **k):
-            clock.step_end()
-
-    class CountingDPOTrainer(DPOTrainer):
-        def compute_loss(self, model, inputs, *a, **k):
-            if model.training:
-                n = int(inputs["attention_mask"].sum())
-                clock.batches.append({"tokens": n, "tokens_run": n,
-                                      "scored": int(inputs["completion_mask"][:, 1:].sum())})
-            return super().compute_loss(model, inputs, *a, **k)
-
-    torch.manual_seed(args.seed)
-    rows = [json.loads(line) for line in open(fx / "train.jsonl")]
-    model = AutoModelForCausalLM.from_pretrained(fx / "model", dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(fx / "model")
-    total = args.warmup + args.steps
     cuda = args.device == "cuda"
-    with tempfile.TemporaryDirectory() as out:
-        dpo_args = DPOConfig(
-            output_dir=out, per_device_train_batch_size=spec["batch"], max_steps=total,
-            max_length=spec["max_length"], learning_rate=5e-5, lr_scheduler_type="cosine",
-            warmup_steps=max(1, int(0.1 * total)), adam_beta1=0.9, adam_beta2=0.95,
-            weight_decay=0.0, max_grad_norm=1.0, beta=0.1, bf16=cuda, use_cpu=not cuda,
-            logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none",
-            seed=args.seed, dataloader_num_workers=0, disable_dropout=True,
-            **TRL_CONFIGS[args.config])
-        trainer = CountingDPOTrainer(model=model, args=dpo_args,
-                                     train_dataset=Dataset.from_list(rows),
-                                     processing_class=tok, callbacks=[Timer()])
-        trainer.train()
+    bench_dpo.train_trl(fx, spec, clock, args, TRL_CONFIGS[args.config], bf16=cuda,
+                        use_cpu=not cuda)
     return clock.result(args.warmup, spec["batch"], live_reference=not TRL_CONFIGS[
         args.config].get("precompute_ref_log_probs", False))
 
