@@ -17,6 +17,9 @@
   weights never take a non-finite update, so every checkpoint is a good one, and a run that
   stops keeps its last ``last.ckpt``. ``nonfinite.max_consecutive`` skipped steps in a row
   stop the run too (a run that only skips is not training).
+- :class:`Preemption` — SIGTERM (what SLURM and Kubernetes send before a kill), SIGINT (Ctrl+C)
+  and, under SLURM, its requeue signal end the run at a step boundary with ``last.ckpt`` at that
+  step, a non-zero exit and the command that resumes it.
 
 How a method uses the guard: gradients are checked for every optimizer step with no code in the
 method (Lightning calls ``on_before_optimizer_step`` in automatic and manual optimisation). The
@@ -30,14 +33,20 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ptlight.errors import ConfigError, TrainingError
 
@@ -200,3 +209,121 @@ class NonFiniteGuard(L.Callback):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+
+
+class Preemption(L.Callback):
+    """End the run at a step boundary on SIGTERM, SIGINT or (under SLURM) SIGUSR1, with a
+    checkpoint at that step, a non-zero exit and the command that resumes it.
+
+    The handlers installed at ``setup`` only note the signal. Lightning chains its own SIGTERM
+    handler with ours and then stops the loop at its next safe point (after the optimizer step
+    and validation in progress, mid-validation, or at the end of an epoch) by raising
+    ``SIGTERMException``; SIGINT and the requeue signal are passed on to that handler, so the
+    three take the same path. ``on_exception`` then writes ``last.ckpt`` through the trainer
+    (all ranks take part; the checkpoint IO writes it atomically), prints how to resume, and
+    sets the exit status to 128 + the signal number (143 for SIGTERM, 130 for SIGINT) where
+    Lightning's would be 0 (the scheduler must not see a success). A second SIGINT stops at
+    once, without a checkpoint.
+
+    SLURM (``#SBATCH --signal=USR1@90``): SIGUSR1 is SLURM's requeue signal, as in Lightning.
+    Lightning installs its requeue handler only when none is installed, so ours replaces it:
+    checkpoint as above, then ``scontrol requeue <job>`` as Lightning's does (its own saves a
+    mid-step ``hpc_ckpt_*.ckpt`` that ``ckpt_path=last`` would not read). The requeued job
+    resumes when its command has ``ckpt_path=last`` and a fixed ``hydra.run.dir``.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.checkpoint = run_dir / "checkpoints" / "last.ckpt"
+        self.run_dir = run_dir
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._active = False
+
+    def _signals(self) -> list[int]:
+        return [signal.SIGTERM, signal.SIGINT, *([signal.SIGUSR1] if SLURMEnvironment.detect()
+                                                 else [])]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self.signum, self._active = None, True
+        for signum in self._signals():
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self._active:  # Lightning's teardown after an exception puts ours back: be the
+            previous = self._previous.get(signum, signal.SIG_DFL)  # handler from before setup
+            signal.signal(signum, previous)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+            return
+        if self.signum is not None:
+            if signum == signal.SIGINT:  # a second Ctrl+C: stop now
+                raise KeyboardInterrupt
+            return  # Lightning's SIGTERM handler calling ours, or a repeated signal
+        self.signum = signum
+        if signum != signal.SIGTERM:
+            self._tell_lightning(frame)
+
+    def _tell_lightning(self, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGTERM)
+        if callable(handler) and handler != self._on_signal:  # Lightning's (it calls ours too)
+            handler(signal.SIGTERM, frame)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.signum is not None:  # came before Lightning installed its handler (which
+            self._tell_lightning(None)  # resets its flag): stop after the first step
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        self._restore()
+        if isinstance(exception, KeyboardInterrupt):
+            if trainer.is_global_zero:
+                print(f"ptlight: interrupted again: stopped without a checkpoint; "
+                      f"{self.checkpoint} is the last one saved", file=sys.stderr)
+            return
+        if not isinstance(exception, SIGTERMException):
+            return
+        signum = self.signum or signal.SIGTERM  # DDP: a rank told by rank 0 saw no signal
+        trainer.save_checkpoint(self.checkpoint, weights_only=False)  # the whole training state
+        exception.code = 128 + signum
+        if not trainer.is_global_zero:
+            return
+        from ptlight.rundir import resume_command
+
+        name = signal.Signals(signum).name
+        print(f"ptlight: {name}: stopped at step {trainer.global_step}; checkpoint saved to "
+              f"{self.checkpoint}", file=sys.stderr)
+        if signum == signal.SIGUSR1:
+            print(f"ptlight: {_requeue()}; it resumes if its command has ckpt_path=last and "
+                  f"this hydra.run.dir:", file=sys.stderr)
+        else:
+            print("ptlight: resume with:", file=sys.stderr)
+        print(f"  {resume_command(self.run_dir)}", file=sys.stderr)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        self._active = False
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(signum, handler)
+
+
+def _requeue() -> str:
+    """``scontrol requeue`` this SLURM job (an array task by its array id), as Lightning does."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = (f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job
+           else os.environ["SLURM_JOB_ID"])
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except OSError as exc:
+        return f"could not requeue SLURM job {job} (scontrol: {exc})"
+    if result.returncode != 0:
+        return (f"could not requeue SLURM job {job} (scontrol exit {result.returncode}: "
+                f"{result.stderr.strip()})")
+    return f"requeued SLURM job {job}"

@@ -34,7 +34,7 @@ from rich.table import Table
 
 from ptlight.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
                               has_adapters, load_export, load_tokenizer, lora_settings)
-from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, RngState
+from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, Preemption, RngState
 from ptlight.cpu_bf16 import precision_plugins
 from ptlight.data.module import PtlDataModule
 from ptlight.errors import ConfigError
@@ -177,7 +177,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
                         enable_version_counter=False),  # always last.ckpt, never last-v1.ckpt
         guard, RngState(), ShardReference(),
-        RunRecord(cfg.method.module, objective.name),
+        Preemption(run_dir), RunRecord(cfg.method.module, objective.name),
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
