@@ -207,11 +207,28 @@ def guard_run_dir(stage: Callable[[DictConfig, Path], Any]) -> Callable[[DictCon
             resumes = checkpoint_to_resume(cfg, run_dir) is not None
             try:
                 return stage(cfg, run_dir)
-            except BaseException:
+            except BaseException as exc:
                 if resumes and before is not None and _file_state(run_dir / LAST) == last:
                     config.write_bytes(before)
+                if resumes and isinstance(exc, RuntimeError) and _STATE_MISMATCH in str(exc):
+                    raise _does_not_fit(cfg, run_dir, exc) from exc
                 raise
     return guarded
+
+
+_STATE_MISMATCH = "Error(s) in loading state_dict"
+
+
+def _does_not_fit(cfg: DictConfig, run_dir: Path, exc: RuntimeError) -> ConfigError:
+    """torch's load_state_dict error, as the config key to look at."""
+    details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    first = (details[0] if details else str(exc).splitlines()[0]).rstrip(".")
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return ConfigError(
+        f"ckpt_path={cfg.ckpt_path}: {checkpoint_to_resume(cfg, run_dir)} does not fit this "
+        f"run's model: {first}{more}. A model.* key differs from the run that wrote it; resume "
+        "with that run's model settings (its config.yaml), or start a new hydra.run.dir. The "
+        "run dir is unchanged")
 
 
 # ---- metrics.csv ------------------------------------------------------------------------------
