@@ -215,15 +215,21 @@ class Preemption(L.Callback):
     """End the run at a step boundary on SIGTERM, SIGINT or (under SLURM) SIGUSR1, with a
     checkpoint at that step, a non-zero exit and the command that resumes it.
 
-    The handlers installed at ``setup`` only note the signal. Lightning chains its own SIGTERM
-    handler with ours and then stops the loop at its next safe point (after the optimizer step
-    and validation in progress, mid-validation, or at the end of an epoch) by raising
-    ``SIGTERMException``; SIGINT and the requeue signal are passed on to that handler, so the
-    three take the same path. ``on_exception`` then writes ``last.ckpt`` through the trainer
-    (all ranks take part; the checkpoint IO writes it atomically), prints how to resume, and
-    sets the exit status to 128 + the signal number (143 for SIGTERM, 130 for SIGINT) where
-    Lightning's would be 0 (the scheduler must not see a success). A second SIGINT stops at
-    once, without a checkpoint.
+    The handlers only note the signal. At the end of every training batch the ranks decide
+    together (one all-reduce, like :class:`NonFiniteGuard`'s) whether any rank got one; if so
+    every rank raises Lightning's ``SIGTERMException`` at that same point, and ``on_exception``
+    writes ``last.ckpt`` through the trainer (all ranks take part; the checkpoint IO writes it
+    atomically) — the state a periodic ``ModelCheckpoint`` save has at that step, so the
+    resume is exact — and logs the step's metrics. It then prints how to resume and sets the exit status to 128 + the
+    signal number (143 for SIGTERM, 130 for SIGINT) where Lightning's would be 0: the scheduler
+    must not see a success. A second SIGINT stops at once, without a checkpoint. A signal
+    during validation or before the first step stops at the end of the next training batch.
+
+    Lightning's own SIGTERM handler (installed when training starts, and replaced by ours
+    then) stops each rank wherever that rank notices the signal; a checkpoint, which is a
+    collective operation, cannot be written from such unaligned points under DDP (the ranks
+    deadlock). This callback therefore keeps Lightning's exception and ``on_exception``
+    path but decides the stopping step itself.
 
     SLURM (``#SBATCH --signal=USR1@90``): SIGUSR1 is SLURM's requeue signal, as in Lightning.
     Lightning installs its requeue handler only when none is installed, so ours replaces it:
@@ -250,6 +256,10 @@ class Preemption(L.Callback):
         for signum in self._signals():
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active:  # Lightning has just installed its SIGTERM handler: ours again
+            signal.signal(signal.SIGTERM, self._on_signal)
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         if not self._active:  # Lightning's teardown after an exception puts ours back: be the
             previous = self._previous.get(signum, signal.SIG_DFL)  # handler from before setup
@@ -259,22 +269,15 @@ class Preemption(L.Callback):
             elif previous == signal.SIG_DFL:
                 os.kill(os.getpid(), signum)
             return
-        if self.signum is not None:
-            if signum == signal.SIGINT:  # a second Ctrl+C: stop now
-                raise KeyboardInterrupt
-            return  # Lightning's SIGTERM handler calling ours, or a repeated signal
-        self.signum = signum
-        if signum != signal.SIGTERM:
-            self._tell_lightning(frame)
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl+C: stop now
+        if self.signum is None:
+            self.signum = signum
 
-    def _tell_lightning(self, frame: Any) -> None:
-        handler = signal.getsignal(signal.SIGTERM)
-        if callable(handler) and handler != self._on_signal:  # Lightning's (it calls ours too)
-            handler(signal.SIGTERM, frame)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.signum is not None:  # came before Lightning installed its handler (which
-            self._tell_lightning(None)  # resets its flag): stop after the first step
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+            raise SIGTERMException(128 + (self.signum or signal.SIGTERM))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
@@ -284,24 +287,30 @@ class Preemption(L.Callback):
                 print(f"ptlight: interrupted again: stopped without a checkpoint; "
                       f"{self.checkpoint} is the last one saved", file=sys.stderr)
             return
-        if not isinstance(exception, SIGTERMException):
+        if not isinstance(exception, SIGTERMException) or not self._stopped_by_us(exception):
             return
-        signum = self.signum or signal.SIGTERM  # DDP: a rank told by rank 0 saw no signal
         trainer.save_checkpoint(self.checkpoint, weights_only=False)  # the whole training state
-        exception.code = 128 + signum
+        # The step's metrics are sent to the loggers right after on_train_batch_end, where this
+        # run stopped, and a resume does not redo the step: send them now, as Lightning would.
+        trainer._logger_connector.on_batch_end()
+        trainer._logger_connector.update_train_step_metrics()
         if not trainer.is_global_zero:
             return
         from ptlight.rundir import resume_command
 
-        name = signal.Signals(signum).name
-        print(f"ptlight: {name}: stopped at step {trainer.global_step}; checkpoint saved to "
-              f"{self.checkpoint}", file=sys.stderr)
+        signum = int(exception.code) - 128  # type: ignore[arg-type]
+        print(f"ptlight: {signal.Signals(signum).name}: stopped at step {trainer.global_step}; "
+              f"checkpoint saved to {self.checkpoint}", file=sys.stderr)
         if signum == signal.SIGUSR1:
             print(f"ptlight: {_requeue()}; it resumes if its command has ckpt_path=last and "
                   f"this hydra.run.dir:", file=sys.stderr)
         else:
             print("ptlight: resume with:", file=sys.stderr)
         print(f"  {resume_command(self.run_dir)}", file=sys.stderr)
+
+    @staticmethod
+    def _stopped_by_us(exception: SIGTERMException) -> bool:
+        return isinstance(exception.code, int) and exception.code > 128
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()

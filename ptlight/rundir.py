@@ -104,13 +104,11 @@ def _check_same_method(cfg: DictConfig, key: str, file: Path, ckpt: dict) -> Non
     without one the ``config.yaml`` of its run dir) must be this run's."""
     record = ckpt.get("ptlight")
     if record is None:
-        config = file.parent.parent / "config.yaml"
-        if not config.is_file():
+        try:
+            saved = OmegaConf.load(file.parent.parent / "config.yaml").method
+            record = {"method": saved.module, "objective": saved.objective.name}
+        except Exception:  # no readable config.yaml beside it: nothing to compare with
             return
-        saved = OmegaConf.load(config).get("method")
-        if not saved:
-            return
-        record = {"method": saved.module, "objective": saved.objective.name}
     ours = {"method": cfg.method.module, "objective": cfg.method.objective.name}
     if (record["method"], record["objective"]) != (ours["method"], ours["objective"]):
         raise ConfigError(
