@@ -220,10 +220,11 @@ class Preemption(L.Callback):
     every rank raises Lightning's ``SIGTERMException`` at that same point, and ``on_exception``
     writes ``last.ckpt`` through the trainer (all ranks take part; the checkpoint IO writes it
     atomically) — the state a periodic ``ModelCheckpoint`` save has at that step, so the
-    resume is exact — and logs the step's metrics. It then prints how to resume and sets the exit status to 128 + the
-    signal number (143 for SIGTERM, 130 for SIGINT) where Lightning's would be 0: the scheduler
-    must not see a success. A second SIGINT stops at once, without a checkpoint. A signal
-    during validation or before the first step stops at the end of the next training batch.
+    resume is exact — and logs the step's metrics. It then prints how to resume and sets the
+    exit status to 128 + the signal number (143 for SIGTERM, 130 for SIGINT) where Lightning's
+    would be 0: the scheduler must not see a success. A second SIGINT stops at once, without
+    a checkpoint. A signal during validation or before the first step stops at the end of the
+    next training batch.
 
     Lightning's own SIGTERM handler (installed when training starts, and replaced by ours
     then) stops each rank wherever that rank notices the signal; a checkpoint, which is a

@@ -258,7 +258,7 @@ def _signalled(run_dir: Path, sig: int, env: dict | None = None) -> tuple[int, s
                 if metrics.is_file() and "\n0,3," in metrics.read_text():
                     break
                 time.sleep(0.01)
-            assert proc.poll() is None, "the run ended before the signal: " + err.read_text()[-2000:]
+            assert proc.poll() is None, "ended before the signal: " + err.read_text()[-2000:]
             os.kill(proc.pid, sig)
             proc.wait(timeout=300)
         finally:

@@ -41,7 +41,7 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(ptlight.train, "build_policy", lambda *a: pytest.fail("weights loaded"))
 
 
-# ---- metrics.csv and failed resumes ---------------------------------------------------------------
+# ---- metrics.csv and failed resumes --------------------------------------------------------------
 def test_resuming_twice_leaves_one_continuous_metrics_csv(compose_cfg, tmp_path):
     for steps in (3, 6, 9):  # 0 -> 3, 3 -> 6, 6 -> 9 (a checkpoint every 3 steps)
         cfg = _sft(compose_cfg, f"trainer.max_steps={steps}", "ckpt_path=last")
@@ -79,7 +79,7 @@ def test_a_resume_that_fails_changes_nothing_in_the_run_dir(compose_cfg, tmp_pat
     assert train_stage(resumed, tmp_path)["global_step"] == 6
 
 
-# ---- last.ckpt, whatever the checkpoint settings --------------------------------------------------
+# ---- last.ckpt, whatever the checkpoint settings -------------------------------------------------
 def test_changed_checkpoint_settings_still_write_and_resume_last_ckpt(compose_cfg, tmp_path):
     train_stage(_sft(compose_cfg), tmp_path)  # a checkpoint every 3 steps
     ckpts = tmp_path / "checkpoints"
@@ -96,7 +96,7 @@ def test_changed_checkpoint_settings_still_write_and_resume_last_ckpt(compose_cf
     assert [s for s, kind in _rows(tmp_path) if kind == "train"] == [str(s) for s in range(5)]
 
 
-# ---- another method's checkpoint ------------------------------------------------------------------
+# ---- another method's checkpoint -----------------------------------------------------------------
 def test_a_checkpoint_of_another_method_is_refused_before_weights_load(compose_cfg, tmp_path,
                                                                       monkeypatch):
     train_stage(_sft(compose_cfg), tmp_path)
@@ -122,7 +122,7 @@ def test_a_checkpoint_of_another_method_is_refused_before_weights_load(compose_c
         train_stage(dpo, tmp_path)
 
 
-# ---- ckpt_path that is no checkpoint --------------------------------------------------------------
+# ---- ckpt_path that is no checkpoint -------------------------------------------------------------
 class _Payload:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
@@ -168,9 +168,11 @@ def test_ckpt_path_to_a_missing_file_on_the_command_line(tmp_path):
     assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
 
 
-# ---- one job per run dir --------------------------------------------------------------------------
+# ---- one job per run dir -------------------------------------------------------------------------
 HOLD = ("import sys, time\nfrom pathlib import Path\nfrom ptlight.rundir import RunDirLock\n"
-        "with RunDirLock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(600)\n")
+        "with RunDirLock(Path(sys.argv[1])):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(600)\n")
 
 
 def test_a_second_job_in_a_locked_run_dir_is_refused_and_a_stale_lock_taken_over(
@@ -199,7 +201,7 @@ def test_a_second_job_in_a_locked_run_dir_is_refused_and_a_stale_lock_taken_over
         pass
 
 
-# ---- exports --------------------------------------------------------------------------------------
+# ---- exports -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_policy():
     from helpers import tiny_model_cfg
