@@ -2,10 +2,10 @@
 failed resume that leaves it as it was.
 
 - :func:`guard_run_dir` wraps a stage (``train_stage(cfg, run_dir)``): it checks ``ckpt_path``
-  before anything is written or loaded (:func:`checkpoint_to_resume`), holds the run dir's lock
+  before anything is written or loaded (:func:`check_resume`), holds the run dir's lock
   (:class:`RunDirLock`) for the whole stage, and when a resume fails before it has written a
   new checkpoint (a changed model size, an optimizer that does not match) it puts
-  ``config.yaml`` back as it was.
+  ``config.yaml`` back as it was and names the mismatch as a ConfigError.
 - :class:`RunCSVLogger` — ``metrics.csv`` that a resume continues instead of deleting.
 - :class:`RunRecord` — stores which method and objective wrote a checkpoint
   (``checkpoint["ptlight"]``), so that another method's run refuses to resume it.
