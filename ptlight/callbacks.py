@@ -215,7 +215,7 @@ class Preemption(L.Callback):
     """End the run at a step boundary on SIGTERM, SIGINT or (under SLURM) SIGUSR1, with a
     checkpoint at that step, a non-zero exit and the command that resumes it.
 
-    The handlers only note the signal. At the end of every training batch the ranks decide
+    The handlers only note the signal. At the end of every optimizer step the ranks decide
     together (one all-reduce, like :class:`NonFiniteGuard`'s) whether any rank got one; if so
     every rank raises Lightning's ``SIGTERMException`` at that same point, and ``on_exception``
     writes ``last.ckpt`` through the trainer (all ranks take part; the checkpoint IO writes it
@@ -277,6 +277,10 @@ class Preemption(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        stepped = ((batch_idx + 1) % trainer.accumulate_grad_batches == 0
+                   or batch_idx + 1 >= trainer.num_training_batches)
+        if not stepped:  # mid-accumulation: the gradients so far would be lost
+            return
         if trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
             raise SIGTERMException(128 + (self.signum or signal.SIGTERM))
 
