@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -35,6 +35,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
 
 from ptlight.cpu_bf16 import checkpoint_contexts
 from ptlight.errors import ConfigError, ModelLoadError
+from ptlight.rundir import atomic_dir
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "lfm2-tiny-tokenizer"
 _WAYS_OUT = (
@@ -405,7 +406,7 @@ def reference_scope(reference: PreTrainedModel | AdapterReference):
 
 def export_model(policy: PreTrainedModel, tokenizer, export_dir: Path,
                  model_cfg: DictConfig, state_dict: dict[str, torch.Tensor] | None = None,
-                 ) -> None:
+                 extras: Callable[[Path], None] | None = None) -> None:
     """HF-format export of the policy (+ tokenizer) into ``export_dir``; rank zero only.
 
     Full fine-tuning: ``save_pretrained`` (loads with ``AutoModelForCausalLM``). LoRA: the
@@ -415,18 +416,27 @@ def export_model(policy: PreTrainedModel, tokenizer, export_dir: Path,
     With ``model.lora.merge`` also ``export_dir/merged``: the base reloaded from disk in
     ``model.dtype`` (never 4-bit) with the exported adapter merged in, a plain transformers model.
     ``state_dict``: the full weights when the policy itself holds shards (FSDP; full fine-tuning
-    only), see :func:`ptlight.strategy.full_policy_state`.
+    only), see :func:`ptlight.strategy.full_module_state`. ``extras(dir)`` writes more files
+    into the export (a method's reward or value head).
+
+    Everything is written into a directory beside ``export_dir`` and renamed into place
+    (:func:`ptlight.rundir.atomic_dir`): a full disk or a kill while writing leaves the
+    previous export (or none), never a config.json without its weights.
     """
-    peft_model = peft_wrapper(policy)
-    if peft_model is None:
-        policy.save_pretrained(export_dir, safe_serialization=True, state_dict=state_dict)
-    else:
-        config = peft_model.peft_config[TRAINED_ADAPTER]
-        config.base_model_name_or_path = _export_base(peft_model, export_dir)
-        peft_model.save_pretrained(export_dir, selected_adapters=[TRAINED_ADAPTER])
-        if model_cfg.lora.merge:
-            _export_merged(export_dir, config.base_model_name_or_path, model_cfg, tokenizer)
-    tokenizer.save_pretrained(export_dir)
+    with atomic_dir(export_dir) as staging:
+        peft_model = peft_wrapper(policy)
+        if peft_model is None:
+            policy.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        else:
+            config = peft_model.peft_config[TRAINED_ADAPTER]
+            config.base_model_name_or_path, base_now = _export_base(peft_model, staging,
+                                                                    export_dir)
+            peft_model.save_pretrained(staging, selected_adapters=[TRAINED_ADAPTER])
+            if model_cfg.lora.merge:
+                _export_merged(staging, base_now, model_cfg, tokenizer)
+        tokenizer.save_pretrained(staging)
+        if extras is not None:
+            extras(staging)
 
 
 def load_export(export_dir: Path, model_cfg: DictConfig) -> PreTrainedModel:
@@ -438,17 +448,19 @@ def load_export(export_dir: Path, model_cfg: DictConfig) -> PreTrainedModel:
     return model.eval()
 
 
-def _export_base(peft_model: PeftModel, export_dir: Path) -> str:
-    """Hub id or absolute dir of the adapter's base; writes ``export_dir/base`` when the base
-    was built from ``model.arch`` and so exists nowhere else."""
+def _export_base(peft_model: PeftModel, staging: Path, export_dir: Path) -> tuple[str, str]:
+    """The adapter's base as the export names it (hub id or absolute dir) and where it can be
+    read now; writes ``base/`` into the export when the base was built from ``model.arch`` and
+    so exists nowhere else (named by its final place, ``export_dir/base``)."""
     base = peft_model.peft_config[TRAINED_ADAPTER].base_model_name_or_path
     if base and Path(base).expanduser().is_dir():
-        return str(Path(base).expanduser().resolve())
+        path = str(Path(base).expanduser().resolve())
+        return path, path
     if base:
-        return base
+        return base, base
     bare = copy.deepcopy(peft_model).unload()  # adapter layers removed, base weights intact
-    bare.save_pretrained(export_dir / "base", safe_serialization=True)
-    return str((export_dir / "base").resolve())
+    bare.save_pretrained(staging / "base", safe_serialization=True)
+    return str((export_dir / "base").resolve()), str(staging / "base")
 
 
 def _export_merged(export_dir: Path, base: str, model_cfg: DictConfig, tokenizer) -> None:

@@ -17,6 +17,9 @@
   weights never take a non-finite update, so every checkpoint is a good one, and a run that
   stops keeps its last ``last.ckpt``. ``nonfinite.max_consecutive`` skipped steps in a row
   stop the run too (a run that only skips is not training).
+- :class:`Preemption` — SIGTERM (what SLURM and Kubernetes send before a kill), SIGINT (Ctrl+C)
+  and, under SLURM, its requeue signal end the run at a step boundary with ``last.ckpt`` at that
+  step, a non-zero exit and the command that resumes it.
 
 How a method uses the guard: gradients are checked for every optimizer step with no code in the
 method (Lightning calls ``on_before_optimizer_step`` in automatic and manual optimisation). The
@@ -30,14 +33,20 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ptlight.errors import ConfigError, TrainingError
 
@@ -200,3 +209,135 @@ class NonFiniteGuard(L.Callback):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+
+
+class Preemption(L.Callback):
+    """End the run at a step boundary on SIGTERM, SIGINT or (under SLURM) SIGUSR1, with a
+    checkpoint at that step, a non-zero exit and the command that resumes it.
+
+    The handlers only note the signal. At the end of every optimizer step the ranks decide
+    together (one all-reduce, like :class:`NonFiniteGuard`'s) whether any rank got one; if so
+    every rank raises Lightning's ``SIGTERMException`` at that same point, and ``on_exception``
+    writes ``last.ckpt`` through the trainer (all ranks take part; the checkpoint IO writes it
+    atomically) — the state a periodic ``ModelCheckpoint`` save has at that step, so the
+    resume is exact — and logs the step's metrics. It then prints how to resume and sets the
+    exit status to 128 + the signal number (143 for SIGTERM, 130 for SIGINT) where Lightning's
+    would be 0: the scheduler must not see a success. A second SIGINT stops at once, without
+    a checkpoint. A signal during validation or before the first step stops at the end of the
+    next training batch.
+
+    Lightning's own SIGTERM handler (installed when training starts, and replaced by ours
+    then) stops each rank wherever that rank notices the signal; a checkpoint, which is a
+    collective operation, cannot be written from such unaligned points under DDP (the ranks
+    deadlock). This callback therefore keeps Lightning's exception and ``on_exception``
+    path but decides the stopping step itself.
+
+    SLURM (``#SBATCH --signal=USR1@90``): SIGUSR1 is SLURM's requeue signal, as in Lightning.
+    Lightning installs its requeue handler only when none is installed, so ours replaces it:
+    checkpoint as above, then ``scontrol requeue <job>`` as Lightning's does (its own saves a
+    mid-step ``hpc_ckpt_*.ckpt`` that ``ckpt_path=last`` would not read). The requeued job
+    resumes when its command has ``ckpt_path=last`` and a fixed ``hydra.run.dir``.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.checkpoint = run_dir / "checkpoints" / "last.ckpt"
+        self.run_dir = run_dir
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._active = False
+
+    def _signals(self) -> list[int]:
+        return [signal.SIGTERM, signal.SIGINT, *([signal.SIGUSR1] if SLURMEnvironment.detect()
+                                                 else [])]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self.signum, self._active = None, True
+        for signum in self._signals():
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active:  # Lightning has just installed its SIGTERM handler: ours again
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self._active:  # Lightning's teardown after an exception puts ours back: be the
+            previous = self._previous.get(signum, signal.SIG_DFL)  # handler from before setup
+            signal.signal(signum, previous)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+            return
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl+C: stop now
+        if self.signum is None:
+            self.signum = signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        stepped = ((batch_idx + 1) % trainer.accumulate_grad_batches == 0
+                   or batch_idx + 1 >= trainer.num_training_batches)
+        if not stepped:  # mid-accumulation: the gradients so far would be lost
+            return
+        if trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+            raise SIGTERMException(128 + (self.signum or signal.SIGTERM))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        self._restore()
+        if isinstance(exception, KeyboardInterrupt):
+            if trainer.is_global_zero:
+                print(f"ptlight: interrupted again: stopped without a checkpoint; "
+                      f"{self.checkpoint} is the last one saved", file=sys.stderr)
+            return
+        if not isinstance(exception, SIGTERMException) or not self._stopped_by_us(exception):
+            return
+        trainer.save_checkpoint(self.checkpoint, weights_only=False)  # the whole training state
+        # The step's metrics are sent to the loggers right after on_train_batch_end, where this
+        # run stopped, and a resume does not redo the step: send them now, as Lightning would.
+        trainer._logger_connector.on_batch_end()
+        trainer._logger_connector.update_train_step_metrics()
+        if not trainer.is_global_zero:
+            return
+        from ptlight.rundir import resume_command
+
+        signum = int(exception.code) - 128  # type: ignore[arg-type]
+        print(f"ptlight: {signal.Signals(signum).name}: stopped at step {trainer.global_step}; "
+              f"checkpoint saved to {self.checkpoint}", file=sys.stderr)
+        if signum == signal.SIGUSR1:
+            print(f"ptlight: {_requeue()}; it resumes if its command has ckpt_path=last and "
+                  f"this hydra.run.dir:", file=sys.stderr)
+        else:
+            print("ptlight: resume with:", file=sys.stderr)
+        print(f"  {resume_command(self.run_dir)}", file=sys.stderr)
+
+    @staticmethod
+    def _stopped_by_us(exception: SIGTERMException) -> bool:
+        return isinstance(exception.code, int) and exception.code > 128
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        self._active = False
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(signum, handler)
+
+
+def _requeue() -> str:
+    """``scontrol requeue`` this SLURM job (an array task by its array id), as Lightning does."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = (f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job
+           else os.environ["SLURM_JOB_ID"])
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except OSError as exc:
+        return f"could not requeue SLURM job {job} (scontrol: {exc})"
+    if result.returncode != 0:
+        return (f"could not requeue SLURM job {job} (scontrol exit {result.returncode}: "
+                f"{result.stderr.strip()})")
+    return f"requeued SLURM job {job}"

@@ -26,7 +26,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -34,7 +34,7 @@ from rich.table import Table
 
 from ptlight.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
                               has_adapters, load_export, load_tokenizer, lora_settings)
-from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, RngState
+from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, Preemption, RngState
 from ptlight.cpu_bf16 import precision_plugins
 from ptlight.data.module import PtlDataModule
 from ptlight.devices import configure_cuda, resolve_trainer, uses_cuda
@@ -47,6 +47,7 @@ from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
 from ptlight.report import write_model_card, write_pipeline_report, write_run_report
+from ptlight.rundir import RunCSVLogger, RunRecord, checkpoint_to_resume, guard_run_dir
 from ptlight.strategy import (build_strategy, check_pipeline_launch,
                               fsdp_without_rank0_generation, full_module_state, is_fsdp,
                               submodule_state)
@@ -55,16 +56,13 @@ from ptlight.validate import check_config
 log = logging.getLogger(__name__)
 
 
-# The CSV logger shares the stage dir with config.yaml and checkpoints; only its own
-# metrics.csv is replaced, so its "directory not empty" warning is noise.
-warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 # PPO (manual optimisation) checkpoints after its optimiser steps, which is what resuming needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     """CSV always (``<run_dir>/metrics.csv``); plus every logger configured under ``logger``."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: list[Logger] = [RunCSVLogger(run_dir)]  # continued across resumes
     for name, spec in (cfg.logger or {}).items():
         if spec is None:
             continue
@@ -114,6 +112,7 @@ def _resumes(cfg: DictConfig, run_dir: Path) -> bool:
     return cfg.ckpt_path != "last" or (run_dir / "checkpoints" / "last.ckpt").exists()
 
 
+@guard_run_dir  # ckpt_path checked, run dir locked, a failed resume leaves it as it was
 def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one method on one config; returns the eval report (also written to eval.json)."""
     started = time.time()
@@ -186,8 +185,10 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         reference=reference, reference_mode=reference_mode, **extra)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                        every_n_train_steps=cfg.checkpoint.every_n_train_steps),
+                        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+                        enable_version_counter=False),  # always last.ckpt, never last-v1.ckpt
         guard, RngState(),
+        Preemption(run_dir), RunRecord(cfg.method.module, objective.name),
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
@@ -206,18 +207,18 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         **overrides,
     )
     fit_started = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, run_dir))
     fit_time = round(time.time() - fit_started, 1)
 
     export_dir = run_dir / "export"
     report["export_dir"] = str(export_dir)  # every rank: a next pipeline stage starts from it
     full_state = full_module_state(trainer, module)  # FSDP: gathered on rank 0 (all ranks call)
     if trainer.is_global_zero:
+        extras = getattr(module, "export_extras", None)  # rm, ppo: their heads
         export_model(policy, tokenizer, export_dir, cfg.model,
                      state_dict=None if full_state is None
-                     else submodule_state(full_state, module, policy))
-        if hasattr(module, "export_extras"):  # rm: the score head; ppo: the value head
-            module.export_extras(export_dir, full_state)
+                     else submodule_state(full_state, module, policy),
+                     extras=None if extras is None else lambda d: extras(d, full_state))
         if full_state is not None:  # the sharded modules cannot run on one rank: reload
             policy = load_export(export_dir, cfg.model)
             if hasattr(module, "unsharded"):  # rm: its reward model rebuilt around it

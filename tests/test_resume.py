@@ -231,3 +231,97 @@ def test_ckpt_path_last_without_a_checkpoint_starts_fresh(compose_cfg, tmp_path)
     cfg = compose_cfg("method=sft", "ckpt_path=last", "eval.before=false", "eval.val_samples=0",
                       *TINY)
     assert train_stage(cfg, tmp_path)["global_step"] == 3
+
+
+# ---- SIGTERM, SIGINT, SLURM's requeue signal ----------------------------------------------------
+import re  # noqa: E402
+import shlex  # noqa: E402
+
+# No periodic checkpoint: the one the run stops with is the only one.
+STOP = [*TINY, "method=sft", "trainer.max_steps=16", "trainer.val_check_interval=8",
+        "eval.before=false", "eval.val_samples=0", "checkpoint.every_n_train_steps=100"]
+
+
+def _signalled(run_dir: Path, sig: int, env: dict | None = None) -> tuple[int, str, int]:
+    """Start a 16-step run, send ``sig`` once metrics.csv shows step 3 (rows are written as they
+    are logged), and return (exit status, stderr, the step the run says it stopped at)."""
+    run_dir.mkdir(parents=True)
+    err = run_dir.parent / f"{run_dir.name}.stderr"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "ptlight", *STOP,
+                                 f"hydra.run.dir={run_dir}"], stdout=subprocess.DEVNULL,
+                                stderr=stderr, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                    **(env or {})})
+        try:
+            metrics, deadline = run_dir / "metrics.csv", time.time() + 300
+            while time.time() < deadline and proc.poll() is None:
+                if metrics.is_file() and "\n0,3," in metrics.read_text():
+                    break
+                time.sleep(0.01)
+            assert proc.poll() is None, "ended before the signal: " + err.read_text()[-2000:]
+            os.kill(proc.pid, sig)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = err.read_text()
+    stopped = re.search(rf"ptlight: {signal.Signals(sig).name}: stopped at step (\d+); "
+                        rf"checkpoint saved to {run_dir / 'checkpoints' / 'last.ckpt'}", text)
+    assert stopped, text[-3000:]
+    step = int(stopped.group(1))
+    assert 4 <= step < 8  # mid-epoch (8 batches an epoch), after the step it was signalled at
+    assert _step_of(run_dir / "checkpoints" / "last.ckpt") == step
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert not (run_dir / "export").exists()
+    return proc.returncode, text, step
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_non_zero_and_its_resume_equals_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    straight = subprocess.run([sys.executable, "-m", "ptlight", *STOP,
+                               f"hydra.run.dir={tmp_path / 'straight'}"], env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    run_dir = tmp_path / "stopped"
+    code, stderr, step = _signalled(run_dir, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM  # what the scheduler sees: not a success
+    command = stderr.split("ptlight: resume with:\n", 1)[1].splitlines()[0].strip()
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "ptlight"]
+    assert argv[-2:] == [f"hydra.run.dir={run_dir}", "ckpt_path=last"]
+    resumed = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True,
+                             text=True, timeout=600)  # the printed command, as printed
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _weights(tmp_path / "straight"), _weights(run_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after SIGTERM at step {step}"
+    rows = [line.split(",")[:2] for line in (run_dir / "metrics.csv").read_text().splitlines()]
+    assert rows == [line.split(",")[:2] for line in
+                    (tmp_path / "straight" / "metrics.csv").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sigint_checkpoints_and_says_how_to_resume(tmp_path):
+    code, stderr, _ = _signalled(tmp_path / "run", signal.SIGINT)
+    assert code == 128 + signal.SIGINT
+    assert f"hydra.run.dir={tmp_path / 'run'} ckpt_path=last" in stderr
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_checkpoints_and_requeues_the_job(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ptlight", "SLURM_NTASKS": "1",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+             "SLURM_NODELIST": "localhost", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    code, stderr, _ = _signalled(tmp_path / "run", signal.SIGUSR1, env=slurm)
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert "ptlight: requeued SLURM job 4242" in stderr
+    assert code == 128 + signal.SIGUSR1
+    assert "hpc_ckpt" not in " ".join(p.name for p in (tmp_path / "run").iterdir())

@@ -47,11 +47,12 @@ def test_resume_from_last_checkpoint_continues_the_step_count(compose_cfg, tmp_p
     cfg = compose_cfg("method=dpo", "eval.before=false", *TINY)
     first = train_stage(cfg, tmp_path)
     assert first["global_step"] == 3 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    before = _metrics(tmp_path)
     resumed = train_stage(compose_cfg("method=dpo", "eval.before=false", *TINY,
                                       "trainer.max_steps=5", "ckpt_path=last"), tmp_path)
     assert resumed["global_step"] == 5
-    steps = [s for s, _ in _metrics(tmp_path)]
-    assert steps == [3, 4]  # the resumed run logged only the new steps
+    after = _metrics(tmp_path)  # the resumed run appended the new steps to metrics.csv
+    assert after[:3] == before and [s for s, _ in after] == [0, 1, 2, 3, 4]
 
 
 def test_every_validation_writes_samples_and_a_gold_reward_point(compose_cfg, tmp_path):
