@@ -187,14 +187,17 @@ def _file_state(path: Path) -> tuple[int, int, int] | None:
 
 
 def guard_run_dir(stage: Callable[[DictConfig, Path], Any]) -> Callable[[DictConfig, Path], Any]:
-    """Wrap ``stage(cfg, run_dir)``: :func:`check_resume`, then the stage under the run dir's
-    lock; a resume that fails without writing a checkpoint restores ``config.yaml``.
+    """Wrap ``stage(cfg, run_dir)``: :func:`ptlight.validate.check_config` and
+    :func:`check_resume`, then the stage under the run dir's lock; a resume that fails without writing a checkpoint restores ``config.yaml``.
 
     ``metrics.csv`` needs no restoring: :class:`RunCSVLogger` changes it only when the resumed
     run logs its first metric, that is once training is under way.
     """
     @functools.wraps(stage)
     def guarded(cfg: DictConfig, run_dir: Path) -> Any:
+        from ptlight.validate import check_config
+
+        check_config(cfg)  # bad values fail before the run dir (or its lock) is created
         check_resume(cfg, run_dir)
         if rank_zero_only.rank != 0:
             return stage(cfg, run_dir)
