@@ -218,6 +218,8 @@ def test_acceptance_reaches_the_training_report_and_the_eval_app(tmp_path):
         for when in ("before", "after"):
             assert 0 <= report[when]["acceptance/rate"] <= report[when]["gold/exact"] + 1e-9
             assert report[when]["acceptance/num_references"] == 8  # sort has reference answers
+        assert "| acceptance | edit distance to reference |" in (
+            tmp_path / "sft" / "report.md").read_text()
         held = tmp_path / "heldout.jsonl"
         held.write_text(json.dumps({"prompt": P1, "reference": "a b"}) + "\n"
                         + json.dumps({"prompt": P2}) + "\n")
