@@ -39,8 +39,9 @@ down, then the fix); each gives its rows. Responses are strings or assistant mes
   row numbers, duplicates, contradictory labels, the label balance with KTO's
   ``desirable_weight``/``undesirable_weight`` suggested from the counts (the weights that make
   desirable_weight x #desirable = undesirable_weight x #undesirable, within TRL's advised
-  [1, 4/3] ratio), per-user skew (top users' shares, users whose ratings are all one way) and
-  warnings.
+  [1, 4/3] ratio), per-user skew (top users' shares; users whose ratings all go one way
+  where the log's up-rate makes that unlikely, p^n < 1 %) and warnings. The rows are built in
+  :mod:`ptlight.feedback_rows`.
 
 **Bad input** — a row with neither rating nor edit nor choice, an edit identical to the
 response, an unknown rating value, a bad choice, a missing prompt/response, a bad timestamp,
@@ -72,9 +73,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ptlight.acceptance import edit_distance
 from ptlight.config import config_dir
 from ptlight.errors import ConfigError, DataError, PtlightError
+from ptlight.feedback_rows import balance, downsample, heldout_rows, listwise, pairs, unpaired
 
 FEEDBACK_COLUMNS = ("rating", "edited", "choice")
 
@@ -292,9 +293,10 @@ def dedupe(log: Log, drop: bool) -> int:
     return duplicates
 
 
-def user_skew(events: list[Event], warn_share: float, min_ratings: int = 10) -> dict[str, Any]:
-    """Events per user: how many users, the top users' shares, and users with at least
-    ``min_ratings`` ratings that are all one way (a noisy or adversarial rater)."""
+def user_skew(events: list[Event], warn_share: float, chance: float = 0.01) -> dict[str, Any]:
+    """Events per user: how many users, the top users' shares, and one-sided raters: users
+    whose ratings all go one way although, at the log's overall up-rate p, that happens by
+    chance with probability p^n (all up) or (1-p)^n (all down) below ``chance``."""
     counts = Counter(e.user for e in events if e.user is not None)
     if not counts:
         return {"users": 0, "note": "no 'user' column: per-user checks skipped"}
@@ -304,8 +306,10 @@ def user_skew(events: list[Event], warn_share: float, min_ratings: int = 10) -> 
     for e in events:
         if e.user is not None and e.rating is not None:
             by_user[e.user].append(e.rating)
-    one_sided = {u: ("all up" if all(r) else "all down") for u, r in sorted(by_user.items())
-                 if len(r) >= min_ratings and len(set(r)) == 1}
+    ratings = [r for rs in by_user.values() for r in rs]
+    p_up = sum(ratings) / len(ratings) if ratings else 0.5
+    one_sided = {u: f"all {len(r)} {'up' if r[0] else 'down'}" for u, r in sorted(by_user.items())
+                 if len(set(r)) == 1 and (p_up if r[0] else 1 - p_up) ** len(r) < chance}
     return {"users": len(counts), "events_with_user": total, "max_events": top[0][1],
             "top_user": top[0][0], "top_user_share": top[0][1] / total,
             "top5_share": sum(n for _, n in top[:5]) / total,
@@ -345,123 +349,6 @@ def split_holdout(events: list[Event], fraction: float) -> tuple[list, list]:
     return [e for e in events if e.key not in held], [e for e in events if e.key in held]
 
 
-# ---- training rows -----------------------------------------------------------------------
-def _as_completion(prompt: Any, text: str) -> Any:
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-
-
-def _meta(e: Event, source: str) -> dict[str, Any]:
-    return {"source": source, "user": e.user, "session": e.session, "row": e.row}
-
-
-def pairs(events: list[Event], cfg: DictConfig, skipped: Counter) -> list[dict[str, Any]]:
-    """Pairwise rows from edits, choices and (``pairs_from_ratings``) rated responses."""
-    out: list[dict[str, Any]] = []
-    rated: dict[str, dict[bool, list[Event]]] = defaultdict(lambda: {True: [], False: []})
-    for e in events:
-        p = e.prompt
-        if e.edited is not None:
-            dist = edit_distance(e.response, e.edited)
-            if dist < cfg.min_edit:
-                skipped[f"edit below feedback.min_edit={cfg.min_edit}"] += 1
-            else:
-                out.append({"prompt": p, "chosen": _as_completion(p, e.edited),
-                            "rejected": _as_completion(p, e.response),
-                            "edit_distance": round(dist, 4), **_meta(e, "edit")})
-        if e.choice is not None:
-            out += [{"prompt": p, "chosen": _as_completion(p, e.responses[e.choice]),
-                     "rejected": _as_completion(p, r), **_meta(e, "choice")}
-                    for j, r in enumerate(e.responses) if j != e.choice]
-        if e.rating is not None and all(x.response != e.response for x in rated[e.key][e.rating]):
-            rated[e.key][e.rating].append(e)
-    if cfg.pairs_from_ratings:
-        for by_label in rated.values():
-            for up, down in zip(by_label[True], by_label[False]):
-                out.append({"prompt": up.prompt, "chosen": _as_completion(up.prompt, up.response),
-                            "rejected": _as_completion(up.prompt, down.response),
-                            **_meta(up, "ratings"), "rejected_row": down.row})
-    return out
-
-
-def unpaired(events: list[Event], pair_rows: list[dict[str, Any]], from_pairs: bool
-             ) -> list[dict[str, Any]]:
-    """KTO rows: every rating; with ``from_pairs`` each edit/choice pair's two sides."""
-    out = [{"prompt": e.prompt, "completion": _as_completion(e.prompt, e.response),
-            "label": e.rating, **_meta(e, "rating")} for e in events if e.rating is not None]
-    if from_pairs:
-        for r in pair_rows:
-            if r["source"] in ("edit", "choice"):
-                meta = {k: r[k] for k in ("source", "user", "session", "row")}
-                out += [{"prompt": r["prompt"], "completion": r["chosen"], "label": True, **meta},
-                        {"prompt": r["prompt"], "completion": r["rejected"], "label": False,
-                         **meta}]
-    return out
-
-
-def listwise(events: list[Event], min_k: int) -> list[dict[str, Any]]:
-    """A prompt's distinct rated responses (>= ``min_k``, both labels), scored by their share
-    of up ratings."""
-    votes: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    prompts: dict[str, Any] = {}
-    for e in events:
-        if e.rating is not None:
-            votes[e.key][e.response].append(e.rating)
-            prompts[e.key] = e.prompt
-    out = []
-    for key, by_response in votes.items():
-        labels = {r for rs in by_response.values() for r in rs}
-        if len(by_response) >= min_k and len(labels) == 2:
-            p = prompts[key]
-            out.append({"prompt": p, "completions": [_as_completion(p, t) for t in by_response],
-                        "scores": [sum(v) / len(v) for v in by_response.values()],
-                        "source": "ratings"})
-    return out
-
-
-def balance(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Label counts and KTO weights that make desirable_weight x #desirable equal
-    undesirable_weight x #undesirable (the minority label weighted up)."""
-    n_d = sum(r["label"] for r in rows)
-    n_u = len(rows) - n_d
-    out: dict[str, Any] = {"desirable": n_d, "undesirable": n_u,
-                           "desirable_share": n_d / len(rows) if rows else None}
-    if n_d and n_u:
-        w_d, w_u = (1.0, round(n_d / n_u, 3)) if n_d >= n_u else (round(n_u / n_d, 3), 1.0)
-        out["suggested"] = {"desirable_weight": w_d, "undesirable_weight": w_u,
-                            "override": f"method.objective.desirable_weight={w_d} "
-                                        f"method.objective.undesirable_weight={w_u}"}
-    return out
-
-
-def downsample(rows: list[dict[str, Any]], rng: random.Random) -> tuple[list, int]:
-    """Drop seeded majority-label rows down to the minority's count; returns rows and drops."""
-    by_label = {lab: [i for i, r in enumerate(rows) if r["label"] is lab] for lab in (True, False)}
-    small, big = sorted(by_label.values(), key=len)
-    keep = set(small) | set(rng.sample(big, len(small)))
-    return [r for i, r in enumerate(rows) if i in keep], len(rows) - len(keep)
-
-
-def heldout_rows(events: list[Event]) -> list[dict[str, Any]]:
-    """One row per held-out prompt: ``prompt``, ``reference`` (edited text, else an up-rated
-    or chosen response), ``logged_acceptance`` (share of its ratings that were up)."""
-    by_prompt: dict[str, list[Event]] = defaultdict(list)
-    for e in events:
-        by_prompt[e.key].append(e)
-    out = []
-    for evs in by_prompt.values():
-        refs = ([e.edited for e in evs if e.edited is not None]
-                + [e.response for e in evs if e.rating]
-                + [e.responses[e.choice] for e in evs if e.choice is not None])
-        ratings = [e.rating for e in evs if e.rating is not None]
-        row: dict[str, Any] = {"prompt": evs[0].prompt, "num_events": len(evs),
-                               "logged_acceptance": sum(ratings) / len(ratings) if ratings
-                               else None}
-        if refs:
-            row["reference"] = refs[0]
-        out.append(row)
-    return out
-
-
 # ---- the app -----------------------------------------------------------------------------
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -471,8 +358,8 @@ def _warnings(report: dict[str, Any], cfg: DictConfig) -> list[str]:
     users, bal = report["users"], report["balance"]
     out = [f"user {u!r} holds more than {cfg.skew_warn:.0%} of the events "
            "(feedback.max_per_user caps it)" for u in users.get("over_share", [])]
-    out += [f"user {u!r} rated {how} ({'noisy or one-sided rater?'})"
-            for u, how in users.get("one_sided_raters", {}).items()]
+    out += [f"user {u!r} rated {how}: unlikely by chance at the log's up-rate (a one-sided "
+            "rater?)" for u, how in users.get("one_sided_raters", {}).items()]
     share = bal.get("desirable_share")
     if share is not None and not 0.25 <= share <= 0.75:
         out.append(f"unpaired labels are {share:.0%} desirable: use the suggested KTO weights "

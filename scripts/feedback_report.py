@@ -2,17 +2,19 @@
 feedback to training data").
 
     python scripts/feedback_report.py                       # everything, into outputs/feedback_report
-    python scripts/feedback_report.py --sft-steps 150 --steps 60 --prompts 600
+    python scripts/feedback_report.py --sft-steps 150 --steps 60 --prompts 600   # the defaults
+    python scripts/feedback_report.py --sft outputs/feedback_report/sft/export  # reuse step 1
 
 1. SFT on the task's (hurried-annotator) demonstrations: the "product" model.
-2. Simulated traffic: each of ``--prompts`` train prompts is asked by one or two of 24 users
-   (Zipf-distributed activity, so a few users dominate); the product answers by sampling at
-   temperature 0.7. A user accepts a correct answer (thumbs up), edits a near miss (gold reward
-   >= 0.5) into the correct answer (80 %; else thumbs down), and rejects the rest; 15 % of
-   interactions show two answers and the user picks the better one. Three noisy users rate at
-   random and never edit. The log also has what real logs have: 2 % of events logged twice,
-   whitespace-only "edits", and four broken rows (two without feedback, an unknown rating value,
-   an edit identical to the response).
+2. Simulated traffic: each of ``--prompts`` train prompts is asked by one user (a third of
+   them) or two, drawn from 24 users with Zipf-distributed activity (a few users dominate); the
+   product answers by sampling at temperature 0.7. A user accepts a correct answer (thumbs up),
+   edits a near miss (gold reward >= 0.5) into the correct answer (80 %; else thumbs down), and
+   rejects the rest; 15 % of interactions show two answers and the user picks the better one.
+   Three noisy users (the 4th, 8th and 12th most active) rate at random and never edit or
+   choose. The log also has what real logs have: 2 % of events logged twice, whitespace-only
+   "edits" (3 % of accepted answers), and four broken rows (two without feedback, an unknown
+   rating value, an edit identical to the response).
 3. ``python -m ptlight.feedback`` with ``feedback.on_bad_row=drop feedback.holdout=0.1
    feedback.max_per_user=<cap>``.
 4. KTO (unpaired.jsonl, the suggested weights) and DPO (pairwise.jsonl) from the SFT export,
@@ -35,7 +37,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-NUM_USERS, NOISY = 24, ("u21", "u22", "u23")
+NUM_USERS, NOISY = 24, ("u03", "u07", "u11")  # noisy: rate at random, never edit
 
 
 def ptlight(module: str, *args: str) -> None:
@@ -58,11 +60,11 @@ def simulate(sft_export: Path, num_prompts: int, seed: int) -> list[dict]:
         model_cfg = compose("config", overrides=[f"model.path={sft_export}"]).model
     tok = load_tokenizer(model_cfg)
     policy = build_policy(model_cfg, tok)
-    users = [f"u{i:02d}" if i < 21 else f"u{i}" for i in range(NUM_USERS)]
+    users = [f"u{i:02d}" for i in range(NUM_USERS)]
     weights = [1 / (r + 1) ** 1.1 for r in range(NUM_USERS)]
     prompts = [r["prompt"] for r in sort.make_rows("prompt", num_prompts, seed, "train")]
     visits = [(p, u, rng.random() < 0.15) for p in prompts
-              for u in rng.sample(rng.choices(users, weights, k=4), rng.choice((1, 1, 2)))]
+              for u in rng.sample(rng.choices(users, weights, k=4), rng.choice((1, 2, 2)))]
     asks = [p for p, _, two in visits for _ in range(2 if two else 1)]
     answers = iter(generate(policy, tok, asks, max_new_tokens=40, batch_size=64, do_sample=True,
                             temperature=0.7, seed=seed, description="simulated traffic"))
@@ -113,14 +115,16 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=600)
     ap.add_argument("--eval-prompts", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sft", help="an SFT export made by step 1 of an earlier run: skip step 1")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     started = time.time()
     common = [f"eval.num_prompts={args.eval_prompts}", "eval.val_samples=0",
               "trainer.enable_progress_bar=false", f"seed={args.seed}"]
-    ptlight("ptlight", "method=sft", f"trainer.max_steps={args.sft_steps}", "eval.before=false",
-            f"hydra.run.dir={out}/sft", *common)
-    sft = out / "sft" / "export"
+    if args.sft is None:
+        ptlight("ptlight", "method=sft", f"trainer.max_steps={args.sft_steps}",
+                "eval.before=false", f"hydra.run.dir={out}/sft", *common)
+    sft = Path(args.sft).resolve() if args.sft else out / "sft" / "export"
     log = simulate(sft, args.prompts, args.seed)
     (out / "feedback.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     ptlight("ptlight.feedback", f"feedback.path={out}/feedback.jsonl", "feedback.holdout=0.1",
@@ -137,10 +141,10 @@ def main() -> None:
         ptlight("ptlight.eval", f"model.path={out}/{name}/export", f"eval.baseline={sft}",
                 f"eval.acceptance.path={out}/data/heldout.jsonl", "eval.num_pairs=0",
                 f"eval.num_prompts={args.eval_prompts}", f"hydra.run.dir={out}/{name}-eval")
-    report(out, fb, args, time.time() - started)
+    report(out, sft, fb, time.time() - started, reused=args.sft is not None)
 
 
-def report(out: Path, fb: dict, args, wall: float) -> None:
+def report(out: Path, sft: Path, fb: dict, wall: float, reused: bool) -> None:
     kto, dpo = (json.loads((out / n / "eval.json").read_text()) for n in ("kto", "dpo"))
     evals = {n: json.loads((out / f"{n}-eval" / "eval.json").read_text())["acceptance"]
              for n in ("kto", "dpo")}
@@ -151,8 +155,9 @@ def report(out: Path, fb: dict, args, wall: float) -> None:
     print(f"users: {fb['users']['users']}, top user {fb['users']['top_user']} "
           f"{fb['users']['top_user_share']:.1%}, top 5 {fb['users']['top5_share']:.1%}, "
           f"one-sided raters {fb['users']['one_sided_raters']}")
-    rows = [gold_row(f"SFT ({args.sft_steps} steps)", kto["before"], evals["kto"]["baseline"],
-                     args.sft_steps, None)]
+    sft_run = json.loads((sft.parent / "eval.json").read_text())
+    rows = [gold_row("SFT", kto["before"], evals["kto"]["baseline"], sft_run["global_step"],
+                     sft_run["wall_time_s"])]
     for name, rep in (("KTO", kto), ("DPO", dpo)):
         rows.append(gold_row(f"SFT → {name}", rep["after"], evals[name.lower()]["model"],
                              rep["global_step"], rep["wall_time_s"]))
@@ -166,7 +171,7 @@ def report(out: Path, fb: dict, args, wall: float) -> None:
         w = evals[name]["win_rate"]
         print(f"{name.upper()} vs SFT on {w['num_prompts']} feedback held-out prompts: win "
               f"{w['win_rate']:.3f}, tie {w['tie_rate']:.3f}, loss {w['loss_rate']:.3f}")
-    print(f"total wall {wall:.0f} s")
+    print(f"total wall {wall:.0f} s" + (" (SFT reused: step 1 not included)" if reused else ""))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Product feedback -> training data (`python -m ptlight.feedback`) and acceptance as a metric
-(ptlight/acceptance.py, in training's eval.json and `python -m ptlight.eval`)."""
+(ptlight/acceptance.py, in training's eval.json and `python -m ptlight.eval`). Conversions run
+in-process on hand-written logs; the CLI and the one tiny training run are marked slow."""
 
 from __future__ import annotations
 
@@ -183,13 +184,27 @@ def test_per_user_cap_skew_report_and_downsampling(tmp_path):
                       "feedback.balance=downsample")
     users = report["users"]
     assert users["top_user"] == "loud" and users["top_user_share"] == pytest.approx(12 / 17)
-    assert users["over_share"] == ["loud"] and users["one_sided_raters"] == {"loud": "all down"}
+    # 12 downs in a row at the log's down-rate (14 of 15 ratings) are no surprise
+    assert users["over_share"] == ["loud"] and users["one_sided_raters"] == {}
     assert report["capped_per_user"] == 8
     kto = _rows(tmp_path, "unpaired.jsonl")
     assert sum(r["label"] for r in kto) == len(kto) / 2 and report["downsampled"] > 0
     assert any("loud" in w for w in report["warnings"])
 
 
+def test_a_rater_whose_ratings_all_go_one_way_against_the_odds_is_flagged(tmp_path):
+    def rating(i, user, up):
+        return {"prompt": f"Sort these words alphabetically: w{i} b", "response": f"r{i}",
+                "rating": "up" if up else "down", "user": user}
+
+    fan = [rating(i, "fan", True) for i in range(20)]
+    mixed = [rating(100 + i, f"v{i % 5}", i % 2 == 0) for i in range(40)]
+    report = _convert(tmp_path, fan + mixed)  # up-rate 2/3: 20 ups in a row, p = 3e-4
+    assert report["users"]["one_sided_raters"] == {"fan": "all 20 up"}
+    assert any("'fan' rated all 20 up" in w for w in report["warnings"])
+
+
+@pytest.mark.slow
 def test_cli_bad_row_is_one_line_and_exit_2(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text(json.dumps({"prompt": P2, "response": "c d", "rating": "meh"}) + "\n")
@@ -206,6 +221,7 @@ def test_cli_bad_row_is_one_line_and_exit_2(tmp_path):
         "feedback.json)."]
 
 
+@pytest.mark.slow
 def test_acceptance_reaches_the_training_report_and_the_eval_app(tmp_path):
     """One tiny SFT run: eval.json holds acceptance before/after; ptlight.eval on feedback
     held-out prompts reports acceptance, edit distance and the win rate vs a baseline."""
