@@ -210,7 +210,8 @@ class Log:
 
     def bad(self, rows: list[int], reason: str, message: str) -> None:
         """Raise (``on_bad_row=error``) or count a bad row (or rows, for a contradiction)."""
-        where = f"row {rows[0]}" if len(rows) == 1 else "rows " + ", ".join(map(str, rows))
+        where = f"row {rows[0]}" if len(rows) == 1 else "rows " + ", ".join(
+            map(str, rows[:10])) + (f", ... ({len(rows)} rows)" if len(rows) > 10 else "")
         if self.on_bad_row == "error":
             raise DataError(f"{self.path}, {where}: {message}. Fix the log, or set "
                             "feedback.on_bad_row=drop to drop such rows (they are counted in "
@@ -403,6 +404,8 @@ def convert(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for name, rows in files.items():
         if rows:
             _write(out_dir / name, rows)
+        else:  # no stale file from an earlier conversion into the same directory
+            (out_dir / name).unlink(missing_ok=True)
     if not kto_rows and not pair_rows:
         raise DataError(f"{fb.path}: no training rows ({log.report()['by_reason'] or 'no drops'}; "
                         f"skipped {dict(skipped)})")

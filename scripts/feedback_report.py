@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--sft", help="an SFT export made by step 1 of an earlier run: skip step 1")
     args = ap.parse_args()
     out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     common = [f"eval.num_prompts={args.eval_prompts}", "eval.val_samples=0",
               "trainer.enable_progress_bar=false", f"seed={args.seed}"]

@@ -150,6 +150,7 @@ def test_a_log_that_is_all_one_label_is_refused_or_written_without_unpaired_rows
                       "feedback.unpaired_from_pairs=false")
     assert report["dropped"]["by_reason"] == {"unpaired rows all one label": 3}
     assert report["written"]["unpaired.jsonl"] == 0 and report["written"]["pairwise.jsonl"] == 1
+    assert not (tmp_path / "out" / "unpaired.jsonl").exists()  # none written, none left over
 
 
 def test_small_edits_are_skipped_and_duplicates_counted(tmp_path):
