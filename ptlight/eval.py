@@ -199,8 +199,9 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if not cfg.data.task and (acc.path or acc.judge) and not (acc.path and acc.judge):
         raise ConfigError("eval.acceptance needs prompts and a scorer: with data.task null, set "
                           "both eval.acceptance.path and eval.acceptance.judge")
-    if cfg.eval.baseline and not cfg.data.task:
-        raise ConfigError("eval.baseline needs data.task: its gold reward judges the win rate")
+    if cfg.eval.baseline and not cfg.data.task and not acc.judge:
+        raise ConfigError("eval.baseline needs data.task (its gold reward judges the win rate) "
+                          "or eval.acceptance.judge")
     _device(cfg.eval.device)  # a bad device fails before any weights load
     model, tokenizer = _load(cfg, cfg.model.path)
     result: dict[str, Any] = {"model": cfg.model.path, "task": cfg.data.task}

@@ -245,6 +245,15 @@ def test_acceptance_reaches_the_training_report_and_the_eval_app(tmp_path):
                                  f"eval.acceptance.path={held}", "eval.num_pairs=0",
                                  "eval.acceptance.threshold=0.5"])
         result = run_eval(cfg, tmp_path / "eval")
+        # no task: a reward plugin judges acceptance and the win rate on the file's prompts
+        judged = run_eval(compose("config", [
+            *TINY, f"model.path={export}", f"eval.baseline={export}", "data.task=null",
+            f"eval.acceptance.path={held}", "eval.num_pairs=0",
+            "eval.acceptance.judge={name: gold, task: sort}"]), tmp_path / "judged")
+    m, j = result["acceptance"]["model"], judged["acceptance"]["model"]
+    assert j["acceptance/edit_distance"] == m["acceptance/edit_distance"]  # same generations
+    assert j["acceptance/rate"] <= m["acceptance/rate"]  # under threshold 1.0 instead of 0.5
+    assert "gold" not in judged and judged["acceptance"]["win_rate"]["tie_rate"] == 1.0
     acc = result["acceptance"]
     assert acc["model"]["acceptance/num_prompts"] == 2
     assert acc["model"]["acceptance/num_references"] == 1
