@@ -19,6 +19,13 @@ It composes the same root config as training (``conf/config.yaml``) and reads it
   :func:`ptlight.evaluate.preference_accuracy`): ``eval.num_pairs`` held-out pairs of the task,
   or the validation split of ``data.path`` as training splits it; ``eval.num_pairs=0`` skips it.
   ``eval.reference`` must share the model's tokenizer, as a training reference does.
+  ``gold`` and ``baseline`` also hold ``acceptance/rate`` (gold reward >=
+  ``eval.acceptance.threshold``) and ``acceptance/edit_distance`` (to the task's reference
+  answers; :mod:`ptlight.acceptance`). With ``eval.acceptance.path`` (held-out prompts with
+  optional references, such as ``python -m ptlight.feedback``'s ``heldout.jsonl``) or
+  ``eval.acceptance.judge`` (a reward plugin spec scored against the threshold):
+  ``acceptance`` holds the same for the model and the baseline on those prompts, and the win
+  rate vs the baseline under those scores.
   With ``eval.judge`` (a ``ptlight.rewards`` plugin spec: ``name`` + its settings, e.g. a trained
   ``reward_model`` with ``path``): ``judge`` holds the judge's mean score of the model's (and the
   baseline's) generations on the same prompts, and the win rate under that judge.
@@ -70,18 +77,21 @@ def _load(cfg: DictConfig, path: str, tokenizer=None):
 
 def _gold(cfg: DictConfig, model, tokenizer, baseline: str | None) -> tuple[dict, list[dict]]:
     """Gold metric of the model (and the baseline, with the win rate); sample rows."""
-    from ptlight.evaluate import gold_samples, summarize, win_rate
+    from ptlight.evaluate import gold_acceptance, gold_samples, summarize, win_rate
 
     result: dict[str, Any] = {}
     runs = {"model": gold_samples(model, tokenizer, cfg.data.task, cfg.eval, "gold eval (model)")}
-    result["gold"] = summarize(runs["model"], cfg.eval.num_samples, cfg.data.task)
+    threshold = cfg.eval.acceptance.threshold
+    result["gold"] = {**summarize(runs["model"], cfg.eval.num_samples, cfg.data.task),
+                      **gold_acceptance(runs["model"], cfg.data.task, threshold)}
     if baseline:
         base_model, base_tok = _load(cfg, baseline)
         runs["baseline"] = gold_samples(base_model, base_tok, cfg.data.task, cfg.eval,
                                         "gold eval (baseline)")
         result["baseline"] = {"path": baseline,
                               **summarize(runs["baseline"], cfg.eval.num_samples,
-                                             cfg.data.task)}
+                                             cfg.data.task),
+                              **gold_acceptance(runs["baseline"], cfg.data.task, threshold)}
         result["win_rate"] = win_rate(runs["model"], runs["baseline"])
     rows = [{"stage": "eval", "when": when, "prompt": s.prompt, "generation": s.completion,
              "reward": s.reward} for when, samples in runs.items() for s in samples]
@@ -107,6 +117,49 @@ def _judge(cfg: DictConfig, runs: dict[str, list]) -> dict[str, Any]:
     out: dict[str, Any] = {"spec": spec}
     for who, samples in scored.items():
         out[f"{who}/mean"] = sum(s.reward for s in samples) / len(samples)
+    if "baseline" in scored:
+        out["win_rate"] = win_rate(scored["model"], scored["baseline"])
+    return out
+
+
+def _acceptance(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
+    """Acceptance on ``eval.acceptance.path``'s prompts (else the task's held-out prompts),
+    scored by ``eval.acceptance.judge`` (else the task's gold reward): the model's and the
+    baseline's rate and edit distance to the references, and the model's win rate vs the
+    baseline under the same scores."""
+    from ptlight.acceptance import acceptance_summary, read_heldout, task_reference
+    from ptlight.evaluate import Sample, generate, win_rate
+    from ptlight.rewards import build_reward, user_text
+    from ptlight.tasks import get_task
+
+    acc, e = cfg.eval.acceptance, cfg.eval
+    if acc.path:
+        prompts, refs = read_heldout(acc.path, acc.num_prompts)
+    else:
+        task = get_task(cfg.data.task)
+        prompts = [r["prompt"] for r in task.make_rows("prompt", acc.num_prompts, e.seed,
+                                                       "heldout")]
+        refs = [task_reference(task, user_text(p)) for p in prompts]
+    if acc.judge:
+        spec = OmegaConf.to_container(acc.judge, resolve=True)
+        judge = build_reward(spec, key="eval.acceptance.judge").to(_device(e.device))
+        score = lambda comps: judge(prompts, comps).tolist()  # noqa: E731
+    else:
+        gold = get_task(cfg.data.task).gold_reward
+        score = lambda comps: [gold(user_text(p), c) for p, c in zip(prompts, comps)]  # noqa: E731
+    out: dict[str, Any] = {"prompts": acc.path or f"{cfg.data.task} held-out",
+                           "judge": OmegaConf.to_container(acc.judge, resolve=True)
+                           if acc.judge else f"gold ({cfg.data.task})"}
+    scored: dict[str, list[Sample]] = {}
+    models = {"model": (model, tokenizer)}
+    if e.baseline:
+        models["baseline"] = _load(cfg, e.baseline)
+    for who, (m, tok) in models.items():
+        comps = generate(m, tok, prompts, max_new_tokens=e.max_new_tokens,
+                         batch_size=e.batch_size, do_sample=e.do_sample,
+                         temperature=e.temperature, seed=e.seed, description=f"acceptance ({who})")
+        scored[who] = [Sample(user_text(p), c, r) for p, c, r in zip(prompts, comps, score(comps))]
+        out[who] = acceptance_summary([s.reward for s in scored[who]], comps, refs, acc.threshold)
     if "baseline" in scored:
         out["win_rate"] = win_rate(scored["model"], scored["baseline"])
     return out
@@ -139,11 +192,16 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     if not cfg.model.path:
         raise ConfigError("model.path is not set: pass model.path=<export dir or hub id>")
-    if not cfg.data.task and cfg.eval.num_pairs <= 0:
+    acc = cfg.eval.acceptance
+    if not cfg.data.task and cfg.eval.num_pairs <= 0 and not acc.path:
         raise ConfigError("nothing to evaluate: data.task is null (no gold metric) and "
                           "eval.num_pairs=0 (no preference accuracy)")
-    if cfg.eval.baseline and not cfg.data.task:
-        raise ConfigError("eval.baseline needs data.task: its gold reward judges the win rate")
+    if not cfg.data.task and (acc.path or acc.judge) and not (acc.path and acc.judge):
+        raise ConfigError("eval.acceptance needs prompts and a scorer: with data.task null, set "
+                          "both eval.acceptance.path and eval.acceptance.judge")
+    if cfg.eval.baseline and not cfg.data.task and not acc.judge:
+        raise ConfigError("eval.baseline needs data.task (its gold reward judges the win rate) "
+                          "or eval.acceptance.judge")
     _device(cfg.eval.device)  # a bad device fails before any weights load
     model, tokenizer = _load(cfg, cfg.model.path)
     result: dict[str, Any] = {"model": cfg.model.path, "task": cfg.data.task}
@@ -151,6 +209,8 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.data.task:
         gold, rows = _gold(cfg, model, tokenizer, cfg.eval.baseline)
         result.update(gold)
+    if acc.path or acc.judge:
+        result["acceptance"] = _acceptance(cfg, model, tokenizer)
     if cfg.eval.num_pairs > 0:
         result["preference"] = _preference(cfg, model, tokenizer)
     result["eval"] = OmegaConf.to_container(cfg.eval, resolve=True)
@@ -170,7 +230,8 @@ def _summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
             rows += [(f"{name} gold reward", result[who]["gold/reward"]),
                      (f"{name} exact match", result[who]["gold/exact"])]
             rows += [(f"{name} {key}", value) for key, value in result[who].items()  # task's own
-                     if "/" in key and not key.startswith("gold/") and "/num_" not in key]
+                     if "/" in key and not key.startswith("gold/") and "/num_" not in key
+                     and key != "acceptance/threshold" and value is not None]
     if "win_rate" in result:
         w = result["win_rate"]
         rows += [("win rate vs baseline", w["win_rate"]), ("tie rate", w["tie_rate"]),
@@ -182,6 +243,16 @@ def _summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
         if "win_rate" in j:
             rows.append((f"win rate vs baseline under judge {j['spec']['name']!r}",
                          j["win_rate"]["win_rate"]))
+    if "acceptance" in result:
+        a = result["acceptance"]
+        for who in ("model", "baseline"):
+            if who in a:
+                rows.append((f"{who} acceptance rate ({a['prompts']})", a[who]["acceptance/rate"]))
+                if a[who]["acceptance/edit_distance"] is not None:
+                    rows.append((f"{who} edit distance to references",
+                                 a[who]["acceptance/edit_distance"]))
+        if "win_rate" in a:
+            rows.append(("win rate vs baseline on the acceptance prompts", a["win_rate"]["win_rate"]))
     if "preference" in result:
         p = result["preference"]
         rows.append((f"preference accuracy ({p['num_pairs']} pairs, {p['score']})",

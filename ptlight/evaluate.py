@@ -6,8 +6,9 @@ the sample log of a run.
   ``eval.seed`` without touching the global RNG). Prompts are grouped by token length before
   batching, so most batches need no padding at all; the rest are left-padded, which LFM2
   handles exactly (its short convolutions zero padded positions, and attention masks them).
-- :func:`gold_eval`: mean gold reward and exact-match rate on ``eval.num_prompts`` held-out
-  prompts of a bundled task (:func:`gold_samples` keeps every scored generation).
+- :func:`gold_eval`: mean gold reward, exact-match rate and acceptance
+  (:func:`gold_acceptance`) on ``eval.num_prompts`` held-out prompts of a bundled task
+  (:func:`gold_samples` keeps every scored generation).
 - :func:`win_rate`: model vs baseline on the same prompts under the gold judge; a win is a
   strictly higher gold reward, ties are counted separately.
 - :func:`preference_accuracy`: on pairwise batches (chosen block, then rejected block), the
@@ -35,6 +36,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
+from ptlight.acceptance import acceptance_summary, task_reference
 from ptlight.logps import completion_logps
 from ptlight.progress import track
 from ptlight.tasks import get_task
@@ -129,10 +131,20 @@ def summarize(samples: list[Sample], num_samples: int, task_name: str | None = N
     }
 
 
+def gold_acceptance(samples: Sequence[Sample], task_name: str, threshold: float) -> dict[str, Any]:
+    """:func:`ptlight.acceptance.acceptance_summary` of gold-scored samples: accepted when the
+    gold reward is >= ``threshold``; references from the task's ``reference_answer``."""
+    task = get_task(task_name)
+    return acceptance_summary([s.reward for s in samples], [s.completion for s in samples],
+                              [task_reference(task, s.prompt) for s in samples], threshold)
+
+
 def gold_eval(model: PreTrainedModel, tokenizer, task_name: str, cfg: DictConfig) -> dict[str, Any]:
-    """Mean gold reward and exact-match rate (+ the task's own metrics) on ``eval.num_prompts``
-    held-out prompts."""
-    return summarize(gold_samples(model, tokenizer, task_name, cfg), cfg.num_samples, task_name)
+    """Mean gold reward and exact-match rate (+ the task's own metrics, + acceptance at
+    ``eval.acceptance.threshold``) on ``eval.num_prompts`` held-out prompts."""
+    samples = gold_samples(model, tokenizer, task_name, cfg)
+    return {**summarize(samples, cfg.num_samples, task_name),
+            **gold_acceptance(samples, task_name, cfg.acceptance.threshold)}
 
 
 def win_rate(model: Sequence[Sample], baseline: Sequence[Sample]) -> dict[str, float]:

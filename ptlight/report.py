@@ -37,6 +37,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 GOLD_KEYS = (("gold/reward", "gold reward"), ("gold/exact", "exact match"))
+ACCEPTANCE_KEYS = (("acceptance/rate", "acceptance"),  # ptlight/acceptance.py
+                   ("acceptance/edit_distance", "edit distance to reference"))
 Series = dict[str, list[tuple[int, float]]]
 
 
@@ -213,8 +215,9 @@ def _gold_points(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _gold_table(points: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    return md_table(("model", *(label for _, label in GOLD_KEYS)),
-                    [(name, *(m[k] for k, _ in GOLD_KEYS)) for name, m in points])
+    keys = GOLD_KEYS + tuple(k for k in ACCEPTANCE_KEYS if all(k[0] in m for _, m in points))
+    return md_table(("model", *(label for _, label in keys)),
+                    [(name, *(m[k] for k, _ in keys)) for name, m in points])
 
 
 def objective_hparams(cfg: DictConfig) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 A task module provides ``make_rows(kind, n, seed, split)`` and
 ``gold_reward(prompt, completion) -> float`` (prompt = the user turn's text); optionally
 ``gold_metrics(samples) -> dict[str, float]``, extra metrics of the gold eval over its scored
-samples (``prompt``, ``completion``, ``reward``), e.g. the safety task's refusal rates.
+samples (``prompt``, ``completion``, ``reward``), e.g. the safety task's refusal rates; and
+``reference_answer(prompt) -> str``, the answer the acceptance metric measures edit distance to.
 """
 
 from __future__ import annotations

@@ -97,6 +97,12 @@ def words_from_prompt(prompt: str) -> list[str]:
     return prompt.split(INSTRUCTION, 1)[1].split()
 
 
+def reference_answer(prompt: str) -> str:
+    """The correct answer to a sorting prompt: the reference of the acceptance metric's edit
+    distance (:mod:`ptlight.acceptance`)."""
+    return answer_text(words_from_prompt(prompt))
+
+
 def gold_reward(prompt: str, completion: str) -> float:
     """Fraction of positions of the correct answer that the completion gets right.
 
