@@ -139,10 +139,14 @@ def gold_acceptance(samples: Sequence[Sample], task_name: str, threshold: float)
                               [task_reference(task, s.prompt) for s in samples], threshold)
 
 
-def gold_eval(model: PreTrainedModel, tokenizer, task_name: str, cfg: DictConfig) -> dict[str, Any]:
+def gold_eval(model: PreTrainedModel, tokenizer, task_name: str, cfg: DictConfig,
+              keep: list[Sample] | None = None) -> dict[str, Any]:
     """Mean gold reward and exact-match rate (+ the task's own metrics, + acceptance at
-    ``eval.acceptance.threshold``) on ``eval.num_prompts`` held-out prompts."""
+    ``eval.acceptance.threshold``) on ``eval.num_prompts`` held-out prompts; every scored
+    generation is appended to ``keep`` when given (for :func:`win_rate`)."""
     samples = gold_samples(model, tokenizer, task_name, cfg)
+    if keep is not None:
+        keep.extend(samples)
     return {**summarize(samples, cfg.num_samples, task_name),
             **gold_acceptance(samples, task_name, cfg.acceptance.threshold)}
 

@@ -39,7 +39,7 @@ from ptlight.cpu_bf16 import precision_plugins
 from ptlight.data.module import PtlDataModule
 from ptlight.devices import configure_cuda, resolve_trainer, uses_cuda
 from ptlight.errors import ConfigError
-from ptlight.evaluate import ValidationSamples, gold_eval, log_samples
+from ptlight.evaluate import ValidationSamples, gold_eval, log_samples, win_rate
 from ptlight.lean import install_lean_mlp
 from ptlight.memory import pin_mmap_threshold
 from ptlight.offload import offload_directory
@@ -174,8 +174,9 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     task = cfg.data.task
     report: dict[str, Any] = {"method": cfg.method.module, "objective": objective.name,
                               "data": datamodule.report()}
+    start_samples: list = []  # the start model's gold-scored generations (eval.before)
     if task and cfg.eval.before and generates and rank_zero_only.rank == 0:
-        report["before"] = gold_eval(policy, tokenizer, task, cfg.eval)
+        report["before"] = gold_eval(policy, tokenizer, task, cfg.eval, keep=start_samples)
 
     optim = cfg.method.optim
     if offload:  # AdamW's moments in a file (ptlight.offload)
@@ -225,7 +226,10 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 module = module.unsharded(policy, export_dir)
         log.info("rank %d of %d wrote %s", trainer.global_rank, trainer.world_size, export_dir)
         if task and generates:
-            report["after"] = gold_eval(policy, tokenizer, task, cfg.eval)
+            after_samples: list = []
+            report["after"] = gold_eval(policy, tokenizer, task, cfg.eval, keep=after_samples)
+            if start_samples:  # the trained model vs the one it started from, prompt by prompt
+                report["win_rate_vs_start"] = win_rate(after_samples, start_samples)
         elif task and hasattr(module, "evaluate"):  # rm: held-out pairwise accuracy
             report["heldout"] = module.evaluate(tokenizer, task, cfg.eval)
         report["global_step"] = trainer.global_step

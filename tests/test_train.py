@@ -1,6 +1,7 @@
 """In-process training stages: precision, reference modes, what a stage returns."""
 
 import csv
+import json
 import math
 
 import pytest
@@ -66,3 +67,14 @@ def test_every_validation_writes_samples_and_a_gold_reward_point(compose_cfg, tm
     assert {r["when"] for r in rows} == {"before", "step 3", "after"}
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert "val/gold/reward" in header
+
+
+def test_a_stage_reports_its_win_rate_against_the_model_it_started_from(compose_cfg, tmp_path):
+    cfg = compose_cfg("method=sft", "eval.before=true", "eval.val_samples=0", *TINY)
+    report = train_stage(cfg, tmp_path)
+    wins = report["win_rate_vs_start"]
+    assert wins["num_prompts"] == cfg.eval.num_prompts
+    assert wins["win_rate"] + wins["tie_rate"] + wins["loss_rate"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "eval.json").read_text())["win_rate_vs_start"] == wins
+    cfg = compose_cfg("method=sft", "eval.before=false", "eval.val_samples=0", *TINY)
+    assert "win_rate_vs_start" not in train_stage(cfg, tmp_path / "no_before")
