@@ -43,11 +43,13 @@ def _device_count(devices) -> int | None:
     """How many GPUs ``trainer.devices`` asks for (None: every visible one)."""
     if isinstance(devices, (list, tuple, ListConfig)):
         return len(devices)
-    if str(devices) in ("auto", "-1"):
+    text = str(devices)
+    if text in ("auto", "-1"):
         return None
     try:
-        return len([d for d in str(devices).split(",") if d.strip()]) if "," in str(devices) \
-            else int(devices)
+        if "," in text:  # Lightning's "0,1" form: a list of indices
+            return len([int(d) for d in text.split(",") if d.strip()])
+        return int(text)
     except ValueError:
         raise ConfigError(f"trainer.devices={devices!r}; use a number, a list of GPU indices, "
                           "or auto") from None

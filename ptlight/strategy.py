@@ -187,14 +187,14 @@ def check_pipeline_launch(trainer_cfg: DictConfig, pipeline: bool = True) -> Non
             "the pipeline (no method=...) runs one stage after another in one process, and "
             "Lightning can launch its DDP/FSDP processes once per command. Run the stages one by "
             "one (python -m ptlight method=sft trainer=ddp, then method=dpo "
-            "model.path=<its export> trainer=ddp), or launch with torchrun / srun (README: Scale)"
+            "model.path=<its export> trainer=ddp), or launch with torchrun / srun (docs/scale.md)"
         )
     if _in_multirun():
         raise ConfigError(
             "a multirun (-m) with a multi-process trainer needs a launcher that starts each "
             "job's processes: hydra/launcher=ptlight_slurm (SLURM), or "
             "trainer.strategy=ddp_spawn; Lightning's re-launch of the command would re-run the "
-            "whole sweep in every rank (README: Scale)"
+            "whole sweep in every rank (docs/scale.md)"
         )
 
 

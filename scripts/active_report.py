@@ -6,7 +6,7 @@ Without ``--sft`` it first trains the SFT model (``method=sft trainer.max_steps=
 default job's first stage). Then two DPO runs start from it with the same seed, steps and batch
 size (the budget: ``trainer.max_steps`` x ``data.batch_size`` training pairs): uniform
 shuffling, and ``+data/sampler=active`` (predictive entropy of the policy's samples,
-conf/data/sampler/active.yaml). Prints the README table: gold reward and exact match on the
+conf/data/sampler/active.yaml). Prints the table in docs/feedback.md: gold reward and exact match on the
 same held-out prompts, fit and wall time of each run, and the active sampler's priorities
 (mean over its pools vs mean of the drawn examples). Runs go to ./outputs/active-<time>/.
 """

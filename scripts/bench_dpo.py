@@ -90,7 +90,7 @@ _FAST = ["method.pack=true", "method.reference=precompute"]
 _LOWMEM = "malloc_mmap_threshold=131072"  # ptlight.memory: less RSS, slower steps
 _CKPT = "model.gradient_checkpointing=true"  # less memory, one more body forward
 _OFFLOAD = f"optimizer_offload={tempfile.gettempdir()}"  # ptlight.offload: moments on disk
-PTLIGHT_CONFIGS = {  # "fast" is what the README recommends; "plain" is the path before issue 5
+PTLIGHT_CONFIGS = {  # "fast" is what docs/performance.md recommends; "plain" is the path before issue 5
     "fast": _FAST,
     "fast_ckpt": [*_FAST, _CKPT],
     "fast_lowmem": [*_FAST, _LOWMEM],

@@ -1,4 +1,4 @@
-"""Run the default job (`python -m ptlight`), time it, and print the README's results table.
+"""Run the default job (`python -m ptlight`), time it, and print the results table of docs/results.md.
 
     python scripts/default_report.py [extra overrides...]
 

@@ -1,4 +1,4 @@
-"""Product feedback -> KTO / DPO, end to end on the bundled ``sort`` task (README "From product
+"""Product feedback -> KTO / DPO, end to end on the bundled ``sort`` task (docs/feedback.md "From product
 feedback to training data").
 
     python scripts/feedback_report.py                       # everything, into outputs/feedback_report

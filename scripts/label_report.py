@@ -10,7 +10,7 @@
 3. DPO from the SFT model on the gold-labelled on-policy pairs (``data.path=`` the file),
    ``--steps`` steps, evaluated on the task's held-out prompts.
 
-Prints the README tables: each judge's gold check (how often its chosen completion has a
+Prints the tables in docs/feedback.md: each judge's gold check (how often its chosen completion has a
 higher gold reward than its rejected one; ties; the tie rate of the LLM judge's both-order
 verdicts) with wall times, and the gold metric of the SFT model and of DPO on the labelled data.
 Runs go to ./outputs/label-<time>/.

@@ -1,5 +1,5 @@
 """Run `python -m ptlight experiment=safety` (SFT -> DPO on the safety task), time it, and print
-the README's table: gold reward, refusal rate on harmful prompts and over-refusal on benign
+the table in docs/feedback.md: gold reward, refusal rate on harmful prompts and over-refusal on benign
 ones, on held-out prompts, for the start model, after SFT and after DPO.
 
     python scripts/safety_report.py [extra overrides...]

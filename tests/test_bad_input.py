@@ -1,4 +1,4 @@
-"""Every row of the README's "Bad input: what you see" table, tried. Each case checks the one
+"""Every row of the "Bad input: what you see" table (docs/reliability.md), tried. Each case checks the one
 message the CLI prints (``ptlight: error: <message>``, exit status 2; Hydra's own message for
 an unknown config group option) and that it names the file and row, or the key to change."""
 

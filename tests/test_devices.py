@@ -107,7 +107,7 @@ def test_packing_auto_is_on_for_the_cpu_only(monkeypatch):
                                 pack=pack)
 
     auto = method("auto")
-    assert auto.packs  # on the CPU (measured 5x there; slower on an H200: README)
+    assert auto.packs  # on the CPU (measured 5x there; slower on an H200: docs/performance.md)
     monkeypatch.setattr(PreferenceMethod, "device", property(lambda self: torch.device("cuda")))
     assert not auto.packs and method(True).packs and not method(False).packs
     with pytest.raises(ConfigError, match=r"method\.pack='yes'; use auto, true or false"):

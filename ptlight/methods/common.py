@@ -37,7 +37,7 @@ def configure_optim(module: L.LightningModule, cfg: DictConfig, fused_on_cpu: bo
         # where the method asks (``fused_on_cpu``: the preference methods, ~6x faster optimiser
         # steps there). The update equals torch's default within fp rounding, but greedy gold
         # evaluations of a small model amplify rounding, so the CPU result tables of sft, rm
-        # and ppo (README) keep the implementation they were measured with. Set on the groups
+        # and ppo (docs/results.md) keep the implementation they were measured with. Set on the groups
         # rather than the constructor, which would flag the optimiser as unscaling AMP
         # gradients itself (Lightning then refuses gradient clipping); before the first step,
         # so the state is created for it.

@@ -28,7 +28,7 @@ The reference log-probs come from, by ``method.reference``:
 - ``none``: no reference (reference-free objectives such as SimPO/ORPO); an objective with
   ``needs_reference = True`` refuses this before any weights load.
 
-Fast path (README "DPO throughput vs TRL"), each equal to the plain path within fp tolerance:
+Fast path (docs/performance.md), each equal to the plain path within fp tolerance:
 
 - ``method.pack`` (default ``auto``: on the CPU, off on GPUs): every prompt runs once with its completions
   as branches, packed without padding into rows of ``method.pack_max_tokens`` tokens, for the
@@ -118,7 +118,7 @@ class PreferenceMethod(L.LightningModule):
     def packs(self) -> bool:
         """``method.pack``; ``auto``: on the CPU only. Packing runs each prompt once (a 5x
         faster DPO step on the CPU), but its dense tree mask and per-batch host work cost more
-        than they save on a GPU (README "DPO on a GPU")."""
+        than they save on a GPU (docs/performance.md)."""
         return self.device.type == "cpu" if self.pack == "auto" else bool(self.pack)
 
     # ---- reference ----------------------------------------------------------------------
