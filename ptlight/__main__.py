@@ -22,7 +22,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
-    from ptlight.train import run  # heavy imports after Hydra has parsed the command line
+    from ptlight.pipeline import run  # heavy imports after Hydra has parsed the command line
 
     hc = HydraConfig.get()
     try:

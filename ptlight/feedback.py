@@ -24,7 +24,7 @@ down, then the fix); each gives its rows. Responses are strings or assistant mes
   ``feedback.unpaired_from_pairs`` also from every pair below (the better response desirable,
   the worse undesirable: the conversion TRL applies to pairwise data for KTO).
 - ``pairwise.jsonl`` (DPO): ``prompt``, ``chosen``, ``rejected`` from edits (edited > original,
-  only when their word-level normalised edit distance, :func:`ptlight.acceptance.edit_distance`,
+  only when their word-level normalised edit distance, :func:`ptlight.eval.acceptance.edit_distance`,
   is >= ``feedback.min_edit``; smaller edits are typo fixes and are skipped, counted), from
   choices (the pick > each other response) and, with ``feedback.pairs_from_ratings``, from a
   prompt's up- and down-rated responses (zipped: each response in at most one such pair).
@@ -41,7 +41,7 @@ down, then the fix); each gives its rows. Responses are strings or assistant mes
   desirable_weight x #desirable = undesirable_weight x #undesirable, within TRL's advised
   [1, 4/3] ratio), per-user skew (top users' shares; users whose ratings all go one way
   where the log's up-rate makes that unlikely, p^n < 1 %) and warnings. The rows are built in
-  :mod:`ptlight.feedback_rows`.
+  :mod:`ptlight.data.feedback_rows`.
 
 **Bad input** — a row with neither rating nor edit nor choice, an edit identical to the
 response, an unknown rating value, a bad choice, a missing prompt/response, a bad timestamp,
@@ -75,7 +75,7 @@ from omegaconf import DictConfig
 
 from ptlight.config import config_dir
 from ptlight.errors import ConfigError, DataError, PtlightError
-from ptlight.feedback_rows import balance, downsample, heldout_rows, listwise, pairs, unpaired
+from ptlight.data.feedback_rows import balance, downsample, heldout_rows, listwise, pairs, unpaired
 
 FEEDBACK_COLUMNS = ("rating", "edited", "choice")
 

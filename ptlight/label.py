@@ -12,7 +12,7 @@ Hydra app (``conf/label.yaml``; it reads the ``model``, ``data`` and ``judge`` g
 **Preferences** (``label.mode=preferences``): take ``label.num_prompts`` prompts (the ``prompt``
 column of ``data.path``, else train prompts of the bundled ``data.task``), sample
 ``label.num_completions`` completions of each from the policy (``model.*``, at
-``label.temperature``, seeded by ``seed``), score them with the judge (:mod:`ptlight.judges`: a
+``label.temperature``, seeded by ``seed``), score them with the judge (:mod:`ptlight.eval.judges`: a
 reward plugin such as ``gold`` or a trained ``reward_model``, or the constitution LLM judge) and
 write, as JSON Lines that ``datasets.load_dataset("json", ...)`` and ``data.path=`` read:
 
@@ -136,9 +136,9 @@ def gold_check(pairs: list[tuple[float, float]], all_gold: list[float]) -> dict[
 
 def label_preferences(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Sample, judge and write the preference data set (module doc); returns the metadata."""
-    from ptlight.backbone import build_policy, load_tokenizer
-    from ptlight.evaluate import generate
-    from ptlight.judges import build_judge
+    from ptlight.model.backbone import build_policy, load_tokenizer
+    from ptlight.eval.gold import generate
+    from ptlight.eval.judges import build_judge
     from ptlight.rewards import user_text
 
     lab = cfg.label
@@ -248,8 +248,8 @@ def self_instruct_request(examples: list[str]) -> str:
 
 def grow_prompts(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Self-Instruct prompt growth (module doc); returns the metadata."""
-    from ptlight.backbone import build_policy, load_tokenizer
-    from ptlight.evaluate import generate
+    from ptlight.model.backbone import build_policy, load_tokenizer
+    from ptlight.eval.gold import generate
     from ptlight.rewards import user_text
 
     si, lab = cfg.self_instruct, cfg.label

@@ -37,7 +37,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 GOLD_KEYS = (("gold/reward", "gold reward"), ("gold/exact", "exact match"))
-ACCEPTANCE_KEYS = (("acceptance/rate", "acceptance"),  # ptlight/acceptance.py
+ACCEPTANCE_KEYS = (("acceptance/rate", "acceptance"),  # ptlight/eval/acceptance.py
                    ("acceptance/edit_distance", "edit distance to reference"))
 Series = dict[str, list[tuple[int, float]]]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import warnings
 from pathlib import Path
@@ -29,29 +28,26 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.table import Table
 
-from ptlight.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
+from ptlight.model.backbone import (AdapterReference, build_policy, export_model, frozen_copy,
                               has_adapters, load_export, load_tokenizer, lora_settings)
-from ptlight.callbacks import AtomicCheckpointIO, NonFiniteGuard, Preemption, RngState
-from ptlight.cpu_bf16 import precision_plugins
+from ptlight.runtime.callbacks import AtomicCheckpointIO, NonFiniteGuard, Preemption, RngState
+from ptlight.engine.cpu_bf16 import precision_plugins
 from ptlight.data.module import PtlDataModule
-from ptlight.devices import configure_cuda, resolve_trainer, uses_cuda
+from ptlight.runtime.devices import configure_cuda, resolve_trainer, uses_cuda
 from ptlight.errors import ConfigError
-from ptlight.evaluate import ValidationSamples, gold_eval, log_samples, win_rate
-from ptlight.lean import install_lean_mlp
-from ptlight.memory import pin_mmap_threshold
-from ptlight.offload import offload_directory
+from ptlight.eval.gold import ValidationSamples, gold_eval, log_samples, win_rate
+from ptlight.engine.lean import install_lean_mlp
+from ptlight.engine.memory import pin_mmap_threshold
+from ptlight.engine.offload import offload_directory
 from ptlight.methods import get_method
 from ptlight.methods.preference import REFERENCE_MODES
 from ptlight.objectives import Objective, build_objective
-from ptlight.report import write_model_card, write_pipeline_report, write_run_report
-from ptlight.rundir import RunCSVLogger, RunRecord, checkpoint_to_resume, guard_run_dir
-from ptlight.strategy import (build_strategy, check_pipeline_launch,
-                              fsdp_without_rank0_generation, full_module_state, is_fsdp,
-                              submodule_state)
-from ptlight.validate import check_config
+from ptlight.report import write_model_card, write_run_report
+from ptlight.runtime.rundir import RunCSVLogger, RunRecord, checkpoint_to_resume, guard_run_dir
+from ptlight.runtime.strategy import (build_strategy, fsdp_without_rank0_generation,
+                                      full_module_state, is_fsdp, submodule_state)
+from ptlight.runtime.validate import check_config
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +112,8 @@ def _resumes(cfg: DictConfig, run_dir: Path) -> bool:
 def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one method on one config; returns the eval report (also written to eval.json)."""
     started = time.time()
-    check_config(cfg)  # before anything is written or loaded (ptlight.validate)
-    if cfg.get("malloc_mmap_threshold"):  # opt-in: lower peak RSS, slower steps (ptlight.memory)
+    check_config(cfg)  # before anything is written or loaded (ptlight.runtime.validate)
+    if cfg.get("malloc_mmap_threshold"):  # opt-in: lower peak RSS, slower steps (ptlight.engine.memory)
         pin_mmap_threshold(int(cfg.malloc_mmap_threshold))
     run_dir.mkdir(parents=True, exist_ok=True)
     # trainer.accelerator/precision "auto" settled for this machine, and checked against it
@@ -179,7 +175,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         report["before"] = gold_eval(policy, tokenizer, task, cfg.eval, keep=start_samples)
 
     optim = cfg.method.optim
-    if offload:  # AdamW's moments in a file (ptlight.offload)
+    if offload:  # AdamW's moments in a file (ptlight.engine.offload)
         optim = OmegaConf.create({**OmegaConf.to_container(optim, resolve=True),
                                   "offload_dir": offload})
     module = method_cls(policy=policy, objective=objective, optim=optim,
@@ -201,7 +197,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     overrides = method_cls.trainer_overrides(cfg) if hasattr(method_cls, "trainer_overrides") else {}
     trainer_cfg, strategy = build_strategy(trainer_cfg, policy)  # FSDP: wrap policy resolved
     if not strategy and not uses_cuda(trainer_cfg):
-        install_lean_mlp(policy)  # CPU: LFM2's MLPs keep 2 activations instead of 4 (ptlight.lean)
+        install_lean_mlp(policy)  # CPU: LFM2's MLPs keep 2 activations instead of 4 (ptlight.engine.lean)
     trainer: L.Trainer = instantiate(
         trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
         callbacks=callbacks, plugins=[AtomicCheckpointIO(), *precision], **strategy,
@@ -245,113 +241,3 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         write_run_report(run_dir)  # report.md + PNG plots
     trainer.strategy.barrier("export")  # other ranks wait: a next stage reads this export
     return report
-
-
-def _gold_row(name: str, metrics: dict[str, Any], wall: float | None) -> list[str]:
-    return [name, f"{metrics['gold/reward']:.3f}", f"{metrics['gold/exact']:.3f}",
-            "" if wall is None else f"{wall:.0f}"]
-
-
-def print_heldout(report: dict[str, Any], prefix: str = "") -> None:
-    """A reward model's pairwise accuracy on held-out pairs (``report["heldout"]``)."""
-    held = report["heldout"]
-    Console().print(f"{prefix}reward model accuracy {held['rm/accuracy']:.3f} on "
-                    f"{held['num_pairs']} held-out pairs")
-
-
-def print_gold_table(rows: list[list[str]], title: str) -> None:
-    table = Table(title=title)
-    for col in ("model", "gold reward", "exact match", "wall s"):
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
-
-
-_EXPORT_REF = re.compile(r"\{export:([^}]+)\}")
-
-
-def stage_overrides(stage: DictConfig, exports: dict[str, str], previous: str | None,
-                    user_overrides: list[str]) -> list[str]:
-    """The overrides one pipeline stage is composed with.
-
-    ``method=<stage.method>``, the stage's own overrides with ``{export:<stage>}`` replaced by
-    that earlier stage's export dir, the user's command-line overrides, and ``model.path``: the
-    export of ``stage.model_from`` when set (a stage name, or null for the config's own model),
-    else of the previous stage. So ``rm`` and ``ppo`` can both start from ``sft`` while ``ppo``
-    reads its reward model from ``{export:rm}``.
-    """
-    def resolve(text: str) -> str:
-        def sub(m: re.Match) -> str:
-            if m.group(1) not in exports:
-                raise ConfigError(f"pipeline stage {stage.name!r}: {m.group(0)} names no earlier "
-                                  f"stage (earlier: {', '.join(exports) or 'none'})")
-            return exports[m.group(1)]
-        return _EXPORT_REF.sub(sub, text)
-
-    overrides = [f"method={stage.method}", *(resolve(o) for o in stage.overrides),
-                 *user_overrides]
-    if "model_from" in stage:
-        source = stage.model_from
-        if source is not None and source not in exports:
-            raise ConfigError(f"pipeline stage {stage.name!r}: model_from={source!r} names no "
-                              f"earlier stage (earlier: {', '.join(exports) or 'none'})")
-        start = exports[source] if source is not None else None
-    else:
-        start = previous
-    if start is not None:
-        overrides.append(f"model.path={start}")
-    return overrides
-
-
-def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> list[dict]:
-    """Run ``cfg.pipeline`` stage by stage (see :func:`stage_overrides` for what each starts from)."""
-    from hydra import compose  # the caller holds an initialised Hydra (the app or a test)
-
-    check_pipeline_launch(cfg.trainer)
-    reports, previous, exports = [], None, {}
-    for i, stage in enumerate(cfg.pipeline):
-        overrides = stage_overrides(stage, exports, previous, user_overrides)
-        stage_cfg = compose(config_name="config", overrides=overrides)
-        report = train_stage(stage_cfg, run_dir / f"{i}-{stage.name}")
-        reports.append({"stage": stage.name, **report})
-        previous = exports[stage.name] = report["export_dir"]
-    if rank_zero_only.rank != 0:  # torchrun/srun: every rank runs the stages; one reports
-        return reports
-    rows = []
-    for r in reports:
-        if "before" in r:
-            rows.append(_gold_row("start (before " + r["stage"] + ")", r["before"], None))
-        if "after" in r:
-            rows.append(_gold_row("after " + r["stage"], r["after"], r["wall_time_s"]))
-        if "heldout" in r:
-            print_heldout(r, f"{r['stage']}: ")
-    if rows:
-        print_gold_table(rows, f"gold metric on {cfg.eval.num_prompts} held-out prompts")
-    (run_dir / "pipeline.json").write_text(json.dumps(reports, indent=2))
-    write_pipeline_report(run_dir, reports)
-    return reports
-
-
-def run(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> float | None:
-    """Entry of the app: one stage when ``method`` is set, otherwise the pipeline.
-
-    Returns the final ``sweep_metric`` (default ``val/loss``; what a Hydra sweeper such as
-    Optuna optimises), or None with a warning naming the metrics there are.
-    """
-    if cfg.method is not None:
-        check_pipeline_launch(cfg.trainer, pipeline=False)  # refuses a DDP multirun
-        report = train_stage(cfg, run_dir)
-        if "heldout" in report:
-            print_heldout(report)
-        if "after" in report and "before" in report:
-            print_gold_table([_gold_row("before", report["before"], None),
-                              _gold_row("after", report["after"], report["wall_time_s"])],
-                             f"gold metric on {cfg.eval.num_prompts} held-out prompts")
-    else:
-        report = run_pipeline(cfg, run_dir, user_overrides)[-1]
-    metrics = report.get("final_metrics", {})  # empty on ranks other than 0
-    if metrics and cfg.sweep_metric not in metrics:
-        log.warning("sweep_metric=%s was not logged; final metrics: %s", cfg.sweep_metric,
-                    ", ".join(sorted(metrics)))
-    return metrics.get(cfg.sweep_metric)

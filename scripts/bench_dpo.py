@@ -35,11 +35,11 @@ matmuls; for bf16-mixed the faster of torch's bf16 kernel and the fp32 kernel on
 operands, see :func:`matmul_peak`). Attention-score FLOPs are left out (<1% here).
 
 ptlight runs as shipped: its fast path (packing, prefix sharing, precomputed reference), the
-lean LFM2 MLP (``ptlight/lean.py``) and, for bf16-mixed on a CPU without bf16 units,
+lean LFM2 MLP (``ptlight/engine/lean.py``) and, for bf16-mixed on a CPU without bf16 units,
 ``cpu_bf16=auto`` -> upcast. ``fast_lowmem`` adds ``malloc_mmap_threshold=131072``
-(``ptlight/memory.py``: freed memory back to the OS, slower steps); ``fast_ckpt`` adds
+(``ptlight/engine/memory.py``: freed memory back to the OS, slower steps); ``fast_ckpt`` adds
 ``model.gradient_checkpointing=true``; ``fast_offload`` adds ``optimizer_offload`` (AdamW's
-moments in a file under the temp dir, ``ptlight/offload.py``), ``lowmem_offload`` that and
+moments in a file under the temp dir, ``ptlight/engine/offload.py``), ``lowmem_offload`` that and
 the threshold, ``ckpt_offload`` that and checkpointing.
 
 Writes ``<out>/bench.json`` (one record per fixture × precision) and ``<out>/bench.md``.
@@ -87,9 +87,9 @@ FIXTURES = {
 TRL_CONFIGS = {"default": {}, "padding_free": {"padding_free": True},
                "precompute": {"precompute_ref_log_probs": True}}
 _FAST = ["method.pack=true", "method.reference=precompute"]
-_LOWMEM = "malloc_mmap_threshold=131072"  # ptlight.memory: less RSS, slower steps
+_LOWMEM = "malloc_mmap_threshold=131072"  # ptlight.engine.memory: less RSS, slower steps
 _CKPT = "model.gradient_checkpointing=true"  # less memory, one more body forward
-_OFFLOAD = f"optimizer_offload={tempfile.gettempdir()}"  # ptlight.offload: moments on disk
+_OFFLOAD = f"optimizer_offload={tempfile.gettempdir()}"  # ptlight.engine.offload: moments on disk
 PTLIGHT_CONFIGS = {  # "fast" is what docs/performance.md recommends; "plain" is the path before issue 5
     "fast": _FAST,
     "fast_ckpt": [*_FAST, _CKPT],
@@ -124,7 +124,7 @@ def build_fixture(name: str, root: Path, n_rows: int, seed: int = 0) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ptlight.backbone import BUNDLED_TOKENIZER
+    from ptlight.model.backbone import BUNDLED_TOKENIZER
 
     fx = root / name
     stamp = fx / "fixture.json"
@@ -261,7 +261,7 @@ def time_preference_steps(clock) -> None:
 def count_tokens(batches: list[dict], packed: bool) -> None:
     """Per batch: ``tokens`` (real tokens), ``scored`` (completion tokens) and ``tokens_run``
     (what the body runs: after prefix sharing when ``packed``)."""
-    from ptlight.packing import pack
+    from ptlight.engine.packing import pack
 
     for b in batches:
         b["tokens"] = int(b["attention_mask"].sum())
@@ -450,9 +450,9 @@ def profile(fx: Path, fixture: str, args) -> None:
     """Where a ptlight training step's time goes: plain path vs fast path (same batches)."""
     import torch
 
-    from ptlight.backbone import build_policy, frozen_copy, load_tokenizer
+    from ptlight.model.backbone import build_policy, frozen_copy, load_tokenizer
     from ptlight.data.module import PtlDataModule
-    from ptlight.logps import completion_logps
+    from ptlight.engine.logps import completion_logps
     from ptlight.objectives import build_objective
 
     cfg = ptlight_cfg(fx, fixture, "32-true", [])
@@ -466,7 +466,7 @@ def profile(fx: Path, fixture: str, args) -> None:
     dpo = build_objective("dpo", {"beta": 0.1})
     from ptlight.objectives import Logps
 
-    from ptlight.lean import install_lean_mlp
+    from ptlight.engine.lean import install_lean_mlp
 
     # before issue 5: padded rows, live reference, torch's default (per-tensor loop) AdamW on
     # CPU; after: packed + shared, precomputed reference, fused AdamW, lean LFM2 MLP (as

@@ -71,7 +71,7 @@ def child(lora: bool, shape: str, steps: int, pairs: int, length: int, threads: 
     from hydra import compose, initialize_config_dir
     from torch.utils.data import DataLoader
 
-    from ptlight.backbone import (AdapterReference, build_policy, frozen_copy, has_adapters,
+    from ptlight.model.backbone import (AdapterReference, build_policy, frozen_copy, has_adapters,
                                   load_tokenizer, parameter_counts)
     from ptlight.config import config_dir
     from ptlight.methods.preference import PreferenceMethod

@@ -7,7 +7,7 @@ Three ways to compute, each as the Trainer would run it:
 - ``fp32``: ``trainer.precision=32-true``;
 - ``bf16 native``: ``bf16-mixed`` with torch's bf16 kernels (Lightning's autocast;
   ``cpu_bf16=native``);
-- ``bf16 upcast``: ``bf16-mixed`` with ptlight's :class:`~ptlight.cpu_bf16.UpcastBf16`
+- ``bf16 upcast``: ``bf16-mixed`` with ptlight's :class:`~ptlight.engine.cpu_bf16.UpcastBf16`
   (operands rounded to bf16, fp32 kernels, output rounded; ``cpu_bf16=upcast``).
 
 Prints GFLOP/s of square matmuls and of ``F.linear`` ``[400, 512] x [512, 2048]`` (fp32
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from ptlight.backbone import build_policy, load_tokenizer
+from ptlight.model.backbone import build_policy, load_tokenizer
 from ptlight.config import config_dir
-from ptlight.cpu_bf16 import UpcastBf16Precision, has_native_bf16_matmul
-from ptlight.logps import completion_logps
+from ptlight.engine.cpu_bf16 import UpcastBf16Precision, has_native_bf16_matmul
+from ptlight.engine.logps import completion_logps
 
 MODES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "fp32": contextlib.nullcontext,

@@ -104,8 +104,8 @@ def train_sft(out: Path, overrides: list[str]) -> Path:
 
 def score_start(cfg: DictConfig) -> dict[str, Any]:
     """Gold metric of ``cfg.model.path`` with ``cfg.eval``, loaded as a training run loads it."""
-    from ptlight.backbone import build_policy, load_tokenizer  # heavy imports, only when needed
-    from ptlight.evaluate import gold_eval
+    from ptlight.model.backbone import build_policy, load_tokenizer  # heavy imports, only when needed
+    from ptlight.eval.gold import gold_eval
 
     if not cfg.data.task:
         return {}

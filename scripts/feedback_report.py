@@ -50,9 +50,9 @@ def simulate(sft_export: Path, num_prompts: int, seed: int) -> list[dict]:
     """The feedback log of the simulated users (module doc, step 2)."""
     from hydra import compose, initialize_config_dir
 
-    from ptlight.backbone import build_policy, load_tokenizer
+    from ptlight.model.backbone import build_policy, load_tokenizer
     from ptlight.config import config_dir
-    from ptlight.evaluate import generate
+    from ptlight.eval.gold import generate
     from ptlight.tasks import sort
 
     rng = random.Random(seed)

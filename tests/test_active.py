@@ -50,7 +50,7 @@ def test_settings_mistakes_name_the_key(change, match):
 
 @pytest.fixture(scope="module")
 def policy_and_tok():
-    from ptlight.backbone import build_policy, load_tokenizer
+    from ptlight.model.backbone import build_policy, load_tokenizer
 
     tok = load_tokenizer(tiny_model_cfg())
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def policy_and_tok():
 
 def test_sampled_log_probs_match_a_forward_pass(policy_and_tok):
     """Ĥ(x) uses generate's own logits; they must equal log π(y|x) scored afterwards."""
-    from ptlight.logps import completion_logps
+    from ptlight.engine.logps import completion_logps
     from ptlight.data.module import pad_rows
 
     policy, tok = policy_and_tok

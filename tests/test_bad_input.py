@@ -15,7 +15,7 @@ import pytest
 from hydra.errors import MissingConfigException
 
 from helpers import REPO, TINY, run_cli
-from ptlight.backbone import BUNDLED_TOKENIZER
+from ptlight.model.backbone import BUNDLED_TOKENIZER
 from ptlight.errors import ConfigError, DataError, ModelLoadError, PluginError
 from ptlight.objectives import registry
 from ptlight.train import train_stage
@@ -153,7 +153,7 @@ def test_tokenizer_without_chat_template_is_fine_for_plain_text(compose_cfg, tmp
                                                                 no_template_tokenizer):
     from omegaconf import OmegaConf
 
-    from ptlight.backbone import load_tokenizer
+    from ptlight.model.backbone import load_tokenizer
     from ptlight.data.module import PtlDataModule
 
     path = _jsonl(tmp_path, [{"prompt": "Q:", "completion": " a"}] * 20)
@@ -309,7 +309,7 @@ def test_max_steps_minus_one_runs_max_epochs(compose_cfg, tmp_path, nothing_load
 # ---- data files: each error names the file (and row or line) and the fix --------------------
 def _data(compose_cfg, kind, *overrides):
     """A set-up data module of ``kind`` on the composed ``data``/``model`` config."""
-    from ptlight.backbone import load_tokenizer
+    from ptlight.model.backbone import load_tokenizer
     from ptlight.data.module import PtlDataModule
 
     cfg = compose_cfg("method=sft", "data.task=null", *overrides)

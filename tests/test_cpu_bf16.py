@@ -1,4 +1,4 @@
-"""bf16 autocast through fp32 GEMMs (ptlight/cpu_bf16.py): the same numbers as native bf16
+"""bf16 autocast through fp32 GEMMs (ptlight/engine/cpu_bf16.py): the same numbers as native bf16
 autocast within bf16 rounding, no bf16 GEMM left at the dispatcher, and the ``cpu_bf16`` key.
 
 Tolerances. A rerouted op and the native one round the same bf16 operands and round their
@@ -26,12 +26,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from helpers import TINY, tiny_model_cfg
-from ptlight import cpu_bf16
-from ptlight.backbone import build_policy, load_tokenizer
-from ptlight.cpu_bf16 import UpcastBf16, UpcastBf16Precision, precision_plugins, resolve_mode
+from ptlight.engine import cpu_bf16
+from ptlight.model.backbone import build_policy, load_tokenizer
+from ptlight.engine.cpu_bf16 import UpcastBf16, UpcastBf16Precision, precision_plugins, resolve_mode
 from ptlight.data.module import pad_rows
 from ptlight.errors import ConfigError
-from ptlight.logps import completion_logps
+from ptlight.engine.logps import completion_logps
 from ptlight.train import train_stage
 
 # the aten kernels the rerouted ops end in (forward and backward)

@@ -5,7 +5,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from ptlight.backbone import BUNDLED_TOKENIZER
+from ptlight.model.backbone import BUNDLED_TOKENIZER
 from ptlight.data.module import PtlDataModule
 from ptlight.data.shapes import BadRow, parse_row
 from ptlight.data.tokenize import encode
@@ -341,7 +341,7 @@ def test_one_huge_row_costs_memory_in_proportion_to_max_length(tmp_path):
 import resource
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
-from ptlight.backbone import BUNDLED_TOKENIZER
+from ptlight.model.backbone import BUNDLED_TOKENIZER
 from ptlight.data.module import PtlDataModule
 tok = AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER)
 cfg = OmegaConf.create(dict(task=None, path={str(path)!r}, val_path={str(path)!r}, num_train=0,

@@ -51,7 +51,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(compose
 
 def test_the_pipeline_refuses_a_lightning_launched_ddp(compose_cfg, tmp_path, monkeypatch):
     from ptlight.errors import ConfigError
-    from ptlight.train import run
+    from ptlight.pipeline import run
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("SLURM_PROCID", raising=False)
@@ -61,7 +61,7 @@ def test_the_pipeline_refuses_a_lightning_launched_ddp(compose_cfg, tmp_path, mo
 
 
 def test_multiprocess_detection(compose_cfg):
-    from ptlight.strategy import multiprocess
+    from ptlight.runtime.strategy import multiprocess
 
     assert multiprocess(compose_cfg("trainer=ddp").trainer)
     assert not multiprocess(compose_cfg().trainer)
@@ -70,7 +70,7 @@ def test_multiprocess_detection(compose_cfg):
 
 
 def test_a_ddp_multirun_needs_a_launcher_that_starts_the_ranks(compose_cfg, monkeypatch):
-    import ptlight.strategy as strategy
+    import ptlight.runtime.strategy as strategy
     from ptlight.errors import ConfigError
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)

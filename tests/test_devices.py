@@ -1,4 +1,4 @@
-"""Where a run trains (ptlight.devices): CUDA + bf16-mixed when present, else the CPU in fp32;
+"""Where a run trains (ptlight.runtime.devices): CUDA + bf16-mixed when present, else the CPU in fp32;
 what the user sets is checked against the machine before any weights load."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import REPO, TINY, run_cli
-from ptlight.devices import resolve_trainer
+from ptlight.runtime.devices import resolve_trainer
 from ptlight.errors import ConfigError
 
 
@@ -94,7 +94,7 @@ def test_packing_auto_is_on_for_the_cpu_only(monkeypatch):
     from omegaconf import OmegaConf
 
     from helpers import tiny_model_cfg
-    from ptlight.backbone import build_policy, load_tokenizer
+    from ptlight.model.backbone import build_policy, load_tokenizer
     from ptlight.methods.preference import PreferenceMethod
     from ptlight.objectives import build_objective
 
@@ -136,7 +136,7 @@ def test_fused_adamw_on_cuda_for_every_method_and_on_cpu_where_the_method_asks()
 
 
 def test_gpu_runs_keep_sdpa_off_cudnn_unless_asked(monkeypatch):
-    from ptlight.devices import configure_cuda
+    from ptlight.runtime.devices import configure_cuda
 
     calls = []
     monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)

@@ -166,7 +166,7 @@ def test_wheel_install_finds_its_configs(tmp_path):
     job = _ok(subprocess.run([str(py), "-m", "ptlight", "method=dpo", "--cfg", "job"],
                              cwd=tmp_path, env=env, capture_output=True, text=True)).stdout
     assert "model_type: lfm2" in job and "name: dpo" in job
-    tok = _ok(subprocess.run([str(py), "-c", "from ptlight.backbone import BUNDLED_TOKENIZER as b;"
+    tok = _ok(subprocess.run([str(py), "-c", "from ptlight.model.backbone import BUNDLED_TOKENIZER as b;"
                               "from transformers import AutoTokenizer;"
                               "print(len(AutoTokenizer.from_pretrained(b)))"],
                              cwd=tmp_path, env=env, capture_output=True, text=True)).stdout

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from helpers import TINY, tiny_model_cfg
-from ptlight import packing
-from ptlight.backbone import build_policy, load_tokenizer
+from ptlight.engine import packing
+from ptlight.model.backbone import build_policy, load_tokenizer
 from ptlight.data.module import pad_rows
-from ptlight.logps import completion_logps
+from ptlight.engine.logps import completion_logps
 from ptlight.train import train_stage
 
 
@@ -265,9 +265,9 @@ def test_bench_script_smoke_on_a_tiny_fixture(tmp_path):
 
 
 def test_lean_layers_give_the_stock_values_and_gradients_and_save_less():
-    """``ptlight.lean``: the policy's LFM2 MLPs keep a = w1(x) and b = w3(x) for the backward
+    """``ptlight.engine.lean``: the policy's LFM2 MLPs keep a = w1(x) and b = w3(x) for the backward
     instead of four [T, F] tensors; logps and every gradient are bitwise the stock layers'."""
-    from ptlight.lean import install_lean_mlp
+    from ptlight.engine.lean import install_lean_mlp
 
     torch.manual_seed(0)
     cfg = tiny_model_cfg()

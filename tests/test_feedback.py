@@ -1,5 +1,5 @@
 """Product feedback -> training data (`python -m ptlight.feedback`) and acceptance as a metric
-(ptlight/acceptance.py, in training's eval.json and `python -m ptlight.eval`). Conversions run
+(ptlight/eval/acceptance.py, in training's eval.json and `python -m ptlight.eval`). Conversions run
 in-process on hand-written logs; the CLI and the one tiny training run are marked slow."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from helpers import TINY
-from ptlight.acceptance import acceptance_summary, edit_distance, read_heldout
+from ptlight.eval.acceptance import acceptance_summary, edit_distance, read_heldout
 from ptlight.config import config_dir
 from ptlight.errors import DataError
 from ptlight.feedback import convert
@@ -91,7 +91,7 @@ def test_ratings_edits_and_choices_become_unpaired_and_pairwise_rows(tmp_path):
 
 
 def test_converted_files_are_read_by_the_data_module_as_kto_and_dpo_data(tmp_path, compose_cfg):
-    from ptlight.backbone import load_tokenizer
+    from ptlight.model.backbone import load_tokenizer
     from ptlight.data.module import PtlDataModule
 
     varied = [{**e, "prompt": json.loads(json.dumps(e["prompt"]).replace("Sort", f"{i}. Sort"))}
@@ -226,7 +226,7 @@ def test_cli_bad_row_is_one_line_and_exit_2(tmp_path):
 def test_acceptance_reaches_the_training_report_and_the_eval_app(tmp_path):
     """One tiny SFT run: eval.json holds acceptance before/after; ptlight.eval on feedback
     held-out prompts reports acceptance, edit distance and the win rate vs a baseline."""
-    from ptlight.eval import run_eval
+    from ptlight.eval.app import run_eval
     from ptlight.train import train_stage
 
     GlobalHydra.instance().clear()

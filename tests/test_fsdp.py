@@ -1,4 +1,4 @@
-"""``trainer=fsdp`` (torch's FSDP2 through ptlight.strategy.FSDPStrategy): strategy options,
+"""``trainer=fsdp`` (torch's FSDP2 through ptlight.runtime.strategy.FSDPStrategy): strategy options,
 and every method training, clipping gradients by norm, checkpointing sharded, resuming and
 exporting completely — on CPU processes (gloo) in CI, and on a CUDA GPU in bf16-mixed where one
 is visible (``gpu`` marker)."""
@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from helpers import REPO, TINY, run_cli, tiny_model_cfg
-from ptlight.backbone import build_policy, load_tokenizer
+from ptlight.model.backbone import build_policy, load_tokenizer
 from ptlight.errors import ConfigError
-from ptlight.strategy import FSDPStrategy, build_strategy, decoder_layer_classes, multiprocess
+from ptlight.runtime.strategy import FSDPStrategy, build_strategy, decoder_layer_classes, multiprocess
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_any_hf_causal_lm_is_wrapped_by_its_no_split_modules(model_type, layer):
 
 
 def test_rank0_validation_samples_are_off_under_multi_process_fsdp(compose_cfg):
-    from ptlight.strategy import fsdp_without_rank0_generation
+    from ptlight.runtime.strategy import fsdp_without_rank0_generation
 
     assert fsdp_without_rank0_generation(compose_cfg("trainer=fsdp", "trainer.devices=2")
                                          .trainer)

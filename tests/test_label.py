@@ -16,7 +16,7 @@ import torch
 from helpers import TINY, tiny_model_cfg
 
 from ptlight.errors import ConfigError
-from ptlight.judges import (ConstitutionJudge, build_judge, load_constitution, pair_verdict)
+from ptlight.eval.judges import (ConstitutionJudge, build_judge, load_constitution, pair_verdict)
 from ptlight.tasks import sort
 
 TINY_MODEL = [o for o in TINY if o.startswith("model.")]
@@ -25,7 +25,7 @@ TINY_MODEL = [o for o in TINY if o.startswith("model.")]
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> str:
     """A saved (untrained) tiny LFM2 with the bundled tokenizer: a local HF model dir."""
-    from ptlight.backbone import build_policy, load_tokenizer
+    from ptlight.model.backbone import build_policy, load_tokenizer
 
     out = tmp_path_factory.mktemp("tiny")
     tok = load_tokenizer(tiny_model_cfg())
@@ -134,7 +134,7 @@ def test_judge_config_mistakes_name_the_key(tiny_dir):
 def _fake_generate(monkeypatch):
     """Completions that depend on the prompt: the right answer, a near miss, garbage, and an
     exact copy of the right answer, for each prompt (N = 4)."""
-    import ptlight.evaluate as evaluate
+    import ptlight.eval.gold as evaluate
 
     def fake(model, tokenizer, prompts, **kw):
         out = []
@@ -167,7 +167,7 @@ def compose_label():
 
 def test_gold_judge_pairwise_rows_load_with_datasets_and_train_a_dpo_batch(compose_label,
                                                                           monkeypatch, tmp_path):
-    from ptlight.backbone import load_tokenizer
+    from ptlight.model.backbone import load_tokenizer
     from ptlight.data.module import PtlDataModule
     from ptlight.label import run_label
 
@@ -194,7 +194,7 @@ def test_gold_judge_pairwise_rows_load_with_datasets_and_train_a_dpo_batch(compo
 
 def test_listwise_output_keeps_all_completions_with_judge_scores(compose_label, monkeypatch,
                                                                  tmp_path):
-    from ptlight.backbone import load_tokenizer
+    from ptlight.model.backbone import load_tokenizer
     from ptlight.data.module import PtlDataModule
     from ptlight.label import run_label
 
@@ -219,7 +219,7 @@ def test_a_judge_that_disagrees_with_gold_shows_in_the_gold_check(compose_label,
                                                                    tmp_path):
     """A reward plugin that prefers shorter answers picks the near miss or garbage: the gold
     check must report disagreement, not agreement."""
-    import ptlight.judges as judges
+    import ptlight.eval.judges as judges
     from ptlight.label import run_label
     from ptlight.rewards import Reward
 
@@ -293,7 +293,7 @@ def test_cli_constitution_judge_end_to_end(tiny_dir, tmp_path):
 def test_self_instruct_keeps_new_prompts_and_drops_duplicates_and_near_copies(compose_label,
                                                                               monkeypatch,
                                                                               tmp_path):
-    import ptlight.evaluate as evaluate
+    import ptlight.eval.gold as evaluate
     from ptlight.label import run_label
 
     seeds = ["Sort these words alphabetically: kiwi fig apple",

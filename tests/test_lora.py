@@ -13,12 +13,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-import ptlight.backbone as backbone
+import ptlight.model.backbone as backbone
 import ptlight.train
 from helpers import REPO, TINY, run_cli
-from ptlight.backbone import AdapterReference, build_policy, load_tokenizer, parameter_counts
+from ptlight.model.backbone import AdapterReference, build_policy, load_tokenizer, parameter_counts
 from ptlight.errors import ConfigError
-from ptlight.logps import completion_logps
+from ptlight.engine.logps import completion_logps
 from ptlight.train import train_stage
 
 LORA = ["model.lora.enabled=true", "eval.before=false", *TINY]

@@ -1,4 +1,4 @@
-"""ptlight.memory: glibc's mmap threshold is pinned so that freed activation memory goes back
+"""ptlight.engine.memory: glibc's mmap threshold is pinned so that freed activation memory goes back
 to the OS (peak RSS of a training step), unless the user set glibc's own variable."""
 
 import os
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 PROBE = """
 import torch
-from ptlight.memory import pin_mmap_threshold
+from ptlight.engine.memory import pin_mmap_threshold
 pinned = pin_mmap_threshold() if {pin} else None
 def rss():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import tiny_model_cfg, TINY
-from ptlight.backbone import build_policy, frozen_copy, load_tokenizer
+from ptlight.model.backbone import build_policy, frozen_copy, load_tokenizer
 from ptlight.data.module import PtlDataModule, mismatched_pairs
 from ptlight.errors import ConfigError
 from ptlight.methods.preference import PreferenceMethod

@@ -6,10 +6,10 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from helpers import tiny_model_cfg
-from ptlight.backbone import build_policy, frozen_copy, load_tokenizer
+from ptlight.model.backbone import build_policy, frozen_copy, load_tokenizer
 from ptlight.errors import ModelLoadError
-from ptlight.evaluate import generate
-from ptlight.logps import completion_logps
+from ptlight.eval.gold import generate
+from ptlight.engine.logps import completion_logps
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ptlight.errors import ConfigError
-from ptlight.offload import DiskAdamW
+from ptlight.engine.offload import DiskAdamW
 
 
 def _params(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:

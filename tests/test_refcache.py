@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import TINY
-from ptlight import refcache
+from ptlight.engine import refcache
 from ptlight.methods.preference import PreferenceMethod
 from ptlight.train import train_stage
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from helpers import TINY, run_cli
 from ptlight.config import config_dir
-from ptlight.evaluate import (SAMPLE_COLUMNS, Sample, gold_samples, preference_accuracy,
+from ptlight.eval.gold import (SAMPLE_COLUMNS, Sample, gold_samples, preference_accuracy,
                               win_rate)
 from ptlight.report import read_metrics, sweep_report, write_pipeline_report
 from ptlight.train import train_stage
@@ -113,7 +113,7 @@ def test_win_rate_counts_wins_ties_and_losses():
 
 
 def _pairs(runs):
-    from ptlight.backbone import build_policy, load_tokenizer
+    from ptlight.model.backbone import build_policy, load_tokenizer
     from ptlight.data.module import PtlDataModule
 
     cfg = OmegaConf.load(runs[0] / "1-dpo" / "config.yaml")
@@ -142,7 +142,7 @@ def test_preference_accuracy_is_the_sign_of_the_implicit_margin(runs):
 
 
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone(runs):
-    from ptlight.backbone import build_policy, load_tokenizer
+    from ptlight.model.backbone import build_policy, load_tokenizer
 
     cfg = OmegaConf.load(runs[0] / "0-sft" / "config.yaml")
     cfg.model.path = runs[1]["export_dir"]

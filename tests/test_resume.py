@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TINY
-from ptlight.callbacks import AtomicCheckpointIO, atomic_torch_save
+from ptlight.runtime.callbacks import AtomicCheckpointIO, atomic_torch_save
 from ptlight.data.sampler import ResumableLoader, ResumableSampler
 
 # 16 steps over 64 rows at batch 8: two epochs, so the resume crosses an epoch boundary too.
@@ -77,7 +77,7 @@ def test_a_kill_during_save_never_leaves_a_corrupt_last_ckpt(tmp_path):
     script = (
         "import sys, torch\n"
         "from pathlib import Path\n"
-        "from ptlight.callbacks import atomic_torch_save\n"
+        "from ptlight.runtime.callbacks import atomic_torch_save\n"
         "i = 0\n"
         "while True:\n"
         "    i += 1\n"

@@ -19,7 +19,7 @@ from ptlight.errors import ConfigError
 from ptlight.methods.ppo import position_ids, response_mask, token_scores
 from ptlight.objectives import Rewards, Rollout, build_objective, get_objective
 from ptlight.rewards import Reward, available_rewards, build_reward, get_reward
-from ptlight.rl import (AdaptiveKLController, FixedKLController, gae, kl_penalty,
+from ptlight.methods.rl import (AdaptiveKLController, FixedKLController, gae, kl_penalty,
                         masked_whiten, token_rewards)
 
 
@@ -167,7 +167,7 @@ def test_response_is_cut_after_the_first_eos():
 
 # ---- rollouts: batched with padding == one prompt at a time ------------------------------------
 def test_batched_generation_and_logps_equal_one_prompt_at_a_time():
-    from ptlight.backbone import build_policy, load_tokenizer
+    from ptlight.model.backbone import build_policy, load_tokenizer
     from ptlight.data.module import left_pad
 
     torch.manual_seed(0)
@@ -311,7 +311,7 @@ def test_ppo_refuses_bad_settings_before_loading_weights(tmp_path):
 def test_stage_overrides_resolve_model_from_and_export_references():
     from omegaconf import OmegaConf
 
-    from ptlight.train import stage_overrides
+    from ptlight.pipeline import stage_overrides
 
     stage = OmegaConf.create({"name": "ppo", "method": "ppo", "model_from": "sft",
                               "overrides": ["reward.path={export:rm}"]})
@@ -366,7 +366,7 @@ class _Constant(Reward):
 def test_rollout_scores_responses_without_eos_by_the_configured_penalty(missing_eos_penalty):
     from omegaconf import OmegaConf
 
-    from ptlight.backbone import build_policy, frozen_copy, load_tokenizer
+    from ptlight.model.backbone import build_policy, frozen_copy, load_tokenizer
     from ptlight.config import config_dir
     from ptlight.data.module import left_pad
     from ptlight.methods.ppo import PPOMethod

@@ -1,6 +1,6 @@
 """The run dir across jobs: resumes continue metrics.csv, a failed resume changes nothing, one
 job at a time, checkpoints always in last.ckpt, ckpt_path checked before weights load, another
-method's checkpoint refused, exports written all at once (ptlight/rundir.py)."""
+method's checkpoint refused, exports written all at once (ptlight/runtime/rundir.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from helpers import TINY, run_cli
 from ptlight.errors import ConfigError
-from ptlight.rundir import RunDirLock, atomic_dir
+from ptlight.runtime.rundir import RunDirLock, atomic_dir
 from ptlight.train import train_stage
 
 QUIET = ["eval.before=false", "eval.val_samples=0", *TINY]
@@ -169,7 +169,7 @@ def test_ckpt_path_to_a_missing_file_on_the_command_line(tmp_path):
 
 
 # ---- one job per run dir -------------------------------------------------------------------------
-HOLD = ("import sys, time\nfrom pathlib import Path\nfrom ptlight.rundir import RunDirLock\n"
+HOLD = ("import sys, time\nfrom pathlib import Path\nfrom ptlight.runtime.rundir import RunDirLock\n"
         "with RunDirLock(Path(sys.argv[1])):\n"
         "    print('locked', flush=True)\n"
         "    time.sleep(600)\n")
@@ -205,7 +205,7 @@ def test_a_second_job_in_a_locked_run_dir_is_refused_and_a_stale_lock_taken_over
 @pytest.fixture(scope="module")
 def tiny_policy():
     from helpers import tiny_model_cfg
-    from ptlight.backbone import build_policy, load_tokenizer
+    from ptlight.model.backbone import build_policy, load_tokenizer
 
     cfg = tiny_model_cfg()
     tok = load_tokenizer(cfg)
@@ -226,7 +226,7 @@ def _disk_full(monkeypatch):
 
 
 def test_a_failed_export_keeps_the_previous_one(tiny_policy, tmp_path, monkeypatch):
-    from ptlight.backbone import export_model
+    from ptlight.model.backbone import export_model
 
     cfg, tok, policy = tiny_policy
     export = tmp_path / "export"
@@ -247,7 +247,7 @@ def test_a_failed_export_keeps_the_previous_one(tiny_policy, tmp_path, monkeypat
 
 
 def test_a_failed_first_export_leaves_no_export(tiny_policy, tmp_path, monkeypatch):
-    from ptlight.backbone import export_model
+    from ptlight.model.backbone import export_model
 
     cfg, tok, policy = tiny_policy
     _disk_full(monkeypatch)

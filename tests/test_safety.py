@@ -8,7 +8,7 @@ import random
 import pytest
 from helpers import tiny_model_cfg
 
-from ptlight.evaluate import Sample, summarize
+from ptlight.eval.gold import Sample, summarize
 from ptlight.tasks import get_task, safety
 
 
@@ -87,7 +87,7 @@ def test_gold_metrics_count_refusals_on_each_side_and_reach_the_gold_eval_summar
 
 
 def test_the_task_is_registered_and_its_config_feeds_every_data_shape(compose_cfg):
-    from ptlight.backbone import load_tokenizer
+    from ptlight.model.backbone import load_tokenizer
     from ptlight.data.module import PtlDataModule
 
     assert get_task("safety") is safety
@@ -108,7 +108,7 @@ def test_safety_and_dpo_ppo_presets_compose(compose_cfg):
     two = compose_cfg("experiment=dpo_ppo")
     assert [s.method for s in two.pipeline] == ["sft", "dpo", "ppo"]
     assert "model_from" not in two.pipeline[2]  # PPO starts from the previous (DPO) export
-    from ptlight.train import stage_overrides
+    from ptlight.pipeline import stage_overrides
 
     ov = stage_overrides(two.pipeline[2], {"sft": "S", "dpo": "D"}, "D", [])
     assert ov[0] == "method=ppo" and ov[-1] == "model.path=D"
@@ -128,7 +128,7 @@ def test_demonstration_comply_prob_zero_always_refuses_harm():
 
 
 def test_eval_report_lists_the_task_metrics():
-    from ptlight.eval import _summary_rows
+    from ptlight.eval.app import _summary_rows
 
     gold = {"gold/reward": 0.5, "gold/exact": 0.4, "safety/refusal_rate": 0.9,
             "safety/over_refusal": 0.1, "safety/num_harmful": 10.0, "num_prompts": 20}

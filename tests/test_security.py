@@ -40,7 +40,7 @@ def test_lightning_checkpoints_are_read_weights_only(compose_cfg, tmp_path):
     """The checkpoint IO every trainer gets refuses a pickled object in a checkpoint."""
     import torch
 
-    from ptlight.callbacks import AtomicCheckpointIO
+    from ptlight.runtime.callbacks import AtomicCheckpointIO
 
     class Payload:
         def __reduce__(self):
@@ -54,15 +54,15 @@ def test_lightning_checkpoints_are_read_weights_only(compose_cfg, tmp_path):
 def test_model_loading_has_one_home_that_passes_trust_remote_code():
     """Every transformers load goes through backbone.py, and each passes the config's flag."""
     loads = [(p, line) for p, line, _ in _calls("from_pretrained")
-             if str(p) != "ptlight/backbone.py"]
-    assert loads == [], f"from_pretrained outside ptlight/backbone.py: {loads}"
+             if str(p) != "ptlight/model/backbone.py"]
+    assert loads == [], f"from_pretrained outside ptlight/model/backbone.py: {loads}"
     for path, line, call in _calls("from_pretrained"):
         target = ast.unparse(call.func.value)
         if target.startswith("Peft"):  # adapters: peft has no remote code
             continue
         keys = {k.arg for k in call.keywords}
         assert "trust_remote_code" in keys or None in keys, f"{path}:{line}"
-    for node in ast.walk(ast.parse((PACKAGE / "backbone.py").read_text())):
+    for node in ast.walk(ast.parse((PACKAGE / "model" / "backbone.py").read_text())):
         if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_from_pretrained":
             assert "trust_remote_code" in {k.arg for k in node.keywords}, node.lineno
 
@@ -70,7 +70,7 @@ def test_model_loading_has_one_home_that_passes_trust_remote_code():
 def test_trust_remote_code_is_off_unless_asked(compose_cfg, tmp_path, monkeypatch):
     import transformers
 
-    from ptlight import backbone
+    from ptlight.model import backbone
 
     assert compose_cfg().model.trust_remote_code is False
     assert compose_cfg("model=lfm2").model.trust_remote_code is False
@@ -163,7 +163,7 @@ def test_security_flags_anywhere_in_the_tree_and_from_the_environment(compose_cf
 
 def test_the_model_loader_refuses_a_string_flag_too():
     """ptlight.eval, ptlight.label and the judges load through the same loader."""
-    from ptlight import backbone
+    from ptlight.model import backbone
     from ptlight.errors import ConfigError
 
     cfg = tiny_model_cfg()

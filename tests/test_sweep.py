@@ -15,7 +15,7 @@ from helpers import REPO, TINY, run_cli
 
 
 def test_the_app_returns_the_configured_sweep_metric(compose_cfg, tmp_path):
-    from ptlight.train import run
+    from ptlight.pipeline import run
 
     cfg = compose_cfg("method=sft", "eval.before=false", "eval.val_samples=2",
                       "sweep_metric=val/gold/reward", *TINY)

@@ -37,7 +37,7 @@ from ptlight.data.sampler import ResumableLoader, ResumableSampler
 from ptlight.data.shapes import BadRow, Example, parse_examples
 from ptlight.data.tokenize import Encoded, encode
 from ptlight.errors import ConfigError, DataError
-from ptlight.progress import MANY_ITEMS, track
+from ptlight.runtime.progress import MANY_ITEMS, track
 from ptlight.tasks import TASKS, get_task
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -8,9 +8,9 @@ import torch
 from omegaconf import DictConfig
 from transformers import get_scheduler
 
-from ptlight.callbacks import NonFiniteGuard
-from ptlight.logps import TokenScores
-from ptlight.offload import DiskAdamW
+from ptlight.runtime.callbacks import NonFiniteGuard
+from ptlight.engine.logps import TokenScores
+from ptlight.engine.offload import DiskAdamW
 
 
 def configure_optim(module: L.LightningModule, cfg: DictConfig, fused_on_cpu: bool = False
@@ -20,7 +20,7 @@ def configure_optim(module: L.LightningModule, cfg: DictConfig, fused_on_cpu: bo
     ``method.optim``: ``lr``, ``weight_decay`` (not applied to biases and norms), ``betas``,
     ``scheduler`` (cosine | linear | constant_with_warmup | ...), ``warmup_ratio``; and
     ``offload_dir``, which :func:`ptlight.train.train_stage` sets from the root key
-    ``optimizer_offload``: AdamW's moments then live in a file there (:mod:`ptlight.offload`).
+    ``optimizer_offload``: AdamW's moments then live in a file there (:mod:`ptlight.engine.offload`).
     """
     decay, no_decay = [], []
     for name, p in module.named_parameters():
@@ -76,7 +76,7 @@ def block_columns(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def check_finite(module: L.LightningModule, loss: torch.Tensor) -> torch.Tensor:
-    """Hand the training loss to the run's :class:`~ptlight.callbacks.NonFiniteGuard`; returns
+    """Hand the training loss to the run's :class:`~ptlight.runtime.callbacks.NonFiniteGuard`; returns
     ``loss`` unchanged.
 
     Call it on every training loss, where the method computes it::

@@ -47,15 +47,15 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from ptlight.backbone import AdapterReference, eval_mode, reference_scope
+from ptlight.model.backbone import AdapterReference, eval_mode, reference_scope
 from ptlight.errors import ConfigError
-from ptlight.logps import backbone_hidden
+from ptlight.engine.logps import backbone_hidden
 from ptlight.methods.common import check_finite, configure_optim
 from ptlight.objectives import Objective, Rollout
 from ptlight.rewards import Reward, build_reward
-from ptlight.rl import (AdaptiveKLController, FixedKLController, gae, kl_penalty,
+from ptlight.methods.rl import (AdaptiveKLController, FixedKLController, gae, kl_penalty,
                         masked_mean, masked_whiten, token_rewards)
-from ptlight.strategy import is_sharded, shard_method, submodule_state
+from ptlight.runtime.strategy import is_sharded, shard_method, submodule_state
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -171,7 +171,7 @@ class PPOMethod(L.LightningModule):
         self.kl_ctl.value = float(self.kl_coef)  # restored from a checkpoint when resuming
 
     def fsdp_roots(self) -> list[torch.nn.Module]:
-        """The modules ``trainer=fsdp`` shards (:func:`ptlight.strategy.shard_method`)."""
+        """The modules ``trainer=fsdp`` shards (:func:`ptlight.runtime.strategy.shard_method`)."""
         return [self.policy, self.value_head]
 
     def configure_model(self) -> None:
@@ -239,7 +239,7 @@ class PPOMethod(L.LightningModule):
 
     # ---- optimisation ----------------------------------------------------------------------
     def _ptx_nll(self) -> torch.Tensor:
-        from ptlight.logps import completion_logps
+        from ptlight.engine.logps import completion_logps
 
         if self._ptx_iter is None:
             self._ptx_iter = iter(self._ptx.train_dataloader())
@@ -283,7 +283,7 @@ class PPOMethod(L.LightningModule):
                     metrics["loss/ptx"] = nll.detach()
                 opt.zero_grad()
                 # a non-finite loss or gradient: the step is skipped or the run stops, per
-                # nonfinite.policy (ptlight.callbacks.NonFiniteGuard)
+                # nonfinite.policy (ptlight.runtime.callbacks.NonFiniteGuard)
                 self.manual_backward(check_finite(self, loss))
                 if self.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm,

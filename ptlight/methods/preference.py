@@ -17,7 +17,7 @@ The reference log-probs come from, by ``method.reference``:
   precision; kept outside the module's registered children so checkpoints carry it once.
 - ``adapter``: with LoRA (``model.lora.enabled``), the policy itself with its adapters disabled
   (the base), or with its frozen starting adapter active when ``model.path`` was an adapter
-  (:class:`ptlight.backbone.AdapterReference`); no second copy of the weights. Chosen
+  (:class:`ptlight.model.backbone.AdapterReference`); no second copy of the weights. Chosen
   automatically when LoRA is on and ``method.reference=copy``.
 - ``precompute``: the reference (with LoRA: the adapter reference) scores the whole train
   and val sets once before training (same precision); batches look the values up by example
@@ -32,14 +32,14 @@ Fast path (docs/performance.md), each equal to the plain path within fp toleranc
 
 - ``method.pack`` (default ``auto``: on the CPU, off on GPUs): every prompt runs once with its completions
   as branches, packed without padding into rows of ``method.pack_max_tokens`` tokens, for the
-  policy and the reference alike (:mod:`ptlight.packing`; LFM2's short convolutions never see
+  policy and the reference alike (:mod:`ptlight.engine.packing`; LFM2's short convolutions never see
   another branch or sequence). Models it does not support take the plain path.
 - ``method.reference_cache``: with ``precompute``, the reference log-probs are saved to disk
-  under a key of everything they depend on (:mod:`ptlight.refcache`); a later run with the same
+  under a key of everything they depend on (:mod:`ptlight.engine.refcache`); a later run with the same
   reference, data and precision (say, a sweep over ``beta`` or objectives) loads them and never
   runs the reference at all.
 - The reference forward always runs under ``no_grad`` in the training precision and skips the
-  token diagnostics; only completion positions reach the LM head (:mod:`ptlight.logps`).
+  token diagnostics; only completion positions reach the LM head (:mod:`ptlight.engine.logps`).
 """
 
 from __future__ import annotations
@@ -49,15 +49,15 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
-from ptlight import refcache
-from ptlight.backbone import TRAINED_ADAPTER, AdapterReference, reference_scope
+from ptlight.engine import refcache
+from ptlight.model.backbone import TRAINED_ADAPTER, AdapterReference, reference_scope
 from ptlight.errors import ConfigError
-from ptlight.logps import TokenScores, completion_logps
+from ptlight.engine.logps import TokenScores, completion_logps
 from ptlight.methods.common import (block_columns, check_finite, configure_optim, log_metrics,
                                     token_diagnostics)
 from ptlight.objectives import Logps, Objective, ObjectiveOutput
-from ptlight.progress import MANY_ITEMS, track
-from ptlight.strategy import is_sharded, shard_method
+from ptlight.runtime.progress import MANY_ITEMS, track
+from ptlight.runtime.strategy import is_sharded, shard_method
 
 REFERENCE_MODES = ("copy", "adapter", "precompute", "none")
 
@@ -130,7 +130,7 @@ class PreferenceMethod(L.LightningModule):
         return scores.sequence_sum()
 
     def _reference_key(self, loaders: dict) -> tuple[str, dict[str, str]]:
-        """Disk-cache key of the precomputed reference (see :mod:`ptlight.refcache`)."""
+        """Disk-cache key of the precomputed reference (see :mod:`ptlight.engine.refcache`)."""
         ref = self._reference[0]
         if isinstance(ref, AdapterReference):  # the trained adapter is not the reference
             state = ((n, t) for n, t in ref.policy.state_dict().items()
@@ -262,7 +262,7 @@ class PreferenceMethod(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
     def fsdp_roots(self) -> list[torch.nn.Module]:
-        """The modules ``trainer=fsdp`` shards (:func:`ptlight.strategy.shard_method`)."""
+        """The modules ``trainer=fsdp`` shards (:func:`ptlight.runtime.strategy.shard_method`)."""
         return [self.policy]
 
     def configure_model(self) -> None:

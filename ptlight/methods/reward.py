@@ -2,7 +2,7 @@
 
 The policy built by the shared backbone builder (an SFT export, usually; LoRA allowed: the
 score head then trains alongside the adapter) becomes the backbone of a
-:class:`~ptlight.reward_model.RewardModel`; every row of a pairwise/listwise batch (completion
+:class:`~ptlight.model.reward_model.RewardModel`; every row of a pairwise/listwise batch (completion
 k of every example in block k) gets one reward at its last completion token, and the objective
 sees them as :class:`~ptlight.objectives.Rewards` ``[B, K]``.
 
@@ -28,8 +28,8 @@ from transformers import PreTrainedModel
 from ptlight.errors import ConfigError
 from ptlight.methods.common import block_columns, check_finite, configure_optim, log_metrics
 from ptlight.objectives import Objective, ObjectiveOutput, Rewards
-from ptlight.reward_model import RewardModel, load_head
-from ptlight.strategy import shard_method, submodule_state
+from ptlight.model.reward_model import RewardModel, load_head
+from ptlight.runtime.strategy import shard_method, submodule_state
 
 DATA_KINDS = ("pairwise", "listwise")
 
@@ -82,7 +82,7 @@ class RewardMethod(L.LightningModule):
         self._step(batch, "val")
 
     def fsdp_roots(self) -> list[torch.nn.Module]:
-        """The modules ``trainer=fsdp`` shards (:func:`ptlight.strategy.shard_method`)."""
+        """The modules ``trainer=fsdp`` shards (:func:`ptlight.runtime.strategy.shard_method`)."""
         return [self.model]
 
     def configure_model(self) -> None:

@@ -16,11 +16,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
-from ptlight.logps import completion_logits, completion_logps
+from ptlight.engine.logps import completion_logits, completion_logps
 from ptlight.methods.common import check_finite, configure_optim, log_metrics, token_diagnostics
 from ptlight.objectives import Objective, ObjectiveOutput, TokenLogps
 from ptlight.objectives.rdrop import RDropInputs
-from ptlight.strategy import shard_method
+from ptlight.runtime.strategy import shard_method
 
 
 def active_dropout(model: torch.nn.Module) -> float:
@@ -103,7 +103,7 @@ class SFTMethod(L.LightningModule):
         self._step(batch, "val")
 
     def fsdp_roots(self) -> list[torch.nn.Module]:
-        """The modules ``trainer=fsdp`` shards (:func:`ptlight.strategy.shard_method`)."""
+        """The modules ``trainer=fsdp`` shards (:func:`ptlight.runtime.strategy.shard_method`)."""
         return [self.policy]
 
     def configure_model(self) -> None:

@@ -8,7 +8,7 @@ On the response tokens of a rollout (``Rollout.mask``), with masked token means:
     L_V   = ½ · mean max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²)
     L     = L_π + c_v · L_V
 
-The advantages A and returns R come from GAE at rollout time (:func:`ptlight.rl.gae`); the
+The advantages A and returns R come from GAE at rollout time (:func:`ptlight.methods.rl.gae`); the
 rollout, the KL-penalised rewards, the KL controller and PPO-ptx are the ``ppo`` method's job
 (an objective never sees the model). Hyperparameter names follow TRL: ``cliprange`` (ε),
 ``cliprange_value`` (ε_v), ``vf_coef`` (c_v).
@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from ptlight.objectives.base import Objective, ObjectiveOutput, Rollout
-from ptlight.rl import masked_mean as _mean
-from ptlight.rl import masked_var
+from ptlight.methods.rl import masked_mean as _mean
+from ptlight.methods.rl import masked_var
 
 
 def _var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

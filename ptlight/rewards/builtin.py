@@ -42,7 +42,7 @@ class ModelReward(Reward):
                  max_length: int = 512, dtype: str = "float32") -> None:
         if not path:
             raise ValueError("reward_model needs path=<a `method=rm` run's export dir>")
-        from ptlight.reward_model import load_reward_model
+        from ptlight.model.reward_model import load_reward_model
 
         self.path, self.batch_size, self.max_length = path, batch_size, max_length
         self.model, self.tokenizer = load_reward_model(path, dtype)

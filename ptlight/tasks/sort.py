@@ -99,7 +99,7 @@ def words_from_prompt(prompt: str) -> list[str]:
 
 def reference_answer(prompt: str) -> str:
     """The correct answer to a sorting prompt: the reference of the acceptance metric's edit
-    distance (:mod:`ptlight.acceptance`)."""
+    distance (:mod:`ptlight.eval.acceptance`)."""
     return answer_text(words_from_prompt(prompt))
 
 

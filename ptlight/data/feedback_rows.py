@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from ptlight.acceptance import edit_distance
+from ptlight.eval.acceptance import edit_distance
 
 if TYPE_CHECKING:
     from ptlight.feedback import Event

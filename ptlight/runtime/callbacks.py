@@ -301,7 +301,7 @@ class Preemption(L.Callback):
         trainer._logger_connector.update_train_step_metrics()
         if not trainer.is_global_zero:
             return
-        from ptlight.rundir import resume_command
+        from ptlight.runtime.rundir import resume_command
 
         signum = int(exception.code) - 128  # type: ignore[arg-type]
         print(f"ptlight: {signal.Signals(signum).name}: stopped at step {trainer.global_step}; "

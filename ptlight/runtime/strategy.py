@@ -40,7 +40,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ptlight.backbone import peft_wrapper
+from ptlight.model.backbone import peft_wrapper
 from ptlight.errors import ConfigError
 
 DECODER_LAYERS = "decoder_layers"
@@ -224,7 +224,7 @@ def _shard(root: torch.nn.Module, strategy: FSDPStrategy, trains: bool) -> None:
         if m is not root and type(m) in strategy.layer_classes:
             fully_shard(m, reshard_after_forward=reshard, **kwargs)
     # The root unit stays gathered after its forward: ptlight's LM head runs on the root's
-    # weight after the forward (ptlight.packing.base_forward), and the backward needs it next.
+    # weight after the forward (ptlight.engine.packing.base_forward), and the backward needs it next.
     fully_shard(root, reshard_after_forward=False, **kwargs)
 
 

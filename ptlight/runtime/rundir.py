@@ -187,7 +187,7 @@ def _file_state(path: Path) -> tuple[int, int, int] | None:
 
 
 def guard_run_dir(stage: Callable[[DictConfig, Path], Any]) -> Callable[[DictConfig, Path], Any]:
-    """Wrap ``stage(cfg, run_dir)``: :func:`ptlight.validate.check_config` and
+    """Wrap ``stage(cfg, run_dir)``: :func:`ptlight.runtime.validate.check_config` and
     :func:`check_resume`, then the stage under the run dir's lock; a resume that fails without writing a checkpoint restores ``config.yaml``.
 
     ``metrics.csv`` needs no restoring: :class:`RunCSVLogger` changes it only when the resumed
@@ -195,7 +195,7 @@ def guard_run_dir(stage: Callable[[DictConfig, Path], Any]) -> Callable[[DictCon
     """
     @functools.wraps(stage)
     def guarded(cfg: DictConfig, run_dir: Path) -> Any:
-        from ptlight.validate import check_config
+        from ptlight.runtime.validate import check_config
 
         check_config(cfg)  # bad values fail before the run dir (or its lock) is created
         check_resume(cfg, run_dir)

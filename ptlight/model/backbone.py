@@ -33,11 +33,11 @@ from peft import (LoraConfig, PeftConfig, PeftModel, get_peft_model,
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
                           PreTrainedModel)
 
-from ptlight.cpu_bf16 import checkpoint_contexts
+from ptlight.engine.cpu_bf16 import checkpoint_contexts
 from ptlight.errors import ConfigError, ModelLoadError
-from ptlight.rundir import atomic_dir
+from ptlight.runtime.rundir import atomic_dir
 
-BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "lfm2-tiny-tokenizer"
+BUNDLED_TOKENIZER = Path(__file__).parent.parent / "assets" / "lfm2-tiny-tokenizer"
 _WAYS_OUT = (
     "Pass model.path=<local directory with config.json and weights> (for example a copy made "
     "with `huggingface-cli download` on a machine with internet, or a previous ptlight export), "
@@ -89,7 +89,7 @@ def _from_pretrained(loader, source: str, what: str, **kwargs):
     firewalled) the user gets one message instead of a minute of retries.
     """
     trust = kwargs.get("trust_remote_code", False)
-    if not isinstance(trust, bool):  # "false" as a string is truthy: refuse (ptlight.validate)
+    if not isinstance(trust, bool):  # "false" as a string is truthy: refuse (ptlight.runtime.validate)
         raise ConfigError(f"trust_remote_code={trust!r} for the {what} of {source!r}: a boolean "
                           "only, written unquoted (false or true)")
     try:
@@ -416,11 +416,11 @@ def export_model(policy: PreTrainedModel, tokenizer, export_dir: Path,
     With ``model.lora.merge`` also ``export_dir/merged``: the base reloaded from disk in
     ``model.dtype`` (never 4-bit) with the exported adapter merged in, a plain transformers model.
     ``state_dict``: the full weights when the policy itself holds shards (FSDP; full fine-tuning
-    only), see :func:`ptlight.strategy.full_module_state`. ``extras(dir)`` writes more files
+    only), see :func:`ptlight.runtime.strategy.full_module_state`. ``extras(dir)`` writes more files
     into the export (a method's reward or value head).
 
     Everything is written into a directory beside ``export_dir`` and renamed into place
-    (:func:`ptlight.rundir.atomic_dir`): a full disk or a kill while writing leaves the
+    (:func:`ptlight.runtime.rundir.atomic_dir`): a full disk or a kill while writing leaves the
     previous export (or none), never a config.json without its weights.
     """
     with atomic_dir(export_dir) as staging:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from ptlight.errors import ModelLoadError
-from ptlight.logps import backbone_hidden
+from ptlight.engine.logps import backbone_hidden
 
 HEAD_WEIGHTS = "reward_head.safetensors"
 HEAD_CONFIG = "reward_head.json"
@@ -117,7 +117,7 @@ def load_head(path: str | Path) -> torch.nn.Linear:
 
 def load_reward_model(path: str | Path, dtype: str = "float32") -> tuple[RewardModel, object]:
     """(reward model in eval mode, its tokenizer) from a reward-model export directory."""
-    from ptlight.backbone import build_policy, load_tokenizer
+    from ptlight.model.backbone import build_policy, load_tokenizer
 
     head = load_head(path)
     cfg = OmegaConf.create({"path": str(path), "tokenizer": None, "trust_remote_code": False,

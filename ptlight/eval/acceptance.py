@@ -15,7 +15,7 @@ would have to edit it.
 - :func:`task_reference`: the reference answer of a bundled task's prompt, when the task module
   defines ``reference_answer(prompt) -> str``.
 
-The win rate against the previous model is :func:`ptlight.evaluate.win_rate` over the same
+The win rate against the previous model is :func:`ptlight.eval.gold.win_rate` over the same
 acceptance scores (``python -m ptlight.eval eval.baseline=<previous export>``).
 """
 

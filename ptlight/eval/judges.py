@@ -140,7 +140,7 @@ class ConstitutionJudge(Judge):
                               "Hugging Face causal LM dir (or hub id) as judge.path")
         from omegaconf import OmegaConf
 
-        from ptlight.backbone import build_policy, load_tokenizer
+        from ptlight.model.backbone import build_policy, load_tokenizer
 
         self.constitution = load_constitution(constitution or default_constitution_path())
         self.path, self.batch_size, self.max_length = path, batch_size, max_length

@@ -10,7 +10,7 @@ string is truthy) only after the weights have loaded.
 Checked here: security flags (real booleans only), ``data.batch_size``, ``data.max_length``,
 ``data.val_size``, ``method.optim`` (``lr``, ``weight_decay``, ``betas``, ``warmup_ratio``,
 ``scheduler``) and ``trainer.max_steps``. ``trainer.precision``/``accelerator``/``devices`` are
-checked where the trainer is set up (:mod:`ptlight.strategy`, :mod:`ptlight.cpu_bf16`).
+checked where the trainer is set up (:mod:`ptlight.runtime.strategy`, :mod:`ptlight.engine.cpu_bf16`).
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
-from ptlight.acceptance import acceptance_summary, task_reference
-from ptlight.logps import completion_logps
-from ptlight.progress import track
+from ptlight.eval.acceptance import acceptance_summary, task_reference
+from ptlight.engine.logps import completion_logps
+from ptlight.runtime.progress import track
 from ptlight.tasks import get_task
 
 SAMPLE_COLUMNS = ("stage", "when", "prompt", "generation", "reward")
@@ -132,7 +132,7 @@ def summarize(samples: list[Sample], num_samples: int, task_name: str | None = N
 
 
 def gold_acceptance(samples: Sequence[Sample], task_name: str, threshold: float) -> dict[str, Any]:
-    """:func:`ptlight.acceptance.acceptance_summary` of gold-scored samples: accepted when the
+    """:func:`ptlight.eval.acceptance.acceptance_summary` of gold-scored samples: accepted when the
     gold reward is >= ``threshold``; references from the task's ``reference_answer``."""
     task = get_task(task_name)
     return acceptance_summary([s.reward for s in samples], [s.completion for s in samples],

@@ -242,7 +242,7 @@ def precision_plugins(trainer_cfg: DictConfig, mode: str) -> tuple[DictConfig, l
     if (resolved != "upcast" or str(trainer_cfg.get("precision")) not in BF16_PRECISIONS
             or not _on_cpu(trainer_cfg)):
         return trainer_cfg, []
-    log.info("cpu_bf16=%s: bf16-mixed runs its GEMMs as bf16-rounded fp32 (ptlight.cpu_bf16)",
+    log.info("cpu_bf16=%s: bf16-mixed runs its GEMMs as bf16-rounded fp32 (ptlight.engine.cpu_bf16)",
              mode)
     rest = OmegaConf.masked_copy(trainer_cfg, [k for k in trainer_cfg if k != "precision"])
     return rest, [UpcastBf16Precision()]

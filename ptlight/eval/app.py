@@ -16,12 +16,12 @@ It composes the same root config as training (``conf/config.yaml``) and reads it
   with ``eval.baseline``: ``baseline`` (the same for the baseline) and ``win_rate`` (win = a
   strictly higher gold reward on a prompt; ``tie_rate`` and ``loss_rate`` beside it);
   ``preference`` (accuracy of the implicit reward on held-out pairs, see
-  :func:`ptlight.evaluate.preference_accuracy`): ``eval.num_pairs`` held-out pairs of the task,
+  :func:`ptlight.eval.gold.preference_accuracy`): ``eval.num_pairs`` held-out pairs of the task,
   or the validation split of ``data.path`` as training splits it; ``eval.num_pairs=0`` skips it.
   ``eval.reference`` must share the model's tokenizer, as a training reference does.
   ``gold`` and ``baseline`` also hold ``acceptance/rate`` (gold reward >=
   ``eval.acceptance.threshold``) and ``acceptance/edit_distance`` (to the task's reference
-  answers; :mod:`ptlight.acceptance`). With ``eval.acceptance.path`` (held-out prompts with
+  answers; :mod:`ptlight.eval.acceptance`). With ``eval.acceptance.path`` (held-out prompts with
   optional references, such as ``python -m ptlight.feedback``'s ``heldout.jsonl``) or
   ``eval.acceptance.judge`` (a reward plugin spec scored against the threshold):
   ``acceptance`` holds the same for the model and the baseline on those prompts, and the win
@@ -64,7 +64,7 @@ def _device(name: str):
 def _load(cfg: DictConfig, path: str, tokenizer=None):
     """(model, tokenizer) of ``path`` with ``cfg.model``'s other settings, on ``eval.device``;
     ``tokenizer`` given: the model must fit it (a reference scores the same token ids)."""
-    from ptlight.backbone import build_policy, load_tokenizer
+    from ptlight.model.backbone import build_policy, load_tokenizer
 
     model_cfg = OmegaConf.merge(cfg.model, {"path": path})
     if path != cfg.model.path:
@@ -77,7 +77,7 @@ def _load(cfg: DictConfig, path: str, tokenizer=None):
 
 def _gold(cfg: DictConfig, model, tokenizer, baseline: str | None) -> tuple[dict, list[dict]]:
     """Gold metric of the model (and the baseline, with the win rate); sample rows."""
-    from ptlight.evaluate import gold_acceptance, gold_samples, summarize, win_rate
+    from ptlight.eval.gold import gold_acceptance, gold_samples, summarize, win_rate
 
     result: dict[str, Any] = {}
     runs = {"model": gold_samples(model, tokenizer, cfg.data.task, cfg.eval, "gold eval (model)")}
@@ -104,7 +104,7 @@ def _judge(cfg: DictConfig, runs: dict[str, list]) -> dict[str, Any]:
     """Score every run's generations with the ``eval.judge`` reward plugin (prompts as the
     task's user turn, so a reward model sees them in its training format); win rate of the
     model vs the baseline under that judge."""
-    from ptlight.evaluate import Sample, win_rate
+    from ptlight.eval.gold import Sample, win_rate
     from ptlight.rewards import build_reward
 
     spec = OmegaConf.to_container(cfg.eval.judge, resolve=True)
@@ -127,8 +127,8 @@ def _acceptance(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
     scored by ``eval.acceptance.judge`` (else the task's gold reward): the model's and the
     baseline's rate and edit distance to the references, and the model's win rate vs the
     baseline under the same scores."""
-    from ptlight.acceptance import acceptance_summary, read_heldout, task_reference
-    from ptlight.evaluate import Sample, generate, win_rate
+    from ptlight.eval.acceptance import acceptance_summary, read_heldout, task_reference
+    from ptlight.eval.gold import Sample, generate, win_rate
     from ptlight.rewards import build_reward, user_text
     from ptlight.tasks import get_task
 
@@ -168,7 +168,7 @@ def _acceptance(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
 def _preference(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
     """Preference accuracy on held-out pairwise rows, read through the DataModule."""
     from ptlight.data.module import PtlDataModule
-    from ptlight.evaluate import preference_accuracy
+    from ptlight.eval.gold import preference_accuracy
 
     overrides: dict[str, Any] = {"batch_size": cfg.eval.batch_size}
     if cfg.data.path is None:  # the task's held-out split; one train row (unused) keeps setup cheap
@@ -188,7 +188,7 @@ def _preference(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
 
 def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Evaluate ``model.path``; writes eval.json, samples.jsonl and report.md to ``run_dir``."""
-    from ptlight.evaluate import write_jsonl
+    from ptlight.eval.gold import write_jsonl
 
     if not cfg.model.path:
         raise ConfigError("model.path is not set: pass model.path=<export dir or hub id>")

@@ -8,7 +8,7 @@ logits of prompt and padding positions out of memory entirely.
 Models whose head is more than a linear layer (logit soft-capping, logit scaling) take the
 plain path through ``model(...).logits`` so that results stay exact.
 
-``pack=K`` (the DPO fast path, :mod:`ptlight.packing`) runs each example's prompt once with its
+``pack=K`` (the DPO fast path, :mod:`ptlight.engine.packing`) runs each example's prompt once with its
 K completions as branches, packed without padding; the scores are the same tokens in the same
 order, equal to the plain path within fp tolerance.
 """
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ptlight.packing import pack as pack_batch
-from ptlight.packing import base_forward, packed_hidden, supports_packing
+from ptlight.engine.packing import pack as pack_batch
+from ptlight.engine.packing import base_forward, packed_hidden, supports_packing
 
 _NON_LINEAR_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -136,7 +136,7 @@ def backbone_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
                     ) -> torch.Tensor:
     """``[B, T, H]`` last hidden states of a causal LM's backbone (no LM head; under FSDP see
-    :func:`ptlight.packing.base_forward`)."""
+    :func:`ptlight.engine.packing.base_forward`)."""
     out = base_forward(model, input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
@@ -201,7 +201,7 @@ def completion_logps(
     with_diagnostics=False skips ``correct``/``entropy`` (empty tensors; reference scoring).
     pack=K: rows are K blocks of the same prompts (pairwise K=2: chosen block, rejected block);
     score them prefix-shared and packed into rows of at most ``pack_max_tokens`` tokens when
-    the model supports it (:func:`ptlight.packing.supports_packing`), else the plain way.
+    the model supports it (:func:`ptlight.engine.packing.supports_packing`), else the plain way.
     """
     mask, targets, rows = _targets(input_ids, loss_mask)
     packed = pack is not None and _has_linear_head(model) and supports_packing(model)
