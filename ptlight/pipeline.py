@@ -93,7 +93,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> l
     for i, stage in enumerate(cfg.pipeline):
         overrides = stage_overrides(stage, exports, previous, user_overrides)
         stage_cfg = compose(config_name="config", overrides=overrides)
-        report = train_stage(stage_cfg, run_dir / f"{i}-{stage.name}")
+        report = train_stage(stage_cfg, run_dir / f"{i}-{stage.name}", overrides)
         reports.append({"stage": stage.name, **report})
         previous = exports[stage.name] = report["export_dir"]
     if rank_zero_only.rank != 0:  # torchrun/srun: every rank runs the stages; one reports
@@ -121,7 +121,7 @@ def run(cfg: DictConfig, run_dir: Path, user_overrides: list[str]) -> float | No
     """
     if cfg.method is not None:
         check_pipeline_launch(cfg.trainer, pipeline=False)  # refuses a DDP multirun
-        report = train_stage(cfg, run_dir)
+        report = train_stage(cfg, run_dir, user_overrides)
         if "heldout" in report:
             print_heldout(report)
         if "after" in report and "before" in report:

@@ -71,8 +71,9 @@ def child(lora: bool, shape: str, steps: int, pairs: int, length: int, threads: 
     from hydra import compose, initialize_config_dir
     from torch.utils.data import DataLoader
 
-    from ptlight.model.backbone import (AdapterReference, build_policy, frozen_copy, has_adapters,
-                                  load_tokenizer, parameter_counts)
+    from ptlight.model.backbone import (build_policy, has_adapters, load_tokenizer,
+                                        parameter_counts)
+    from ptlight.model.reference import AdapterReference, FrozenCopy
     from ptlight.config import config_dir
     from ptlight.methods.preference import PreferenceMethod
     from ptlight.objectives import build_objective
@@ -85,11 +86,11 @@ def child(lora: bool, shape: str, steps: int, pairs: int, length: int, threads: 
     tok = load_tokenizer(cfg.model)
     policy = build_policy(cfg.model, tok)
     mode = "adapter" if has_adapters(policy) else "copy"
-    reference = AdapterReference(policy) if has_adapters(policy) else frozen_copy(policy)
+    reference = AdapterReference(policy) if has_adapters(policy) else FrozenCopy(policy)
     trainable, total = parameter_counts(policy)
-    held = total + (parameter_counts(reference)[1] if mode == "copy" else 0)
+    held = total + (parameter_counts(reference.model)[1] if mode == "copy" else 0)
     module = PreferenceMethod(policy, build_objective("dpo", {"beta": 0.1}), cfg.method.optim,
-                              reference=reference, reference_mode=mode)
+                              reference=reference)
     times: list[float] = []
 
     class Clock(L.Callback):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 
-# as in conf/experiment/rlhf.yaml: 2 PPO epochs per rollout batch (OBJECTIVES.md's default is 4)
+# as in conf/experiment/rlhf.yaml: 2 PPO epochs per rollout batch (the method config's default is 4)
 PPO = ["method.ppo.num_ppo_epochs=2"]
 
 

@@ -17,7 +17,7 @@ from hydra.errors import MissingConfigException
 from helpers import REPO, TINY, run_cli
 from ptlight.model.backbone import BUNDLED_TOKENIZER
 from ptlight.errors import ConfigError, DataError, ModelLoadError, PluginError
-from ptlight.objectives import registry
+from ptlight import registry
 from ptlight.train import train_stage
 
 U = [{"role": "user", "content": "Sort these words alphabetically: kiwi apple"}]
@@ -190,7 +190,7 @@ def test_unknown_config_names_list_what_exists(compose_cfg, override, listed):
      r"method\.objective\.name: unknown objective 'nope'; installed objectives: .*dpo.*sft"),
     ("method.module=nope", ConfigError,
      r"method\.module='nope' is unknown; available: .*preference.*sft"),
-    ("data.task=nope", ConfigError, r"data\.task='nope' is unknown; bundled tasks: safety, sort"),
+    ("data.task=nope", ConfigError, r"data\.task='nope' is unknown; installed tasks: safety, sort"),
     ("+method.objective.betta=1", ConfigError,
      r"no hyperparameter\(s\) method\.objective\.betta; valid keys: beta"),
 ])
@@ -228,7 +228,7 @@ def test_plugin_that_crashes_on_import(compose_cfg, tmp_path, monkeypatch, no_we
 
     def patched(group):
         extra = [EntryPoint("crash", "crashing_plugin:Thing", group)]
-        return list(real(group=group)) + (extra if group == registry.GROUP else [])
+        return list(real(group=group)) + (extra if group == registry.OBJECTIVES.group else [])
 
     monkeypatch.setattr(registry, "entry_points", patched)
     with pytest.raises(PluginError, match=r"objective plugin 'crash' \(entry point "

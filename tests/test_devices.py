@@ -103,8 +103,7 @@ def test_packing_auto_is_on_for_the_cpu_only(monkeypatch):
     optim = OmegaConf.create({})
 
     def method(pack):
-        return PreferenceMethod(policy, build_objective("dpo", {}), optim, None, "none",
-                                pack=pack)
+        return PreferenceMethod(policy, build_objective("dpo", {}), optim, pack=pack)
 
     auto = method("auto")
     assert auto.packs  # on the CPU (measured 5x there; slower on an H200: docs/performance.md)

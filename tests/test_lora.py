@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 import ptlight.model.backbone as backbone
 import ptlight.train
 from helpers import REPO, TINY, run_cli
-from ptlight.model.backbone import AdapterReference, build_policy, load_tokenizer, parameter_counts
+from ptlight.model.backbone import build_policy, load_tokenizer, parameter_counts
+from ptlight.model.reference import AdapterReference
 from ptlight.errors import ConfigError
 from ptlight.engine.logps import completion_logps
 from ptlight.train import train_stage
@@ -52,7 +53,7 @@ class Captured:
 def _stage(compose_cfg, run_dir, *overrides, monkeypatch):
     captured = Captured()
     monkeypatch.setattr(ptlight.train, "build_policy", captured)
-    monkeypatch.setattr(ptlight.train, "frozen_copy", _no_frozen_copy)
+    monkeypatch.setattr(backbone, "frozen_copy", _no_frozen_copy)
     report = train_stage(compose_cfg(*overrides), run_dir)
     return report, captured
 
@@ -72,7 +73,7 @@ def sft_run(tmp_path_factory):
         cfg = compose("config", overrides=["method=sft", "model.lora.merge=true", *LORA])
         captured = Captured()
         mp.setattr(ptlight.train, "build_policy", captured)
-        mp.setattr(ptlight.train, "frozen_copy", _no_frozen_copy)
+        mp.setattr(backbone, "frozen_copy", _no_frozen_copy)
         train_stage(cfg, run_dir)
     GlobalHydra.instance().clear()
     return run_dir, captured

@@ -10,7 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import tiny_model_cfg, TINY
-from ptlight.model.backbone import build_policy, frozen_copy, load_tokenizer
+from ptlight.model.backbone import build_policy, load_tokenizer
+from ptlight.model.reference import FrozenCopy
 from ptlight.data.module import PtlDataModule, mismatched_pairs
 from ptlight.errors import ConfigError
 from ptlight.methods.preference import PreferenceMethod
@@ -66,12 +67,12 @@ def test_one_training_step_per_method(compose_cfg, tmp_path, monkeypatch, recwar
                                       metric):
     cfg = compose_cfg(f"method={method}", *ONE_STEP, *extra)
     if cfg.method.reference == "none":  # reference-free: no frozen copy may be built
-        import ptlight.train as train
+        from ptlight.model import backbone
 
         def no_reference(*a, **k):
             raise AssertionError("a reference model was built for a reference-free objective")
 
-        monkeypatch.setattr(train, "frozen_copy", no_reference)
+        monkeypatch.setattr(backbone, "frozen_copy", no_reference)
     report = train_stage(cfg, tmp_path)
     assert report["global_step"] == 1 and report["objective"] == method
     metrics = _read_metrics(tmp_path)
@@ -180,7 +181,7 @@ def policy_and_reference(tok):
     cfg = tiny_model_cfg()
     torch.manual_seed(0)
     policy = build_policy(cfg, tok)
-    reference = frozen_copy(policy)
+    reference = FrozenCopy(policy)
     with torch.no_grad():  # move the policy away from the reference: margins are not 0
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))

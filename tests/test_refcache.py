@@ -101,11 +101,11 @@ def test_a_fresh_run_scores_the_reference_with_the_policy_and_makes_no_copy(
     """No deep copy of the weights in a fresh precompute run (the policy, before its first
     step, is the reference); a resumed run, whose policy holds trained weights, scores with a
     copy of the starting weights, and both give the same values bit for bit."""
-    import ptlight.train as train_mod
+    from ptlight.model import backbone
 
     copies, outputs = [], []
-    real_copy, real_precompute = train_mod.frozen_copy, PreferenceMethod._precompute
-    monkeypatch.setattr(train_mod, "frozen_copy", lambda m: copies.append(1) or real_copy(m))
+    real_copy, real_precompute = backbone.frozen_copy, PreferenceMethod._precompute
+    monkeypatch.setattr(backbone, "frozen_copy", lambda m: copies.append(1) or real_copy(m))
 
     def spy(self, loaders):
         outputs.append(real_precompute(self, loaders))

@@ -12,7 +12,7 @@ from ptlight.objectives import (
     get_objective,
     plugin_info,
 )
-from ptlight.objectives import registry
+from ptlight import registry
 
 
 def test_builtins_are_registered_as_entry_points():
@@ -68,7 +68,7 @@ def fake_plugins(monkeypatch, tmp_path):
             EntryPoint("notobj", f"{__name__}:NotAnObjective", group),
             EntryPoint("nodk", f"{__name__}:NoDataKind", group),
         ]
-        return list(real(group=group)) + (extra if group == registry.GROUP else [])
+        return list(real(group=group)) + (extra if group == registry.OBJECTIVES.group else [])
 
     monkeypatch.setattr(registry, "entry_points", patched)
 

@@ -366,7 +366,8 @@ class _Constant(Reward):
 def test_rollout_scores_responses_without_eos_by_the_configured_penalty(missing_eos_penalty):
     from omegaconf import OmegaConf
 
-    from ptlight.model.backbone import build_policy, frozen_copy, load_tokenizer
+    from ptlight.model.backbone import build_policy, load_tokenizer
+    from ptlight.model.reference import FrozenCopy
     from ptlight.config import config_dir
     from ptlight.data.module import left_pad
     from ptlight.methods.ppo import PPOMethod
@@ -378,7 +379,7 @@ def test_rollout_scores_responses_without_eos_by_the_configured_penalty(missing_
     method_cfg = OmegaConf.load(f"{config_dir()}/method/ppo.yaml")
     method_cfg.ppo.max_new_tokens = 4
     method_cfg.ppo.missing_eos_penalty = missing_eos_penalty
-    module = PPOMethod(policy, get_objective("ppo")(), method_cfg.optim, frozen_copy(policy), "copy",
+    module = PPOMethod(policy, get_objective("ppo")(), method_cfg.optim, FrozenCopy(policy),
                        _Constant(), tok, method_cfg.ppo)
     prompts = [[{"role": "user", "content": f"Sort these words alphabetically: cat {w}"}]
                for w in ("dog", "emu", "fox", "gnu")]

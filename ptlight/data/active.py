@@ -2,7 +2,7 @@
 
 ``+data/sampler=active`` (``conf/data/sampler/active.yaml``) replaces the uniform shuffle of the
 training loader for preference methods (pairwise, listwise, unpaired rows) and PPO (prompts).
-The loss is unchanged; only which examples form the batches changes (OBJECTIVES.md §10).
+The loss is unchanged; only which examples form the batches changes.
 
 Every ``refresh_every`` batches the sampler:
 
@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from ptlight.errors import ConfigError
+from ptlight.model.backbone import eval_mode
 
 SCORES = ("entropy", "ensemble")
 
@@ -85,29 +86,27 @@ def sample_with_logps(model, prompts: list[list[int]], pad_id: int, eos_id: int,
     from ptlight.data.module import left_pad
 
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     completions: list[list[list[int]]] = []
     sums = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        batch = left_pad(chunk, pad_id)
-        out = model.generate(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-            do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-            max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-            eos_token_id=eos_id, pad_token_id=pad_id, return_dict_in_generate=True,
-            output_logits=True,
-        )
-        new = out.sequences[:, batch["input_ids"].shape[1]:]
-        logits = torch.stack(out.logits, dim=1).float() / temperature  # [P*N, T, V]
-        logps = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
-        is_eos = new == eos_id
-        keep = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) == 0  # up to the first EOS
-        sums.append((logps * keep).sum(1).view(len(chunk), num_samples).cpu())
-        for row, k in zip(new, keep):
-            completions.append(row[k].tolist())
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            batch = left_pad(chunk, pad_id)
+            out = model.generate(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                eos_token_id=eos_id, pad_token_id=pad_id, return_dict_in_generate=True,
+                output_logits=True,
+            )
+            new = out.sequences[:, batch["input_ids"].shape[1]:]
+            logits = torch.stack(out.logits, dim=1).float() / temperature  # [P*N, T, V]
+            logps = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
+            is_eos = new == eos_id
+            keep = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) == 0  # up to the first EOS
+            sums.append((logps * keep).sum(1).view(len(chunk), num_samples).cpu())
+            for row, k in zip(new, keep):
+                completions.append(row[k].tolist())
     grouped = [completions[j * num_samples : (j + 1) * num_samples] for j in range(len(prompts))]
     return grouped, torch.cat(sums)
 

@@ -16,7 +16,7 @@ data set given as pairs yields two examples per row (:func:`~ptlight.data.shapes
 
 Batches (:meth:`PtlDataModule.collate`) put completion k of every example in block k of the
 rows, so one forward pass scores all K completions of a prompt; unpaired batches add a block of
-mismatched prompt/completion rows for KTO's KL reference point (OBJECTIVES.md §6). TRL samples
+mismatched prompt/completion rows for KTO's KL reference point (docs/objectives.md, kto). TRL samples
 KTO data sequentially because it builds those pairs once over the data set; here they are built
 from whatever batch the loader draws, so shuffling stays on.
 """
@@ -38,7 +38,7 @@ from ptlight.data.shapes import BadRow, Example, parse_examples
 from ptlight.data.tokenize import Encoded, encode
 from ptlight.errors import ConfigError, DataError
 from ptlight.runtime.progress import MANY_ITEMS, track
-from ptlight.tasks import TASKS, get_task
+from ptlight.tasks import available_tasks, get_task
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Suffixes that mark a path as a local file (hub data set ids look like org/name).
@@ -309,9 +309,9 @@ class PtlDataModule(L.LightningDataModule):
                 "another example's completion of the same batch to estimate its KL reference "
                 "point, so it needs a per-device batch of at least 2; set data.batch_size>=2"
             )
-        if cfg.task is not None and cfg.task not in TASKS:
-            raise ConfigError(f"data.task={cfg.task!r} is unknown; bundled tasks: "
-                              f"{', '.join(sorted(TASKS))} (or null with data.path)")
+        if cfg.task is not None and cfg.task not in available_tasks():
+            raise ConfigError(f"data.task={cfg.task!r} is unknown; installed tasks: "
+                              f"{', '.join(available_tasks()) or 'none'} (or null with data.path)")
         if cfg.task is not None and tokenizer.chat_template is None:
             raise ConfigError(
                 f"data.task={cfg.task!r} writes its prompts as chat messages, but the tokenizer "

@@ -9,7 +9,7 @@
 | prompt   | ``prompt`` (PPO rollouts; other columns are ignored)                        |
 
 Pairwise rows may carry a ``margin`` column (a finite number, reward-model training: the
-Bradley–Terry margin m of OBJECTIVES.md §3, TRL's ``margin``); other methods ignore it.
+Bradley–Terry margin m (docs/objectives.md, reward_bt; TRL's ``margin``); other methods ignore it.
 
 Unpaired data (KTO) also accepts pairwise rows: :func:`parse_examples` turns one
 ``chosen``/``rejected`` row into TWO examples, the chosen completion labelled True and the

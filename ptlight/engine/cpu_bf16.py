@@ -4,9 +4,9 @@ A bf16 GEMM as ``torch.autocast("cpu", torch.bfloat16)`` defines it rounds its o
 bf16, accumulates the products in fp32 and rounds the output to bf16. The product of two bf16
 numbers is exact in fp32, so rounding the operands to bf16, upcasting them and running the fp32
 kernel gives the same result up to the order of the fp32 summation. On CPUs without
-AVX512-BF16 or AMX (this AVX2 EPYC: fp32 ~150 GFLOP/s, bf16 ~1 GFLOP/s for a 1024² matmul)
-torch's bf16 kernels are 5-100x slower than its fp32 ones, so that detour is the fast way to
-get bf16-mixed numerics.
+AVX512-BF16 or AMX torch's bf16 kernels can be 5-100x slower than its fp32 ones
+(``scripts/bench_precision.py`` measures both on the machine at hand), so that detour is the
+fast way to get bf16-mixed numerics there.
 
 :class:`UpcastBf16` is a ``TorchFunctionMode``: torch functions reach it before the
 dispatcher (and so before autocast's casts), and while CPU autocast in bf16 is on it runs the

@@ -20,8 +20,7 @@ hold, and the stock forward otherwise (same result, more memory):
 
 Bitwise equality matters beyond tidiness: greedy evaluations of a small model amplify
 fp32-rounding differences in training into different gold figures, so a layer that is only
-"equal within rounding" (a closed-form RMSNorm backward was tried: 35 MB less at the
-benchmark's peak) would change every reproduced result table.
+"equal within rounding" would change every reproduced result table.
 
 It is a CPU measure (measured there: ``scripts/bench_dpo.py``), so GPU runs keep the stock
 layer, and so do FSDP runs, since FSDP manages the unsharded weights that autograd saves and

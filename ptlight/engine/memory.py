@@ -11,9 +11,9 @@ has seen: on the DPO benchmark (``scripts/bench_dpo.py``, a 50 M-parameter LFM2)
 1846 MB with an 8 MiB threshold and 1580 MB with it pinned, for the same tensors.
 
 The price is speed: every large tensor of a step is then mapped and page-faulted in fresh
-(~400 k minor faults a step on that benchmark, ~0.5 s of a 2.2 s step on a 2-core VM; the
-same run with an 8 MiB threshold: 1.7 s), and a small model's many short steps pay more (the
-default SFT -> DPO job took 214 s instead of 101 s). So it is off by default.
+(~400 k minor faults a step on that benchmark, steps 25-50% slower), and a small model's many
+short steps pay more (the default SFT -> DPO job about twice as long; docs/performance.md).
+So it is off by default.
 
 :func:`pin_mmap_threshold` pins it (at 128 KiB, glibc's own starting value, by default),
 which turns the dynamic adjustment off. Nothing else changes: same allocations, same numbers.

@@ -5,7 +5,7 @@ the longest one. Here each example becomes one *group*: the token trie of its K 
 prompt once, then its K completions as branches, and where completions start with the same
 tokens (a near-miss rejected answer often repeats the chosen one's first words) that common
 start once too — laid out in depth-first preorder, and groups are packed back to back into
-rows of at most ``max_tokens`` tokens (OBJECTIVES.md §11, arXiv 2410.20305). Nothing any token
+rows of at most ``max_tokens`` tokens (arXiv 2410.20305). Nothing any token
 sees changes:
 
 - attention: token i attends token j iff j is i itself or one of its ancestors (the prompt

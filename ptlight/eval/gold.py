@@ -38,6 +38,7 @@ from transformers import PreTrainedModel
 
 from ptlight.eval.acceptance import acceptance_summary, task_reference
 from ptlight.engine.logps import completion_logps
+from ptlight.model.backbone import eval_mode
 from ptlight.runtime.progress import track
 from ptlight.tasks import get_task
 
@@ -69,8 +70,6 @@ def generate(
     seed: int | None = None, description: str = "generating",
 ) -> list[str]:
     """Completions (text, special tokens removed) for conversational prompts."""
-    was_training = model.training
-    model.eval()
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
              for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
@@ -80,7 +79,7 @@ def generate(
     sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
                 if do_sample else {"do_sample": False})
     starts = range(0, len(order), batch_size)
-    with _seeded(seed if do_sample else None, device):
+    with _seeded(seed if do_sample else None, device), eval_mode(model):
         for start in track(starts, description, total=len(starts), unit="batch",
                            show=len(starts) > 1):
             idx = order[start : start + batch_size]
@@ -97,7 +96,6 @@ def generate(
             )
             for row, i in enumerate(idx):
                 out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
-    model.train(was_training)
     return out
 
 

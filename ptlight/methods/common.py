@@ -112,3 +112,28 @@ def log_metrics(
                     sync_dist=True)
     module.log(f"{split}/loss", loss.detach(), prog_bar=True, on_step=train, on_epoch=not train,
                batch_size=batch_size, sync_dist=True)
+
+
+class ObjectiveSteps:
+    """``training_step`` / ``validation_step`` of a method whose step is one objective call.
+
+    The method provides ``forward_batch(batch, split) -> (ObjectiveOutput, diagnostics)`` and,
+    when its batches have no ``index`` column, ``batch_size(batch)``. Each step logs
+    ``<split>/loss`` and the objective's metrics and diagnostics (:func:`log_metrics`); the
+    training loss goes through :func:`check_finite`.
+    """
+
+    def batch_size(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["index"].shape[0]
+
+    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        out, diagnostics = self.forward_batch(batch, split)  # type: ignore[attr-defined]
+        log_metrics(self, split, out.loss, {**diagnostics, **out.metrics},  # type: ignore[arg-type]
+                    self.batch_size(batch))
+        return out.loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return check_finite(self, self._step(batch, "train"))  # type: ignore[arg-type]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")

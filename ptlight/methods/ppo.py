@@ -1,4 +1,4 @@
-"""``ppo``: RLHF with PPO (OBJECTIVES.md §4), Lightning manual optimisation.
+"""``ppo``: RLHF with PPO (docs/rlhf.md), Lightning manual optimisation.
 
 One training batch = one rollout batch of prompts (``data.batch_size``), then
 ``method.ppo.num_ppo_epochs`` passes over it in ``num_mini_batches`` minibatches:
@@ -40,22 +40,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from ptlight.model.backbone import AdapterReference, eval_mode, reference_scope
-from ptlight.errors import ConfigError
 from ptlight.engine.logps import backbone_hidden
+from ptlight.errors import ConfigError
+from ptlight.methods.base import Method
 from ptlight.methods.common import check_finite, configure_optim
+from ptlight.model.backbone import eval_mode
+from ptlight.model.reference import Reference
 from ptlight.objectives import Objective, Rollout
 from ptlight.rewards import Reward, build_reward
 from ptlight.methods.rl import (AdaptiveKLController, FixedKLController, gae, kl_penalty,
                         masked_mean, masked_whiten, token_rewards)
-from ptlight.runtime.strategy import is_sharded, shard_method, submodule_state
+from ptlight.runtime.strategy import is_sharded, submodule_state
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -93,17 +94,24 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     return logps, entropy, values
 
 
-class PPOMethod(L.LightningModule):
+class PPOMethod(Method):
     """Policy + value head + reference + reward plugin, trained with a ``rollout`` objective."""
 
     data_kinds = ("rollout",)
+    reference_modes = ("copy", "adapter")  # rollouts are new every step: nothing to precompute
 
-    @staticmethod
-    def data_kind_for(method_cfg: DictConfig, objective: Objective) -> str:  # noqa: ARG004
+    @classmethod
+    def data_kind_for(cls, method_cfg: DictConfig, objective: Objective) -> str:
         return "prompt"
 
-    @staticmethod
-    def extra_args(cfg: DictConfig, tokenizer) -> dict[str, Any]:
+    @classmethod
+    def check_reference(cls, mode: str, objective: Objective) -> None:
+        if mode not in cls.reference_modes:
+            raise ConfigError(f"method.reference={mode} cannot serve ppo: rollouts are new "
+                              "every step; use method.reference=copy (adapter with LoRA)")
+
+    @classmethod
+    def extra_args(cls, cfg: DictConfig, tokenizer) -> dict[str, Any]:
         """The reward plugin and the settings (checked before any weights load)."""
         settings = cfg.method.ppo
         if settings.num_mini_batches < 1 or cfg.data.batch_size % settings.num_mini_batches:
@@ -131,28 +139,21 @@ class PPOMethod(L.LightningModule):
         return {"reward": reward, "tokenizer": tokenizer, "settings": settings,
                 "max_grad_norm": cfg.trainer.get("gradient_clip_val"), "ptx": ptx}
 
-    @staticmethod
-    def trainer_overrides(cfg: DictConfig) -> dict[str, Any]:  # noqa: ARG004
+    @classmethod
+    def trainer_overrides(cls, cfg: DictConfig) -> dict[str, Any]:
         # clipped per minibatch by the method itself; one training batch is a whole rollout
         # (num_ppo_epochs x num_mini_batches optimiser steps), so its metrics are logged each time
         return {"gradient_clip_val": None, "log_every_n_steps": 1}
 
     def __init__(
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
-        reference: PreTrainedModel | AdapterReference | None, reference_mode: str,
-        reward: Reward, tokenizer, settings: DictConfig, max_grad_norm: float | None = None,
-        ptx: Any = None,
+        reference: Reference, reward: Reward, tokenizer, settings: DictConfig,
+        max_grad_norm: float | None = None, ptx: Any = None,
     ) -> None:
-        super().__init__()
-        if reference is None:
-            raise ConfigError("ppo needs a reference model for its KL penalty; "
-                              "use method.reference=copy (or adapter with LoRA)")
-        if reference_mode == "precompute":
-            raise ConfigError("method.reference=precompute cannot serve ppo: rollouts are new "
-                              "every step; use method.reference=copy (adapter with LoRA)")
+        super().__init__(policy, objective, optim, reference)
+        self.check_reference(reference.mode, objective)
         self.automatic_optimization = False
         self.policy, self.objective, self.optim_cfg = policy, objective, optim
-        self._reference = [reference]  # not a registered child: not in the state dict
         self.reward, self.tokenizer, self.s = reward, tokenizer, settings
         self.max_grad_norm = max_grad_norm
         hidden = policy.config.get_text_config().hidden_size
@@ -166,16 +167,12 @@ class PPOMethod(L.LightningModule):
         self._ptx_iter = None
 
     def on_fit_start(self) -> None:
-        self._reference[0].to(self.device)
+        self.reference.to(self.device)
         self.reward.to(self.device)
         self.kl_ctl.value = float(self.kl_coef)  # restored from a checkpoint when resuming
 
     def fsdp_roots(self) -> list[torch.nn.Module]:
-        """The modules ``trainer=fsdp`` shards (:func:`ptlight.runtime.strategy.shard_method`)."""
         return [self.policy, self.value_head]
-
-    def configure_model(self) -> None:
-        shard_method(self)
 
     def configure_optimizers(self) -> dict:
         return configure_optim(self, self.optim_cfg)
@@ -210,7 +207,7 @@ class PPOMethod(L.LightningModule):
 
         logps, _, values = token_scores(self.policy, seqs, full_attn, n_prompt, s.temperature,
                                         self.value_head)
-        with reference_scope(self._reference[0]) as ref:
+        with self.reference.scope() as ref:
             ref_logps, _, _ = token_scores(ref, seqs, full_attn, n_prompt, s.temperature)
         fmask = mask.float()
         kl = kl_penalty(logps, ref_logps, s.kl_estimator) * fmask

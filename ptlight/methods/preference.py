@@ -44,22 +44,19 @@ Fast path (docs/performance.md), each equal to the plain path within fp toleranc
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from ptlight.engine import refcache
-from ptlight.model.backbone import TRAINED_ADAPTER, AdapterReference, reference_scope
-from ptlight.errors import ConfigError
 from ptlight.engine.logps import TokenScores, completion_logps
-from ptlight.methods.common import (block_columns, check_finite, configure_optim, log_metrics,
+from ptlight.errors import ConfigError
+from ptlight.methods.base import Method
+from ptlight.methods.common import (ObjectiveSteps, block_columns, configure_optim,
                                     token_diagnostics)
+from ptlight.model.reference import NoReference, Precomputed, Reference
 from ptlight.objectives import Logps, Objective, ObjectiveOutput
 from ptlight.runtime.progress import MANY_ITEMS, track
-from ptlight.runtime.strategy import is_sharded, shard_method
-
-REFERENCE_MODES = ("copy", "adapter", "precompute", "none")
 
 
 def _first_rows(scores: TokenScores, n: int) -> TokenScores:
@@ -70,35 +67,36 @@ def _first_rows(scores: TokenScores, n: int) -> TokenScores:
                        scores.entropy[keep], mean_logp, scores.mask[:n])
 
 
-class PreferenceMethod(L.LightningModule):
+class PreferenceMethod(ObjectiveSteps, Method):
     """Policy (+ reference) + a pairwise, listwise or unpaired sequence-level objective."""
 
     data_kinds = ("pairwise", "listwise", "unpaired")
+    reference_modes = ("copy", "adapter", "precompute", "none")
     _config_keys = ("pack", "pack_max_tokens", "reference_cache")
 
     @classmethod
-    def extra_args(cls, cfg: DictConfig, tokenizer) -> dict:
-        """Constructor arguments from ``method.*`` beyond the common ones (train_stage hook)."""
-        return {k: cfg.method[k] for k in cls._config_keys if k in cfg.method}
-
-    def __init__(
-        self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
-        reference: PreTrainedModel | AdapterReference | None = None,
-        reference_mode: str = "copy", pack: bool | str = False, pack_max_tokens: int = 2048,
-        reference_cache: str | None = None,
-    ) -> None:
-        super().__init__()
-        if reference_mode == "precompute" and objective.data_kind == "unpaired":
+    def check_reference(cls, mode: str, objective: Objective) -> None:
+        super().check_reference(mode, objective)
+        if mode == "precompute" and objective.data_kind == "unpaired":
             raise ConfigError(
                 f"method.reference=precompute cannot serve {objective.name!r}: the mismatched "
                 "prompt/completion rows of unpaired data change with every shuffled batch; "
                 "use method.reference=copy"
             )
+
+    @classmethod
+    def extra_args(cls, cfg: DictConfig, tokenizer) -> dict:
+        return {k: cfg.method[k] for k in cls._config_keys if k in cfg.method}
+
+    def __init__(
+        self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
+        reference: Reference | None = None, pack: bool | str = False,
+        pack_max_tokens: int = 2048, reference_cache: str | None = None,
+    ) -> None:
+        super().__init__(policy, objective, optim, reference or NoReference())
+        self.check_reference(self.reference.mode, objective)
         self.policy, self.objective, self.optim_cfg = policy, objective, optim
         self.data_kind = objective.data_kind
-        self.reference_mode = reference_mode
-        self._reference = [reference]  # a list: not a registered child, not in the state dict
-        self._ref_cache: dict[str, torch.Tensor] = {}
         if pack not in (True, False, "auto"):
             raise ConfigError(f"method.pack={pack!r}; use auto, true or false")
         self.pack, self.pack_max_tokens = pack, int(pack_max_tokens)
@@ -123,23 +121,18 @@ class PreferenceMethod(L.LightningModule):
 
     # ---- reference ----------------------------------------------------------------------
     def _reference_sums(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[R]`` summed completion log-probs of every row under the reference (the frozen
-        copy, or the LoRA policy with adapters switched for the duration of the call)."""
-        with torch.no_grad(), reference_scope(self._reference[0]) as reference:
+        """``[R]`` summed completion log-probs of every row under the reference model."""
+        with torch.no_grad(), self.reference.scope() as reference:
             scores = self._scores(reference, batch, diagnostics=False)
         return scores.sequence_sum()
 
     def _reference_key(self, loaders: dict) -> tuple[str, dict[str, str]]:
         """Disk-cache key of the precomputed reference (see :mod:`ptlight.engine.refcache`)."""
-        ref = self._reference[0]
-        if isinstance(ref, AdapterReference):  # the trained adapter is not the reference
-            state = ((n, t) for n, t in ref.policy.state_dict().items()
-                     if f".{TRAINED_ADAPTER}." not in n)
-        else:
-            state = ref.state_dict().items()
+        ref = self.reference
+        assert isinstance(ref, Precomputed)
         meta = {
-            "reference_weights": refcache.weights_fingerprint(state),
-            "reference_kind": type(ref).__name__,
+            "reference_weights": refcache.weights_fingerprint(ref.weights()),
+            "reference_kind": ref.scorer_kind,
             "data_kind": self.data_kind,
             "precision": str(self.trainer.precision),
             "device": self.device.type,
@@ -165,43 +158,36 @@ class PreferenceMethod(L.LightningModule):
         return out
 
     def on_fit_start(self) -> None:
-        ref = self._reference[0]
-        if ref is None:
-            return
+        ref = self.reference
         ref.to(self.device)
-        if self.reference_mode == "precompute":
-            loaders = self.trainer.datamodule.ordered_loaders()
-            cached = key = None
-            if self.reference_cache:
-                key, meta = self._reference_key(loaders)
-                cached = refcache.load(self.reference_cache, key)
-                self.reference_cache_hit = cached is not None
-            if cached is not None:
-                print(f"[ptlight] reference log-probs: loaded "
-                      f"{refcache.cache_path(self.reference_cache, key)}")
-                self._ref_cache = {s: v.to(self.device) for s, v in cached.items()}
-            else:
-                if ref is self.policy and self.trainer.global_step:  # a fresh run only
-                    raise RuntimeError("the policy can only score the reference before its "
-                                       "first step (train_stage keeps a copy to resume)")
-                self._ref_cache = self._precompute(loaders)
-                if key is not None and self.trainer.is_global_zero:
-                    path = refcache.save(self.reference_cache, key, self._ref_cache, meta)
-                    print(f"[ptlight] reference log-probs: saved {path}")
-            self._reference[0] = None  # the cache is all we need from here on
-            if (isinstance(ref, PreTrainedModel) and ref is not self.policy
-                    and not is_sharded(ref)):  # FSDP shards are freed with the module
-                # The caller (train_stage) still holds the copy object until fit returns, so
-                # drop its weights here: the memory goes to gradients and optimiser state.
-                for t in [*ref.parameters(), *ref.buffers()]:
-                    t.data = t.data.new_empty(0)
+        if not isinstance(ref, Precomputed) or ref.scorer is None:
+            return
+        loaders = self.trainer.datamodule.ordered_loaders()
+        cached = key = None
+        if self.reference_cache:
+            key, meta = self._reference_key(loaders)
+            cached = refcache.load(self.reference_cache, key)
+            self.reference_cache_hit = cached is not None
+        if cached is not None:
+            print(f"[ptlight] reference log-probs: loaded "
+                  f"{refcache.cache_path(self.reference_cache, key)}")
+            ref.values = {s: v.to(self.device) for s, v in cached.items()}
+        else:
+            if ref.scorer.mode == "policy" and self.trainer.global_step:  # a fresh run only
+                raise RuntimeError("the policy can only score the reference before its "
+                                   "first step (train_stage keeps a copy to resume)")
+            ref.values = self._precompute(loaders)
+            if key is not None and self.trainer.is_global_zero:
+                path = refcache.save(self.reference_cache, key, ref.values, meta)
+                print(f"[ptlight] reference log-probs: saved {path}")
+        ref.release()  # the values are all we need from here on: a copy's memory goes back
 
     def _reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor | None:
         """``[R]`` reference sums of every row (same layout as the policy's), or None."""
-        if self.reference_mode == "none":
+        if not self.reference.exists:
             return None
-        if self.reference_mode == "precompute":
-            return self._ref_cache[split][batch["index"]].T.reshape(-1)  # [B, K] -> [K·B]
+        if isinstance(self.reference, Precomputed):
+            return self.reference.lookup(split, batch["index"])
         return self._reference_sums(batch)
 
     # ---- steps --------------------------------------------------------------------------
@@ -242,18 +228,6 @@ class PreferenceMethod(L.LightningModule):
             scores = _first_rows(scores, batch["index"].shape[0])
         return out, token_diagnostics(scores)
 
-    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        out, diagnostics = self.forward_batch(batch, split)
-        log_metrics(self, split, out.loss, {**diagnostics, **out.metrics},
-                    batch["index"].shape[0])
-        return out.loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return check_finite(self, self._step(batch, "train"))
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Lightning zeroes gradients inside the next closure, after the next forward, so the
@@ -262,11 +236,7 @@ class PreferenceMethod(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
     def fsdp_roots(self) -> list[torch.nn.Module]:
-        """The modules ``trainer=fsdp`` shards (:func:`ptlight.runtime.strategy.shard_method`)."""
         return [self.policy]
-
-    def configure_model(self) -> None:
-        shard_method(self)
 
     def configure_optimizers(self) -> dict:
         return configure_optim(self, self.optim_cfg, fused_on_cpu=True)

@@ -10,7 +10,7 @@ Data: ``method.data`` = ``pairwise`` (default; a ``margin`` column is used when 
 ``listwise`` (K-way comparisons, expanded to all pairs by the objective).
 
 After training, the head's bias is shifted so that the validation completions have mean
-reward 0 (OBJECTIVES.md §3: "shift so a reference set has mean reward 0"); the shift is
+reward 0 (a reference set at mean reward 0, as in the Llama 2 reward models); the shift is
 recorded in ``reward_head.json``. :meth:`RewardMethod.evaluate` measures pairwise accuracy on
 held-out pairs of the bundled task.
 """
@@ -20,28 +20,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from ptlight.errors import ConfigError
-from ptlight.methods.common import block_columns, check_finite, configure_optim, log_metrics
-from ptlight.objectives import Objective, ObjectiveOutput, Rewards
+from ptlight.methods.base import Method
+from ptlight.methods.common import ObjectiveSteps, block_columns, configure_optim
+from ptlight.model.backbone import eval_mode
+from ptlight.model.reference import NoReference, Reference
 from ptlight.model.reward_model import RewardModel, load_head
-from ptlight.runtime.strategy import shard_method, submodule_state
+from ptlight.objectives import Objective, ObjectiveOutput, Rewards
+from ptlight.runtime.strategy import submodule_state
 
 DATA_KINDS = ("pairwise", "listwise")
 
 
-class RewardMethod(L.LightningModule):
+class RewardMethod(ObjectiveSteps, Method):
     """Reward model = policy backbone + scalar head, trained on comparisons."""
 
     data_kinds = ("scores",)
     generates = False  # no gold-metric generation: evaluated by pairwise accuracy instead
 
-    @staticmethod
-    def data_kind_for(method_cfg: DictConfig, objective: Objective) -> str:  # noqa: ARG004
+    @classmethod
+    def data_kind_for(cls, method_cfg: DictConfig, objective: Objective) -> str:
         kind = method_cfg.get("data", "pairwise")
         if kind not in DATA_KINDS:
             raise ConfigError(f"method.data={kind!r}: a reward model trains on {DATA_KINDS}")
@@ -49,10 +51,10 @@ class RewardMethod(L.LightningModule):
 
     def __init__(
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
-        reference: Any = None, reference_mode: str = "none",
+        reference: Reference | None = None,
     ) -> None:
-        super().__init__()
-        if reference is not None:
+        super().__init__(policy, objective, optim, reference or NoReference())
+        if self.reference.exists:
             raise ValueError("rm takes no reference model")
         self.model = RewardModel(policy)
         self.objective, self.optim_cfg = objective, optim
@@ -62,31 +64,18 @@ class RewardMethod(L.LightningModule):
         r = self.model(batch["input_ids"], batch["attention_mask"])
         return block_columns(r, r.shape[0] // batch["index"].shape[0])
 
-    def forward_batch(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+    def forward_batch(self, batch: dict[str, torch.Tensor], split: str = "train"
+                      ) -> tuple[ObjectiveOutput, dict]:
+        """The objective's output on one batch (the objective reports its own metrics)."""
         b = batch["index"].shape[0]
         lengths = batch["loss_mask"].sum(1)
         inputs = Rewards(rewards=self.rewards(batch), scores=batch.get("scores"),
                          margins=batch.get("margins"),
                          lengths=block_columns(lengths, lengths.shape[0] // b))
-        return self.objective(inputs)
-
-    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        out = self.forward_batch(batch)
-        log_metrics(self, split, out.loss, out.metrics, batch["index"].shape[0])
-        return out.loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return check_finite(self, self._step(batch, "train"))
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        return self.objective(inputs), {}
 
     def fsdp_roots(self) -> list[torch.nn.Module]:
-        """The modules ``trainer=fsdp`` shards (:func:`ptlight.runtime.strategy.shard_method`)."""
         return [self.model]
-
-    def configure_model(self) -> None:
-        shard_method(self)
 
     def configure_optimizers(self) -> dict:
         return configure_optim(self, self.optim_cfg)
@@ -98,14 +87,12 @@ class RewardMethod(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is None:
             return
-        was_training = self.model.training
-        self.model.eval()
         total, count = 0.0, 0
-        for batch in dm.val_dataloader():
-            batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
-            r = self.model(batch["input_ids"], batch["attention_mask"])
-            total, count = total + r.sum().item(), count + r.numel()
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            for batch in dm.val_dataloader():
+                batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+                r = self.model(batch["input_ids"], batch["attention_mask"])
+                total, count = total + r.sum().item(), count + r.numel()
         if count:
             self.model.center(total / count)
 
@@ -133,11 +120,9 @@ class RewardMethod(L.LightningModule):
         rows = get_task(task).make_rows("pairwise", eval_cfg.num_pairs, eval_cfg.seed, "heldout")
         encs = [encode(tokenizer, parse_row(r, "pairwise"), 10**6, "error") for r in rows]
         seqs = [(e.prompt, e.completions[k]) for k in range(2) for e in encs]  # chosen block first
-        was_training = self.model.training
-        self.model.eval()
-        r = block_columns(self.model.score_rows(seqs, tokenizer.pad_token_id,
-                                                2 * eval_cfg.batch_size), 2)
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            r = block_columns(self.model.score_rows(seqs, tokenizer.pad_token_id,
+                                                    2 * eval_cfg.batch_size), 2)
         delta = r[:, 0] - r[:, 1]
         return {"rm/accuracy": (delta > 0).float().mean().item(),
                 "rm/margin": delta.mean().item(), "num_pairs": len(rows)}

@@ -1,5 +1,5 @@
 """RL building blocks of the ``ppo`` method, as pure functions over ``[B, T]`` response-token
-tensors with a bool mask (OBJECTIVES.md §4). Tested against hand-computed examples.
+tensors with a bool mask (docs/objectives.md, ppo). Tested against hand-computed examples.
 
 - :func:`kl_penalty` — per-token KL estimators k1/k2/k3 of log π − log π_ref.
 - :func:`token_rewards` — r_t = −β·kl_t + [t = last]·score.

@@ -10,17 +10,17 @@ policy has none (LFM2 has no dropout at all; ``model.disable_dropout=true`` zero
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from ptlight.engine.logps import completion_logits, completion_logps
-from ptlight.methods.common import check_finite, configure_optim, log_metrics, token_diagnostics
+from ptlight.methods.base import Method
+from ptlight.methods.common import ObjectiveSteps, configure_optim, token_diagnostics
+from ptlight.model.reference import NoReference, Reference
 from ptlight.objectives import Objective, ObjectiveOutput, TokenLogps
 from ptlight.objectives.rdrop import RDropInputs
-from ptlight.runtime.strategy import shard_method
 
 
 def active_dropout(model: torch.nn.Module) -> float:
@@ -37,17 +37,17 @@ def active_dropout(model: torch.nn.Module) -> float:
     return max(probs)
 
 
-class SFTMethod(L.LightningModule):
+class SFTMethod(ObjectiveSteps, Method):
     """Policy + token-level objective. Batches: ``input_ids``/``attention_mask``/``loss_mask``."""
 
     data_kinds = ("sft",)
 
     def __init__(
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
-        reference: PreTrainedModel | None = None, reference_mode: str = "none",
+        reference: Reference | None = None,
     ) -> None:
-        super().__init__()
-        if reference is not None:
+        super().__init__(policy, objective, optim, reference or NoReference())
+        if self.reference.exists:
             raise ValueError("sft takes no reference model")
         self.policy, self.objective, self.optim_cfg = policy, objective, optim
         self._smooth = getattr(objective, "label_smoothing", 0.0) > 0
@@ -84,30 +84,18 @@ class SFTMethod(L.LightningModule):
         )
         return self.objective(inputs), {}  # the objective reports accuracy/entropy itself
 
-    def forward_batch(self, batch: dict[str, torch.Tensor]) -> tuple[ObjectiveOutput, dict]:
+    def forward_batch(self, batch: dict[str, torch.Tensor], split: str = "train"
+                      ) -> tuple[ObjectiveOutput, dict]:
         """The objective's output on one batch and the token diagnostics to log with it."""
         if self._passes == 2:
             return self._two_pass_forward(batch)
         return self._token_forward(batch)
 
-    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        out, diagnostics = self.forward_batch(batch)
-        log_metrics(self, split, out.loss, {**diagnostics, **out.metrics},
-                    batch["input_ids"].shape[0])
-        return out.loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return check_finite(self, self._step(batch, "train"))
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+    def batch_size(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0]
 
     def fsdp_roots(self) -> list[torch.nn.Module]:
-        """The modules ``trainer=fsdp`` shards (:func:`ptlight.runtime.strategy.shard_method`)."""
         return [self.policy]
-
-    def configure_model(self) -> None:
-        shard_method(self)
 
     def configure_optimizers(self) -> dict:
         return configure_optim(self, self.optim_cfg)

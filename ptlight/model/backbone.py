@@ -9,10 +9,9 @@
   e.g. ``model_type: lfm2``) with fresh weights and the tokenizer bundled with ptlight. This is
   ``model=lfm2-tiny``, the offline default.
 
-The reference model is a frozen deep copy (``requires_grad=False``, eval mode) that the method
-keeps outside its registered modules, so checkpoints do not carry it twice. With LoRA
-(``model.lora.enabled=true``) there is no copy: the reference is the policy itself with its
-adapters switched off (:class:`AdapterReference`); see "LoRA and QLoRA" below.
+The reference model is one of the kinds in :mod:`ptlight.model.reference` (a frozen copy made
+by :func:`frozen_copy`, or with LoRA the policy itself with its adapters switched off; see
+"LoRA and QLoRA" below).
 """
 
 from __future__ import annotations
@@ -350,40 +349,6 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-class AdapterReference:
-    """The reference of a LoRA policy, with no second copy of any weight.
-
-    :meth:`scope` yields the policy in eval mode with its adapters disabled (the base model),
-    or, when the policy was loaded from an adapter, with the frozen "reference" adapter active
-    (the starting adapter). Use it under ``torch.no_grad()``. ``to()`` is a no-op: the
-    reference lives wherever the policy does.
-    """
-
-    def __init__(self, policy: PreTrainedModel) -> None:
-        self.policy = policy
-        self.peft_model = peft_wrapper(policy)
-        if self.peft_model is None:
-            raise ValueError("AdapterReference needs a policy built with model.lora.enabled=true")
-
-    def to(self, *args: Any, **kwargs: Any) -> AdapterReference:
-        return self
-
-    @contextmanager
-    def scope(self) -> Iterator[PreTrainedModel]:
-        with eval_mode(self.policy):
-            if REFERENCE_ADAPTER in self.peft_model.peft_config:
-                # set_adapter also flips requires_grad (active: True, others: False); harmless
-                # under no_grad, and undone before the backward pass (as TRL's ref_adapter_name)
-                self.peft_model.set_adapter(REFERENCE_ADAPTER)
-                try:
-                    yield self.policy
-                finally:  # "default" active and trainable again, "reference" frozen
-                    self.peft_model.set_adapter(TRAINED_ADAPTER)
-            else:
-                with self.peft_model.disable_adapter():
-                    yield self.policy
-
-
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """``model`` in eval mode (no dropout) for the block, then back in its previous mode."""
@@ -393,15 +358,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
     finally:
         model.train(was_training)
-
-
-def reference_scope(reference: PreTrainedModel | AdapterReference):
-    """Context manager yielding the model that scores the reference log-probs, in eval mode:
-    a frozen copy already is; the adapter reference and the policy scoring its own starting
-    point (a fresh ``method.reference=precompute`` run) are switched for the call."""
-    if isinstance(reference, AdapterReference):
-        return reference.scope()
-    return eval_mode(reference)
 
 
 def export_model(policy: PreTrainedModel, tokenizer, export_dir: Path,

@@ -8,7 +8,7 @@ and the head is a file next to it:
 - ``reward_head.safetensors``: ``weight`` ``[1, H]`` and ``bias`` ``[1]`` (fp32);
 - ``reward_head.json``: ``{"format": "ptlight.reward_head/1", "hidden_size": H,
   "token": "last", "shift": s}``; ``shift`` was already subtracted from ``bias`` (rewards are
-  centred so the validation completions have mean reward 0, OBJECTIVES.md §3).
+  centred so the validation completions have mean reward 0).
 
 Loading it with plain ``transformers`` + ``safetensors``, no ptlight needed::
 

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ptlight.errors import PluginError
-from ptlight.objectives.registry import get_objective, plugin_info
+from ptlight.objectives import get_objective, plugin_info
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ log-ratio is pushed up and the rejected one's down independently. At initialisat
 2·ln 2.
 
 Deviation from TRL: TRL's ``bco_pair`` subtracts a running mean δ of the rewards inside both
-sigmoids; this file implements the form of OBJECTIVES.md §5 (δ = 0). The running-mean variant is
+sigmoids; this file implements the pairwise form (δ = 0). The running-mean variant is
 the unpaired ``bco`` objective (§7).
 """
 

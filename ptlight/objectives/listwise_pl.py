@@ -1,5 +1,5 @@
 """Plackett–Luce listwise DPO (DPO App. A.3, arXiv 2305.18290; LiPO's "ListMLE" baseline,
-arXiv 2402.01878). Ablation of ``rank_debiased`` (OBJECTIVES.md §8).
+arXiv 2402.01878). Ablation of ``rank_debiased``.
 
     s_k = β·(S_θ(y_k) − S_ref(y_k))
     L   = −Σ_{k<K} [ s_{π(k)} − log Σ_{j≥k} exp s_{π(j)} ]

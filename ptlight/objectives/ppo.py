@@ -1,4 +1,4 @@
-"""PPO's clipped policy and value objective (OBJECTIVES.md §4; Schulman et al. arXiv 1707.06347;
+"""PPO's clipped policy and value objective (docs/objectives.md; Schulman et al. arXiv 1707.06347;
 Ziegler et al. arXiv 1909.08593; Huang et al. "N+ implementation details" arXiv 2403.17031).
 
 On the response tokens of a rollout (``Rollout.mask``), with masked token means:

@@ -18,7 +18,7 @@ best item has ψ = 1 and the worst ψ = 0 whatever the rating scale; a prompt wh
 equal has ψ ≡ 0. Prompts with empty P (all tied) are skipped and not counted; their entry in
 ``losses`` is 0. An all-skipped batch gives loss 0 that still has a gradient path (no NaN).
 
-Choice where OBJECTIVES.md §8 is silent: ``label_smoothing`` ε applies per pair as in cDPO,
+Choice where the papers are silent: ``label_smoothing`` ε applies per pair as in cDPO,
 (1−ε)·softplus(−(s_i−s_j)) + ε·softplus(s_i−s_j), so at K = 2 the loss equals ``dpo`` with the
 same ``label_smoothing``. At K = 2 with ψ = (1, 0) and ``normalize="prompt"`` the loss is exactly
 DPO's; all-zero s gives ln 2.

@@ -1,4 +1,4 @@
-"""Bradley–Terry reward-model loss (OBJECTIVES.md §3; InstructGPT arXiv 2203.02155, Llama 2
+"""Bradley–Terry reward-model loss (docs/objectives.md; InstructGPT arXiv 2203.02155, Llama 2
 arXiv 2307.09288, Eisenstein et al. arXiv 2312.09244; TRL ``RewardTrainer``).
 
     Δ = r(x, y_c) − r(x, y_r)
@@ -10,7 +10,7 @@ arXiv 2307.09288, Eisenstein et al. arXiv 2312.09244; TRL ``RewardTrainer``).
   keeps rewards centred around 0 so that the reward scale is identifiable.
 - K-way (listwise) data: every one of the C(K,2) pairs (i better than j) of a prompt enters,
   each scaled by 1/C(K,2), so a prompt weighs as much as one pair does. Pairs whose ratings tie
-  (equal ``Rewards.scores``) are dropped (OBJECTIVES.md: "drop"); they still count in C(K,2).
+  (equal ``Rewards.scores``) are dropped; they still count in C(K,2).
   For K = 2 this is exactly the pairwise loss.
 
 Metrics (TRL's names): ``accuracy`` (Δ > 0 over compared pairs), ``margin`` (mean Δ),

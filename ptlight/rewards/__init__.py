@@ -30,16 +30,16 @@ that holds a model implements :meth:`Reward.to` to move it.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from ptlight.errors import ConfigError, PluginError
-from ptlight.objectives.registry import _entry_points, plugin_info
+from ptlight.registry import REWARDS, PluginInfo
+from ptlight.registry import plugin_info as _plugin_info
 
-GROUP = "ptlight.rewards"
+GROUP = REWARDS.group
 Text = str | list[dict[str, str]]
 
 
@@ -80,51 +80,28 @@ def user_text(prompt: Text) -> str:
 
 def available_rewards() -> dict[str, str]:
     """Reward name -> ``"module:attr"`` of its entry point (group ``ptlight.rewards``)."""
-    return {name: ep.value for name, ep in sorted(_entry_points(GROUP).items())}
+    return REWARDS.available()
 
 
 def get_reward(name: str) -> type[Reward]:
     """The reward class registered under ``name``; ``KeyError`` lists the installed names,
     :class:`PluginError` names a plugin that fails to import or is not a :class:`Reward`."""
-    eps = _entry_points(GROUP)
-    if name not in eps:
-        raise KeyError(f"unknown reward {name!r}; installed rewards: "
-                       f"{', '.join(sorted(eps)) or 'none'} (entry-point group {GROUP!r})")
-    ep = eps[name]
-    try:
-        cls = ep.load()
-    except Exception as exc:
-        raise PluginError(f"reward plugin {name!r} (entry point {ep.value!r}) failed to import: "
-                          f"{type(exc).__name__}: {exc}") from exc
-    if not (inspect.isclass(cls) and issubclass(cls, Reward)):
-        raise PluginError(f"reward plugin {name!r} (entry point {ep.value!r}) is not a "
-                          "subclass of ptlight.rewards.Reward")
-    return cls
+    return REWARDS.load(name)
 
 
 def build_reward(spec: dict[str, Any], key: str = "reward") -> Reward:
-    """Instantiate the reward ``spec["name"]`` with the other keys as hyperparameters; errors
+    """Instantiate the reward ``spec["name"]`` with the other keys as its settings; errors
     name ``<key>.<field>`` and list the valid keys."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if not name:
-        raise ConfigError(f"{key}.name is not set; installed rewards: "
-                          f"{', '.join(available_rewards())}")
-    try:
-        cls = get_reward(name)
-    except KeyError as exc:
-        raise ConfigError(f"{key}.name: {exc.args[0]}") from None
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if params[p].kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(spec) - set(valid))
-    if unknown:
-        raise ConfigError(f"reward {name!r} has no setting(s) "
-                          f"{', '.join(f'{key}.{k}' for k in unknown)}; valid keys: "
-                          f"{', '.join(valid) or 'none'}")
-    try:
-        return cls(**spec)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{key}: {exc}") from exc
+        raise ConfigError(f"{key}.name is not set; installed rewards: {REWARDS.installed()}")
+    return REWARDS.build(name, spec, key)
+
+
+def plugin_info(group: str = GROUP) -> list[PluginInfo]:
+    """Every entry point of ``group`` (default: the rewards) with its distribution and version."""
+    return _plugin_info(group)
 
 
 __all__ = ["GROUP", "Reward", "available_rewards", "build_reward", "get_reward",

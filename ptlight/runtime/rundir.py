@@ -186,7 +186,7 @@ def _file_state(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def guard_run_dir(stage: Callable[[DictConfig, Path], Any]) -> Callable[[DictConfig, Path], Any]:
+def guard_run_dir(stage: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap ``stage(cfg, run_dir)``: :func:`ptlight.runtime.validate.check_config` and
     :func:`check_resume`, then the stage under the run dir's lock; a resume that fails without writing a checkpoint restores ``config.yaml``.
 
@@ -194,20 +194,20 @@ def guard_run_dir(stage: Callable[[DictConfig, Path], Any]) -> Callable[[DictCon
     run logs its first metric, that is once training is under way.
     """
     @functools.wraps(stage)
-    def guarded(cfg: DictConfig, run_dir: Path) -> Any:
+    def guarded(cfg: DictConfig, run_dir: Path, *args: Any, **kwargs: Any) -> Any:
         from ptlight.runtime.validate import check_config
 
         check_config(cfg)  # bad values fail before the run dir (or its lock) is created
         check_resume(cfg, run_dir)
         if rank_zero_only.rank != 0:
-            return stage(cfg, run_dir)
+            return stage(cfg, run_dir, *args, **kwargs)
         with RunDirLock(run_dir):
             config = run_dir / "config.yaml"
             before = config.read_bytes() if config.is_file() else None
             last = _file_state(run_dir / LAST)
             resumes = checkpoint_to_resume(cfg, run_dir) is not None
             try:
-                return stage(cfg, run_dir)
+                return stage(cfg, run_dir, *args, **kwargs)
             except BaseException as exc:
                 if resumes and before is not None and _file_state(run_dir / LAST) == last:
                     config.write_bytes(before)

@@ -230,9 +230,9 @@ def _shard(root: torch.nn.Module, strategy: FSDPStrategy, trains: bool) -> None:
 
 def shard_method(module: L.LightningModule) -> None:
     """A method's ``configure_model``: under :class:`FSDPStrategy`, shard every module the
-    method runs (``module.fsdp_roots()``, whose forwards are called) and its frozen reference
-    (``module._reference[0]`` when it is a separate model), with the same units and mixed
-    precision. Any other strategy: nothing."""
+    method runs (``module.fsdp_roots()``, whose forwards are called) and its reference's own
+    model when it has one (:meth:`ptlight.model.reference.Reference.shard_with`), with the
+    same units and mixed precision. Any other strategy: nothing."""
     trainer = module._trainer
     strategy = trainer.strategy if trainer is not None else None
     if not isinstance(strategy, FSDPStrategy):
@@ -240,10 +240,9 @@ def shard_method(module: L.LightningModule) -> None:
     roots = list(module.fsdp_roots())
     for root in roots:
         _shard(root, strategy, trains=True)
-    reference = (getattr(module, "_reference", None) or [None])[0]
-    if isinstance(reference, torch.nn.Module) and not any(reference is r for r in roots):
-        _shard(reference, strategy, trains=False)
-        reference.eval()
+    reference = getattr(module, "reference", None)
+    if reference is not None:
+        reference.shard_with(lambda model: _shard(model, strategy, trains=False))
 
 
 def fsdp_without_rank0_generation(trainer_cfg: DictConfig) -> bool:

@@ -136,3 +136,41 @@ def check_config(cfg: DictConfig) -> None:
     check_data(cfg.data)
     check_optim(cfg.method.optim)
     check_trainer(cfg.trainer)
+
+
+def override_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys a list of Hydra overrides sets or deletes (``+``, ``++`` and ``~``
+    prefixes dropped; ``group=option`` choices included as their group name)."""
+    keys = set()
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        keys.add(key.replace("/", "."))
+    return keys
+
+
+def written_keys(overrides: list[str] | None, node: str) -> set[str] | None:
+    """Keys directly under ``node`` (e.g. ``method.objective``) that ``overrides`` name, or
+    None when unknown (no overrides given) or when the node itself is replaced whole."""
+    if overrides is None:
+        return None
+    keys = override_keys(overrides)
+    if node in keys:
+        return None
+    prefix = node + "."
+    return {k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix)}
+
+
+def check_overrides(cfg: DictConfig, overrides: list[str] | None) -> None:
+    """Settings the user wrote that would have no effect: ``model.lora.*`` while LoRA is off
+    (``model.lora.r=8`` alone would otherwise train every weight, silently)."""
+    if not overrides:
+        return
+    lora = cfg.model.get("lora")
+    if lora is not None and not lora.get("enabled", False):
+        written = sorted(k for k in override_keys(overrides)
+                         if k.startswith("model.lora.") and k != "model.lora.enabled")
+        if written:
+            raise ConfigError(
+                f"{', '.join(written)} set while LoRA is off (model.lora.enabled=false), so "
+                "every weight would train and the setting would do nothing; add "
+                "model.lora.enabled=true (or drop the setting)")
