@@ -327,6 +327,7 @@ def test_a_long_text_under_truncation_error_is_a_bad_row(tok):
         encode(tok, ex, 64, "error")
 
 
+@pytest.mark.slow
 def test_one_huge_row_costs_memory_in_proportion_to_max_length(tmp_path):
     """A 20 MB row next to 19 ordinary ones: reading and tokenizing stay within 300 MB."""
     import subprocess

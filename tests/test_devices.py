@@ -60,6 +60,7 @@ def test_settings_the_machine_cannot_serve_are_refused(compose_cfg, monkeypatch,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+@pytest.mark.slow
 def test_asking_for_a_gpu_without_one_fails_before_weights_load(tmp_path):
     out = run_cli(*TINY, "method=sft", "trainer.accelerator=gpu", f"hydra.run.dir={tmp_path}",
                   cwd=REPO)
@@ -68,6 +69,7 @@ def test_asking_for_a_gpu_without_one_fails_before_weights_load(tmp_path):
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_the_saved_config_records_the_resolved_device(tmp_path):
     out = run_cli(*TINY, "method=sft", "trainer.max_steps=1", "eval.before=false",
                   "eval.val_samples=0", f"hydra.run.dir={tmp_path}", cwd=REPO)

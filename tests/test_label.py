@@ -259,6 +259,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_config_mistakes_exit_2_with_one_line(tmp_path):
     proc = _cli(*TINY_MODEL, "label.format=ranked", f"hydra.run.dir={tmp_path / 'a'}",
                 cwd=tmp_path)

@@ -37,6 +37,7 @@ def _run(pin: bool, env_extra: dict | None = None) -> tuple[str, int]:
     return pinned, int(kept)
 
 
+@pytest.mark.slow
 def test_pinned_threshold_returns_freed_tensors_to_the_os():
     pinned, kept = _run(pin=True)
     assert pinned == str(128 * 1024)

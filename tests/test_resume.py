@@ -72,6 +72,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(a[name], b[name]), f"{name} differs after resume from step {killed_at}"
 
 
+@pytest.mark.slow
 def test_a_kill_during_save_never_leaves_a_corrupt_last_ckpt(tmp_path):
     target = tmp_path / "last.ckpt"
     script = (

@@ -243,6 +243,7 @@ def test_rm_run_logs_metrics_and_exports_a_head_next_to_the_backbone(rm_run):
     assert head["format"] == "ptlight.reward_head/1" and head["token"] == "last"
 
 
+@pytest.mark.slow
 def test_rm_export_scores_the_same_with_plain_transformers_and_the_plugin(rm_run, tmp_path):
     export = rm_run[0] / "export"
     prompt = [{"role": "user", "content": "Sort these words alphabetically: pear apple fig"}]
@@ -274,6 +275,7 @@ print(json.dumps(out))
     assert plain == pytest.approx(ours, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_short_ppo_run_with_the_learned_rm_logs_finite_kl_and_reward(rm_run, tmp_path):
     run_dir = tmp_path / "ppo"
     proc = run_cli("method=ppo", *TINY, f"hydra.run.dir={run_dir}", "trainer.max_steps=8",
@@ -300,6 +302,7 @@ def test_short_ppo_run_with_the_learned_rm_logs_finite_kl_and_reward(rm_run, tmp
     assert (run_dir / "ppo.png").stat().st_size > 0 and "ppo.png" in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_ppo_refuses_bad_settings_before_loading_weights(tmp_path):
     proc = run_cli("method=ppo", *TINY, f"hydra.run.dir={tmp_path}", "method.ppo.num_mini_batches=3")
     assert proc.returncode == 2 and "method.ppo.num_mini_batches=3 must divide" in proc.stderr
@@ -326,6 +329,7 @@ def test_stage_overrides_resolve_model_from_and_export_references():
         stage_overrides(bad, exports, None, [])
 
 
+@pytest.mark.slow
 def test_rlhf_experiment_chains_sft_rm_ppo_from_one_command(tmp_path):
     # command-line overrides reach every stage, so only keys all stages have
     proc = run_cli("experiment=rlhf", *TINY, f"hydra.run.dir={tmp_path}", "eval.num_pairs=8")
@@ -340,6 +344,7 @@ def test_rlhf_experiment_chains_sft_rm_ppo_from_one_command(tmp_path):
     assert "reward model accuracy" in proc.stdout and "after ppo" in proc.stdout
 
 
+@pytest.mark.slow
 def test_eval_scores_and_judges_win_rate_with_a_trained_reward_model(rm_run, tmp_path):
     export = rm_run[0] / "export"  # also a causal LM (its LM head is the SFT one): a generator
     proc = subprocess.run(

@@ -175,6 +175,7 @@ HOLD = ("import sys, time\nfrom pathlib import Path\nfrom ptlight.runtime.rundir
         "    time.sleep(600)\n")
 
 
+@pytest.mark.slow
 def test_a_second_job_in_a_locked_run_dir_is_refused_and_a_stale_lock_taken_over(
         compose_cfg, tmp_path, no_weights):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE,

@@ -228,13 +228,6 @@ class PreferenceMethod(ObjectiveSteps, Method):
             scores = _first_rows(scores, batch["index"].shape[0])
         return out, token_diagnostics(scores)
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        # Lightning zeroes gradients inside the next closure, after the next forward, so the
-        # spent gradients would sit in memory through it (+1x the trainable weights at the
-        # peak). They are consumed here: free them now (the later zero_grad is a no-op).
-        optimizer.zero_grad(set_to_none=True)
-
     def fsdp_roots(self) -> list[torch.nn.Module]:
         return [self.policy]
 

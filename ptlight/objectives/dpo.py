@@ -33,18 +33,19 @@ class DPO(Objective):
     ) -> None:
         super().__init__()
         if beta <= 0:
-            raise ValueError(f"dpo: beta must be > 0, got {beta}")
+            raise ValueError(f"{self.name}: beta must be > 0, got {beta}")
         if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"dpo: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+            raise ValueError(f"{self.name}: label_smoothing must be in [0, 0.5), got "
+                             f"{label_smoothing}")
         if rpo_alpha < 0:
-            raise ValueError(f"dpo: rpo_alpha must be >= 0, got {rpo_alpha}")
+            raise ValueError(f"{self.name}: rpo_alpha must be >= 0, got {rpo_alpha}")
         self.beta = beta
         self.label_smoothing = label_smoothing
         self.rpo_alpha = rpo_alpha
 
     def forward(self, inputs: Logps) -> ObjectiveOutput:
         if inputs.reference is None:
-            raise ValueError("dpo needs reference log-probs (Logps.reference is None)")
+            raise ValueError(f"{self.name} needs reference log-probs (Logps.reference is None)")
         rho = inputs.policy.float() - inputs.reference.float()  # (B, 2)
         h = rho[:, 0] - rho[:, 1]  # (B,)
         eps = self.label_smoothing

@@ -68,6 +68,7 @@ def test_entry_point_resolves_to_plugin():
 
 
 @pytest.mark.skipif(not _installed(), reason="pip install --no-deps -e plugins/ptlight-apo")
+@pytest.mark.slow
 def test_runs_through_the_ptlight_cli(tmp_path):
     """What a user does after `pip install ptlight-apo`: train with it from the command line."""
     import json
