@@ -7,15 +7,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ptlight.config import config_dir, register_resolvers
-from ptlight.errors import PtlightError
+from ptlight.runtime.app import or_exit, run_dir, user_overrides
 
 register_resolvers()
 
@@ -24,12 +20,7 @@ register_resolvers()
 def _app(cfg: DictConfig) -> float | None:
     from ptlight.pipeline import run  # heavy imports after Hydra has parsed the command line
 
-    hc = HydraConfig.get()
-    try:
-        return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
-    except PtlightError as exc:
-        print(f"ptlight: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    return or_exit("ptlight", run, cfg, run_dir(), user_overrides())
 
 
 def main() -> None:

@@ -62,7 +62,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -70,12 +69,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ptlight.config import config_dir
-from ptlight.errors import ConfigError, DataError, PtlightError
+from ptlight.errors import ConfigError, DataError
 from ptlight.data.feedback_rows import balance, downsample, heldout_rows, listwise, pairs, unpaired
+from ptlight.runtime.app import or_exit, run_dir
 
 FEEDBACK_COLUMNS = ("rating", "edited", "choice")
 
@@ -448,13 +447,8 @@ def print_summary(report: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="feedback")
 def _app(cfg: DictConfig) -> None:
-    out = Path(cfg.feedback.output_dir or HydraConfig.get().runtime.output_dir)
-    try:
-        report = convert(cfg, out)
-    except PtlightError as exc:
-        print(f"ptlight.feedback: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print_summary(report)
+    out = Path(cfg.feedback.output_dir) if cfg.feedback.output_dir else run_dir()
+    print_summary(or_exit("ptlight.feedback", convert, cfg, out))
 
 
 def main() -> None:

@@ -55,18 +55,17 @@ import difflib
 import json
 import random
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ptlight.config import config_dir, register_resolvers, resolve_device
-from ptlight.errors import ConfigError, DataError, PtlightError
+from ptlight.errors import ConfigError, DataError
+from ptlight.runtime.app import or_exit, run_dir
 
 register_resolvers()
 
@@ -347,13 +346,7 @@ def _print_summary(meta: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="label")
 def _app(cfg: DictConfig) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        meta = run_label(cfg, run_dir)
-    except PtlightError as exc:
-        print(f"ptlight.label: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    _print_summary(meta)
+    _print_summary(or_exit("ptlight.label", run_label, cfg, run_dir()))
 
 
 def main() -> None:

@@ -176,6 +176,31 @@ def _task_contract(obj: Any) -> str | None:
     return None
 
 
+def print_listing(reg: Registry, describe: Callable[[Any], dict[str, str]] | None = None) -> None:
+    """The ``python -m ptlight.<kind>`` table: every installed plugin of ``reg`` with its
+    status (or why it is broken), entry point, distribution and version; ``describe(obj)``
+    adds columns for a loaded plugin."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = []
+    for info in reg.info():
+        try:
+            obj = reg.load(info.name)
+            status, extra = "ok", describe(obj) if describe else {}
+        except PluginError as exc:
+            status, extra = f"[red]broken[/red]: {exc}", {}
+        rows.append((info, status, extra))
+    extra_cols = list(dict.fromkeys(k for _, _, extra in rows for k in extra))
+    table = Table(title=f"ptlight {reg.noun}s (entry-point group {reg.group})")
+    for col in ("name", *extra_cols, "status", "entry point", "distribution", "version"):
+        table.add_column(col)
+    for info, status, extra in rows:
+        table.add_row(info.name, *(extra.get(c, "") for c in extra_cols), status, info.value,
+                      info.distribution, info.version)
+    Console().print(table)
+
+
 OBJECTIVES = Registry("ptlight.objectives", "objective", _objective_contract,
                       setting="hyperparameter")
 REWARDS = Registry("ptlight.rewards", "reward", _reward_contract)

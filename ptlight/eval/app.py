@@ -40,19 +40,18 @@ Heavy imports (torch, transformers) happen after Hydra has parsed the command li
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from ptlight.config import config_dir, register_resolvers, resolve_device
-from ptlight.errors import ConfigError, DataError, PtlightError
+from ptlight.errors import ConfigError, DataError
 from ptlight.report import md_table, plot_gold, samples_table
+from ptlight.runtime.app import or_exit, run_dir
 
 register_resolvers()
 
@@ -299,13 +298,9 @@ def _print_summary(result: dict[str, Any], run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        result = run_eval(cfg, run_dir)
-    except PtlightError as exc:
-        print(f"ptlight.eval: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    _print_summary(result, run_dir)
+    out = run_dir()
+    result = or_exit("ptlight.eval", run_eval, cfg, out)
+    _print_summary(result, out)
     return result.get("gold", {}).get("gold/reward")
 
 
