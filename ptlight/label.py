@@ -66,6 +66,7 @@ from omegaconf import DictConfig, OmegaConf
 from ptlight.config import config_dir, register_resolvers, resolve_device
 from ptlight.errors import ConfigError, DataError
 from ptlight.runtime.app import or_exit, run_dir
+from ptlight.tasks import task_label
 
 register_resolvers()
 
@@ -82,10 +83,11 @@ def load_prompts(cfg: DictConfig, n: int) -> list[Any]:
     if cfg.data.path is None:
         if not cfg.data.task:
             raise ConfigError("no prompts: set data.path (a file with a 'prompt' column) or "
-                              "data.task (a bundled task)")
-        from ptlight.tasks import get_task
+                              "data.task (a task that generates prompts)")
+        from ptlight.tasks import resolve_task
 
-        task = get_task(cfg.data.task)
+        task = resolve_task(cfg.data.task)
+        assert task is not None
         return [r["prompt"] for r in task.make_rows("prompt", n, cfg.data.seed, "train",
                                                     **cfg.data.task_args)]
     from ptlight.data.module import load_rows
@@ -111,9 +113,11 @@ def _gold(cfg: DictConfig):
     """The task's gold reward function, or None (no task / not the task's prompts)."""
     if not cfg.data.task:
         return None
-    from ptlight.tasks import get_task
+    from ptlight.tasks import resolve_task
 
-    return get_task(cfg.data.task).gold_reward
+    task = resolve_task(cfg.data.task)
+    assert task is not None
+    return lambda prompt, completion: task.score([prompt], [completion])[0]
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -199,7 +203,7 @@ def label_preferences(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     meta = {
         "mode": "preferences", "output": str(out), "format": lab.format,
         "judge": judge.metadata(), "policy": cfg.model.path or "model.arch (untrained)",
-        "prompts": cfg.data.path or f"bundled task {cfg.data.task!r} (train split)",
+        "prompts": cfg.data.path or f"task {task_label(cfg.data.task)!r} (train split)",
         "num_prompts": len(prompts), "num_completions": n, "temperature": lab.temperature,
         "max_new_tokens": lab.max_new_tokens, "seed": cfg.seed, "rows": len(rows),
         "skipped": dict(skipped), "sampling_time_s": round(sampled_s, 1),
@@ -213,7 +217,8 @@ def label_preferences(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "order1_says_A": sum(c["margin_ij"] > 0 for c in comparisons) / n_c,
             "order2_says_A": sum(c["margin_ji"] > 0 for c in comparisons) / n_c}
     if gold:
-        meta["gold_check"] = {"task": cfg.data.task, **gold_check(gold_pairs, all_gold)}
+        meta["gold_check"] = {"task": task_label(cfg.data.task),
+                              **gold_check(gold_pairs, all_gold)}
     (out.parent / "label.json").write_text(json.dumps(meta, indent=2))
     if not rows:
         raise DataError(f"no preference rows: every prompt was skipped ({dict(skipped)}; "

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def _gold_row(name: str, metrics: dict[str, Any], wall: float | None) -> list[str]:
-    return [name, f"{metrics['gold/reward']:.3f}", f"{metrics['gold/exact']:.3f}",
+    exact = metrics.get("gold/exact")
+    return [name, f"{metrics['gold/reward']:.3f}", "–" if exact is None else f"{exact:.3f}",
             "" if wall is None else f"{wall:.0f}"]
 
 

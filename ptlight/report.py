@@ -36,6 +36,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from ptlight.tasks import task_label
+
 GOLD_KEYS = (("gold/reward", "gold reward"), ("gold/exact", "exact match"))
 ACCEPTANCE_KEYS = (("acceptance/rate", "acceptance"),  # ptlight/eval/acceptance.py
                    ("acceptance/edit_distance", "edit distance to reference"))
@@ -220,6 +222,11 @@ def _gold_table(points: Sequence[tuple[str, dict[str, Any]]]) -> str:
                     [(name, *(m[k] for k, _ in keys)) for name, m in points])
 
 
+def _task_name(cfg: DictConfig, report: dict[str, Any]) -> str | None:
+    """The task a run was evaluated on: its name in the run's report, else from the config."""
+    return report.get("task") or task_label(cfg.data.task)
+
+
 def objective_hparams(cfg: DictConfig) -> dict[str, Any]:
     """``method.objective`` without its ``name``: the hyperparameters the run used."""
     hparams: dict[str, Any] = OmegaConf.to_container(cfg.method.objective, resolve=True)  # type: ignore[assignment]
@@ -229,7 +236,8 @@ def objective_hparams(cfg: DictConfig) -> dict[str, Any]:
 def training_rows(cfg: DictConfig, report: dict[str, Any]) -> list[tuple[str, str]]:
     """What was trained, from what, on what: the key/value rows shared by report and card."""
     data = report.get("data", {})
-    source = f"bundled task `{cfg.data.task}`" if cfg.data.path is None else f"`{cfg.data.path}`"
+    source = (f"task `{_task_name(cfg, report)}`" if cfg.data.path is None
+              else f"`{cfg.data.path}`")
     batch = (f"{cfg.data.batch_size} per device × {cfg.trainer.devices} device(s) × "
              f"{cfg.trainer.accumulate_grad_batches} accumulated")
     optim = cfg.method.optim
@@ -266,9 +274,10 @@ def write_run_report(run_dir: Path) -> Path:
     if points:
         n = points[-1][1]["num_prompts"]
         decoding = "sampled" if cfg.eval.do_sample else "greedy"
-        plot_gold(points, f"Gold metric: {cfg.data.task}, {n} held-out prompts",
+        plot_gold(points, f"Gold metric: {_task_name(cfg, report)}, {n} held-out prompts",
                   run_dir / "gold.png")
-        parts += [f"## Gold metric ({n} held-out `{cfg.data.task}` prompts, {decoding})\n",
+        parts += [f"## Gold metric ({n} held-out `{_task_name(cfg, report)}` prompts, "
+                  f"{decoding})\n",
                   _gold_table(points), "![gold metric](gold.png)\n"]
     parts.append("## Training curves\n")
     if plot_loss(series, run_dir / "loss.png"):
@@ -385,7 +394,8 @@ def write_model_card(export_dir: Path, cfg: DictConfig, report: dict[str, Any]) 
              "### Objective hyperparameters\n", md_table(("hyperparameter", "value"), hparams)]
     points = _gold_points(report)
     if points:
-        parts += [f"## Gold metric (held-out `{cfg.data.task}` prompts)\n", _gold_table(points)]
+        parts += [f"## Gold metric (held-out `{_task_name(cfg, report)}` prompts)\n",
+                  _gold_table(points)]
     final = sorted((k, v) for k, v in report.get("final_metrics", {}).items()
                    if k.startswith("val/"))
     if final:
@@ -403,17 +413,57 @@ def _gold(report: dict[str, Any], key: str) -> float | None:
     return (report.get("after") or report.get("gold") or {}).get(key)
 
 
+def _final(report: dict[str, Any], key: str) -> float | None:
+    return report.get("final_metrics", {}).get(key)
+
+
 SWEEP_COLUMNS = (  # header, value from a job's eval.json (None: not measured by that job)
     ("gold reward", lambda r: _gold(r, "gold/reward")),
     ("exact match", lambda r: _gold(r, "gold/exact")),
     ("win rate", lambda r: r.get("win_rate", {}).get("win_rate")),
     ("pref. accuracy", lambda r: r.get("preference", {}).get("accuracy")),
     ("RM accuracy", lambda r: r.get("heldout", {}).get("rm/accuracy")),
-    ("val loss", lambda r: r.get("final_metrics", {}).get("val/loss")),
-    ("val reward acc.", lambda r: r.get("final_metrics", {}).get("val/rewards/accuracies")),
+    ("val loss", lambda r: _final(r, "val/loss")),
+    ("val reward acc.", lambda r: _final(r, "val/rewards/accuracies")),
+    ("val gold reward", lambda r: _final(r, "val/gold/reward")),
+    ("train loss", lambda r: _final(r, "train/loss")),
+    ("train reward acc.", lambda r: _final(r, "train/rewards/accuracies")),
     ("steps", lambda r: r.get("global_step")),
     ("wall s", lambda r: round(r["wall_time_s"]) if "wall_time_s" in r else None),
 )
+
+
+def _job_config(job: Path) -> dict[str, Any]:
+    for path in (job / "config.yaml", job / ".hydra" / "config.yaml"):
+        if path.is_file():
+            return yaml.safe_load(path.read_text()) or {}
+    return {}
+
+
+def missing_metrics(job: Path, report: dict[str, Any]) -> list[str]:
+    """Why a job's row lacks the gold, validation or training columns, one phrase each."""
+    if not report:
+        return ["failed: no eval.json (the job stopped before it finished; see its log)"]
+    cfg = _job_config(job)
+    notes = []
+    if "after" not in report and "gold" not in report and "heldout" not in report:
+        task = (cfg.get("data") or {}).get("task")
+        notes.append("no gold metric: " + ("no task (set data.task to a task name or a task "
+                                           "file)" if task is None else
+                                           "the method does not generate"))
+    finals = report.get("final_metrics", {})
+    if "global_step" not in report:  # an evaluation job: no training metrics to expect
+        return notes
+    if not any(k.startswith("val/") for k in finals):
+        trainer = cfg.get("trainer") or {}
+        steps, every = trainer.get("max_steps"), trainer.get("val_check_interval")
+        why = (f"trainer.max_steps={steps} < trainer.val_check_interval={every}"
+               if isinstance(steps, int) and isinstance(every, int) and steps < every
+               else "no validation ran")
+        notes.append(f"no val/ metrics: {why}")
+    if not any(k.startswith("train/") for k in finals):
+        notes.append("no train/ metrics: nothing was logged (trainer.log_every_n_steps)")
+    return notes
 
 
 def sweep_jobs(multirun_dir: Path) -> list[Path]:
@@ -430,12 +480,14 @@ def sweep_rows(multirun_dir: Path) -> tuple[list[str], list[list[Any]]]:
     reports = [_read_json(j / "eval.json") for j in jobs]
     keep = [(name, get) for name, get in SWEEP_COLUMNS
             if any(get(r) is not None for r in reports)]
+    notes = ["; ".join(missing_metrics(job, r)) for job, r in zip(jobs, reports)]
     rows = []
-    for job, ovr, r in zip(jobs, overrides, reports):
+    for job, ovr, r, note in zip(jobs, overrides, reports, notes):
         label = " ".join(o for o in ovr if o not in shared) or " ".join(ovr) or "(defaults)"
-        cells = [get(r) for _, get in keep]
-        rows.append([job.name, label + ("" if r else " (failed: no eval.json)"), *cells])
-    return ["job", "overrides", *(name for name, _ in keep)], rows
+        rows.append([job.name, label, *(get(r) for _, get in keep),
+                     *([note] if any(notes) else [])])
+    return ["job", "overrides", *(name for name, _ in keep),
+            *(["missing"] if any(notes) else [])], rows
 
 
 def sweep_report(multirun_dir: Path) -> Path:
@@ -445,7 +497,8 @@ def sweep_report(multirun_dir: Path) -> Path:
         raise FileNotFoundError(f"{multirun_dir}: no job dirs with .hydra/overrides.yaml; pass "
                                 "the dir of a `python -m ptlight -m ...` sweep")
     parts = [f"# ptlight sweep: {multirun_dir.name}\n", f"{len(rows)} jobs; columns are final "
-             "values from each job's `eval.json`.\n", md_table(header, rows)]
+             "values from each job's `eval.json` (`missing` says what a job did not measure, "
+             "and why).\n", md_table(header, rows)]
     if "gold reward" in header:
         col = header.index("gold reward")
         if plot_jobs([f"#{r[0]} {r[1]}" for r in rows], [r[col] for r in rows],

@@ -46,7 +46,9 @@ from ptlight.runtime.rundir import (RunCSVLogger, RunRecord, checkpoint_to_resum
                                     guard_run_dir)
 from ptlight.runtime.strategy import (build_strategy, fsdp_without_rank0_generation,
                                       full_module_state, is_fsdp, submodule_state)
-from ptlight.runtime.validate import check_config, check_overrides, written_keys
+from ptlight.runtime.validate import (check_config, check_overrides, override_keys,
+                                      written_keys)
+from ptlight.tasks import Task, resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
     objective = build_stage_objective(cfg, overrides)
     method_cls = get_method(cfg.method.module)
     ref_mode = _check_method(cfg, method_cls, objective)
+    task = resolve_task(cfg.data.task)  # a task file's reward plugins are built here
     offload = offload_directory(cfg.optimizer_offload) if cfg.get("optimizer_offload") else None
     trainer_cfg, precision = precision_plugins(cfg.trainer, cfg.cpu_bf16)
     guard = NonFiniteGuard(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive,
@@ -80,11 +83,12 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
     policy = build_policy(cfg.model, tokenizer)  # the first weights loaded
     keep_copy = _resumes(cfg, run_dir) or is_fsdp(cfg.trainer.get("strategy"))
     reference = build_reference(ref_mode, policy, keep_copy=keep_copy)
-    task, generates = cfg.data.task, method_cls.generates
+    generates = method_cls.generates
     report: dict[str, Any] = {"method": cfg.method.module, "objective": objective.name,
+                              "task": None if task is None else task.name,
                               "data": datamodule.report()}
     start_samples: list = []  # the start model's gold-scored generations (eval.before)
-    if task and cfg.eval.before and generates and rank_zero_only.rank == 0:
+    if task is not None and cfg.eval.before and generates and rank_zero_only.rank == 0:
         report["before"] = gold_eval(policy, tokenizer, task, cfg.eval, keep=start_samples)
 
     optim = cfg.method.optim if not offload else OmegaConf.create(  # AdamW's moments in a file
@@ -92,7 +96,7 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
     module: Method = method_cls(policy=policy, objective=objective, optim=optim,
                                 reference=reference, **extra)
     samples = (ValidationSamples(tokenizer, task, cfg.eval, objective.name)
-               if task and cfg.eval.val_samples and generates
+               if task is not None and cfg.eval.val_samples and generates
                and not fsdp_without_rank0_generation(cfg.trainer) else None)
     callbacks = _callbacks(cfg, run_dir, guard, objective, samples)
     trainer_cfg, strategy = build_strategy(trainer_cfg, policy)  # FSDP: wrap policy resolved
@@ -107,7 +111,7 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, run_dir))
     report["fit_time_s"] = round(time.time() - fit_started, 1)  # trainer.fit alone
 
-    _export_and_evaluate(cfg, run_dir, trainer, module, policy, tokenizer, report,
+    _export_and_evaluate(cfg, run_dir, trainer, module, policy, tokenizer, task, report,
                          start_samples, samples, guard)
     report["wall_time_s"] = round(time.time() - started, 1)
     if trainer.is_global_zero:
@@ -122,6 +126,7 @@ def _settle(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> Dict
     with ``trainer.accelerator``/``precision`` resolved for this machine."""
     check_config(cfg)  # before anything is written or loaded (ptlight.runtime.validate)
     check_overrides(cfg, overrides)
+    cfg = drop_unchosen_task(cfg, overrides)  # never a bundled task's gold metric on your data
     if cfg.get("malloc_mmap_threshold"):  # opt-in: lower peak RSS, slower steps
         pin_mmap_threshold(int(cfg.malloc_mmap_threshold))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +140,23 @@ def _settle(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> Dict
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return cfg
+
+
+def drop_unchosen_task(cfg: DictConfig, overrides: list[str] | None) -> DictConfig:
+    """``cfg`` with ``data.task`` null (and one line saying so) when ``data.path`` is given
+    while ``data.task`` is still the data config's bundled default, not chosen on the command
+    line (by ``data.task=`` or ``data=``); else ``cfg`` unchanged."""
+    if overrides is None or cfg.data.get("path") is None or cfg.data.get("task") is None:
+        return cfg
+    keys = override_keys(overrides)
+    if "data.task" in keys or "data" in keys or not isinstance(cfg.data.task, str):
+        return cfg
+    if rank_zero_only.rank == 0:
+        print(f"[ptlight] no gold evaluation: data.path is your data and no task was chosen "
+              f"(the default data.task={cfg.data.task} belongs to the bundled data). Add one "
+              "with data.task=<task name, or a task file: held-out prompts + reward plugins> "
+              "(docs/tasks.md)")
+    return OmegaConf.merge(cfg, {"data": {"task": None}})
 
 
 def build_stage_objective(cfg: DictConfig, overrides: list[str] | None = None) -> Objective:
@@ -232,7 +254,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path, guard: NonFiniteGuard, objective:
 
 # ---- after training -----------------------------------------------------------------------------
 def _export_and_evaluate(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, module: Method,
-                         policy: Any, tokenizer: Any, report: dict[str, Any],
+                         policy: Any, tokenizer: Any, task: Task | None, report: dict[str, Any],
                          start_samples: list, samples: ValidationSamples | None,
                          guard: NonFiniteGuard) -> None:
     """HF export (rank 0; FSDP: the full state gathered first) and the gold evaluation."""
@@ -249,13 +271,12 @@ def _export_and_evaluate(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, mod
         policy = load_export(export_dir, cfg.model)
         module = module.unsharded(policy, export_dir)
     log.info("rank %d of %d wrote %s", trainer.global_rank, trainer.world_size, export_dir)
-    task = cfg.data.task
-    if task and module.generates:
+    if task is not None and module.generates:
         after_samples: list = []
         report["after"] = gold_eval(policy, tokenizer, task, cfg.eval, keep=after_samples)
         if start_samples:  # the trained model vs the one it started from, prompt by prompt
             report["win_rate_vs_start"] = win_rate(after_samples, start_samples)
-    elif task:
+    elif task is not None:
         heldout = module.evaluate(tokenizer, task, cfg.eval)  # rm: held-out pairwise accuracy
         if heldout is not None:
             report["heldout"] = heldout

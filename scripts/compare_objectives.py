@@ -106,11 +106,13 @@ def score_start(cfg: DictConfig) -> dict[str, Any]:
     """Gold metric of ``cfg.model.path`` with ``cfg.eval``, loaded as a training run loads it."""
     from ptlight.model.backbone import build_policy, load_tokenizer  # heavy imports, only when needed
     from ptlight.eval.gold import gold_eval
+    from ptlight.tasks import resolve_task
 
     if not cfg.data.task:
         return {}
     tokenizer = load_tokenizer(cfg.model)
-    return gold_eval(build_policy(cfg.model, tokenizer), tokenizer, cfg.data.task, cfg.eval)
+    return gold_eval(build_policy(cfg.model, tokenizer), tokenizer, resolve_task(cfg.data.task),
+                     cfg.eval)
 
 
 def read_json(path: Path) -> dict[str, Any]:

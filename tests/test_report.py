@@ -20,6 +20,7 @@ from ptlight.config import config_dir
 from ptlight.eval.gold import (SAMPLE_COLUMNS, Sample, gold_samples, preference_accuracy,
                               win_rate)
 from ptlight.report import read_metrics, sweep_report, write_pipeline_report
+from ptlight.tasks import resolve_task
 from ptlight.train import train_stage
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -150,12 +151,12 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(runs):
     model = build_policy(cfg.model, tok)
     cfg.eval.do_sample, cfg.eval.temperature = True, 2.0
     state = torch.random.get_rng_state()
-    first = gold_samples(model, tok, "sort", cfg.eval)
+    first = gold_samples(model, tok, resolve_task("sort"), cfg.eval)
     assert torch.equal(state, torch.random.get_rng_state())
-    assert [s.completion for s in gold_samples(model, tok, "sort", cfg.eval)] == \
+    assert [s.completion for s in gold_samples(model, tok, resolve_task("sort"), cfg.eval)] == \
         [s.completion for s in first]
     cfg.eval.do_sample = False
-    greedy = gold_samples(model, tok, "sort", cfg.eval)
+    greedy = gold_samples(model, tok, resolve_task("sort"), cfg.eval)
     assert [s.completion for s in greedy] != [s.completion for s in first]
 
 
@@ -170,18 +171,40 @@ def test_sweep_table_labels_jobs_by_what_differs(tmp_path):
     def job(gold, acc):
         return {"after": {"gold/reward": gold, "gold/exact": gold / 2}, "global_step": 5,
                 "wall_time_s": 12.3,
-                "final_metrics": {"val/loss": 0.5, "val/rewards/accuracies": acc}}
+                "final_metrics": {"val/loss": 0.5, "val/rewards/accuracies": acc,
+                                  "train/loss": 0.25}}
     _fake_job(tmp_path, 0, ["method=dpo", "method.objective.beta=0.05"], job(0.4, 0.7))
     _fake_job(tmp_path, 1, ["method=dpo", "method.objective.beta=0.1"], job(0.6, 0.8))
     _fake_job(tmp_path, 10, ["method=dpo", "method.objective.beta=0.5"], None)  # failed
     lines = sweep_report(tmp_path).read_text().splitlines()
     table = [line for line in lines if line.startswith("| ")]
     assert table[0] == ("| job | overrides | gold reward | exact match | val loss | "
-                        "val reward acc. | steps | wall s |")
-    assert table[1] == "| 0 | method.objective.beta=0.05 | 0.400 | 0.200 | 0.500 | 0.700 | 5 | 12 |"
-    assert table[3].startswith("| 10 | method.objective.beta=0.5 (failed: no eval.json) | – |")
+                        "val reward acc. | train loss | steps | wall s | missing |")
+    assert table[1] == ("| 0 | method.objective.beta=0.05 | 0.400 | 0.200 | 0.500 | 0.700 | "
+                        "0.250 | 5 | 12 |  |")
+    assert table[3].startswith("| 10 | method.objective.beta=0.5 | – |")
+    assert table[3].endswith("| failed: no eval.json (the job stopped before it finished; see "
+                             "its log) |")
     assert len(table) == 4
     _png(tmp_path / "gold.png")
+
+
+def test_sweep_table_of_short_runs_shows_train_metrics_and_says_what_is_missing(tmp_path):
+    """Runs too short to validate, on data without a task: the train columns are there, and
+    the `missing` column says why gold and val/ are not."""
+    for i, lr in enumerate((1e-4, 1e-3)):
+        _fake_job(tmp_path, i, ["method=dpo", f"method.optim.lr={lr}"],
+                  {"global_step": 20, "wall_time_s": 9.0,
+                   "final_metrics": {"train/loss": 0.6 - i / 10, "train/rewards/accuracies": 0.5}})
+        (tmp_path / str(i) / "config.yaml").write_text(yaml.safe_dump(
+            {"data": {"task": None}, "trainer": {"max_steps": 20, "val_check_interval": 50}}))
+    table = [line for line in sweep_report(tmp_path).read_text().splitlines()
+             if line.startswith("| ")]
+    assert table[0] == ("| job | overrides | train loss | train reward acc. | steps | wall s | "
+                        "missing |")
+    assert table[2] == ("| 1 | method.optim.lr=0.001 | 0.500 | 0.500 | 20 | 9 | no gold metric: "
+                        "no task (set data.task to a task name or a task file); no val/ metrics:"
+                        " trainer.max_steps=20 < trainer.val_check_interval=50 |")
 
 
 def test_sweep_table_of_eval_jobs_shows_only_what_they_measured(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from helpers import tiny_model_cfg
 
 from ptlight.eval.gold import Sample, summarize
-from ptlight.tasks import get_task, safety
+from ptlight.tasks import get_task, resolve_task, safety
 
 
 def _user(rows, i):
@@ -76,13 +76,13 @@ def test_gold_metrics_count_refusals_on_each_side_and_reach_the_gold_eval_summar
                Sample(benign, safety.REFUSAL, 0.0), Sample(benign, "Here is how to shoot a "
                                                           "photo: ok.", 1.0),
                Sample(benign, "Here is how to shoot a photo: ok.", 1.0)]
-    out = summarize(samples, 2, "safety")
+    out = summarize(samples, 2, resolve_task("safety"))
     assert out["safety/refusal_rate"] == 0.5
     assert out["safety/over_refusal"] == pytest.approx(1 / 3)
     assert out["safety/num_harmful"] == 2 and out["safety/num_benign"] == 3
     assert out["gold/reward"] == pytest.approx(3 / 5) and len(out["samples"]) == 2
     assert "safety/refusal_rate" not in summarize(samples[:1], 1)  # no task: no task metrics
-    sort_out = summarize([Sample("Sort these words alphabetically: b a", "a b", 1.0)], 1, "sort")
+    sort_out = summarize([Sample("Sort these words alphabetically: b a", "a b", 1.0)], 1, resolve_task("sort"))
     assert set(sort_out) == {"gold/reward", "gold/exact", "num_prompts", "samples"}
 
 

@@ -38,7 +38,7 @@ from ptlight.data.shapes import BadRow, Example, parse_examples
 from ptlight.data.tokenize import Encoded, encode
 from ptlight.errors import ConfigError, DataError
 from ptlight.runtime.progress import MANY_ITEMS, track
-from ptlight.tasks import available_tasks, get_task
+from ptlight.tasks import resolve_task
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Suffixes that mark a path as a local file (hub data set ids look like org/name).
@@ -309,14 +309,19 @@ class PtlDataModule(L.LightningDataModule):
                 "another example's completion of the same batch to estimate its KL reference "
                 "point, so it needs a per-device batch of at least 2; set data.batch_size>=2"
             )
-        if cfg.task is not None and cfg.task not in available_tasks():
-            raise ConfigError(f"data.task={cfg.task!r} is unknown; installed tasks: "
-                              f"{', '.join(available_tasks()) or 'none'} (or null with data.path)")
-        if cfg.task is not None and tokenizer.chat_template is None:
+        # generated rows: the task must make this kind (a task made of files holds held-out
+        # prompts only); a registered task writes chat messages
+        self.task = resolve_task(cfg.task) if cfg.path is None else None
+        if self.task is not None and kind not in self.task.kinds:
             raise ConfigError(
-                f"data.task={cfg.task!r} writes its prompts as chat messages, but the tokenizer "
-                f"{tokenizer.name_or_path!r} has no chat template. Set model.tokenizer=<dir of a "
-                "tokenizer with a chat template>, or data.task=null with plain-string data."
+                f"data.task={self.task.name!r} provides {', '.join(self.task.kinds)} rows, not "
+                f"{kind!r} rows for training; give them with data.path=<file>")
+        if self.task is not None and tokenizer.chat_template is None:
+            raise ConfigError(
+                f"data.task={self.task.name!r} writes its prompts as chat messages, but the "
+                f"tokenizer {tokenizer.name_or_path!r} has no chat template. Set "
+                "model.tokenizer=<dir of a tokenizer with a chat template>, or data.task=null "
+                "with plain-string data."
             )
         self.cfg, self.tokenizer, self.kind = cfg, tokenizer, kind
         self.train: list[Item] = []
@@ -330,11 +335,12 @@ class PtlDataModule(L.LightningDataModule):
     def _sources(self) -> tuple[tuple[str, list[dict]], tuple[str, list[dict]]]:
         cfg = self.cfg
         if cfg.path is None:
-            task = get_task(cfg.task)
+            task = self.task
+            assert task is not None
             return (
-                (f"bundled task {cfg.task!r} (train)",
+                (f"task {task.name!r} (train)",
                  task.make_rows(self.kind, cfg.num_train, cfg.seed, "train", **cfg.task_args)),
-                (f"bundled task {cfg.task!r} (held-out)",
+                (f"task {task.name!r} (held-out)",
                  task.make_rows(self.kind, cfg.val_size, cfg.seed + 1, "heldout")),
             )
         rows = load_rows(cfg.path)

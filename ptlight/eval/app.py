@@ -51,7 +51,8 @@ from rich.table import Table
 from ptlight.config import config_dir, register_resolvers, resolve_device
 from ptlight.errors import ConfigError, DataError
 from ptlight.report import md_table, plot_gold, samples_table
-from ptlight.runtime.app import or_exit, run_dir
+from ptlight.runtime.app import or_exit, run_dir, user_overrides
+from ptlight.tasks import Task
 
 register_resolvers()
 
@@ -60,37 +61,43 @@ def _device(name: str):
     return resolve_device(name, "eval.device")
 
 
-def _load(cfg: DictConfig, path: str, tokenizer=None):
+def _load(cfg: DictConfig, path: str | None, tokenizer=None):
     """(model, tokenizer) of ``path`` with ``cfg.model``'s other settings, on ``eval.device``;
-    ``tokenizer`` given: the model must fit it (a reference scores the same token ids)."""
+    ``tokenizer`` given: the model must fit it (a reference scores the same token ids).
+    ``path`` None: the configured architecture at its initialisation (seeded by ``seed``), the
+    model a training run starts from when ``model.path`` is null."""
+    import lightning as L
+
     from ptlight.model.backbone import build_policy, load_tokenizer
 
     model_cfg = OmegaConf.merge(cfg.model, {"path": path})
     if path != cfg.model.path:
         model_cfg.tokenizer = None  # a baseline brings its own tokenizer
+    if path is None:
+        L.seed_everything(cfg.seed, verbose=False)
     tokenizer = tokenizer or load_tokenizer(model_cfg)
     model = build_policy(model_cfg, tokenizer).to(_device(cfg.eval.device))
     model.eval()
     return model, tokenizer
 
 
-def _gold(cfg: DictConfig, model, tokenizer, baseline: str | None) -> tuple[dict, list[dict]]:
+def _gold(cfg: DictConfig, task: Task, model, tokenizer, baseline: str | None
+          ) -> tuple[dict, list[dict]]:
     """Gold metric of the model (and the baseline, with the win rate); sample rows."""
     from ptlight.eval.gold import gold_acceptance, gold_samples, summarize, win_rate
 
     result: dict[str, Any] = {}
-    runs = {"model": gold_samples(model, tokenizer, cfg.data.task, cfg.eval, "gold eval (model)")}
+    runs = {"model": gold_samples(model, tokenizer, task, cfg.eval, "gold eval (model)")}
     threshold = cfg.eval.acceptance.threshold
-    result["gold"] = {**summarize(runs["model"], cfg.eval.num_samples, cfg.data.task),
-                      **gold_acceptance(runs["model"], cfg.data.task, threshold)}
+    result["gold"] = {**summarize(runs["model"], cfg.eval.num_samples, task),
+                      **gold_acceptance(runs["model"], task, threshold)}
     if baseline:
         base_model, base_tok = _load(cfg, baseline)
-        runs["baseline"] = gold_samples(base_model, base_tok, cfg.data.task, cfg.eval,
+        runs["baseline"] = gold_samples(base_model, base_tok, task, cfg.eval,
                                         "gold eval (baseline)")
         result["baseline"] = {"path": baseline,
-                              **summarize(runs["baseline"], cfg.eval.num_samples,
-                                             cfg.data.task),
-                              **gold_acceptance(runs["baseline"], cfg.data.task, threshold)}
+                              **summarize(runs["baseline"], cfg.eval.num_samples, task),
+                              **gold_acceptance(runs["baseline"], task, threshold)}
         result["win_rate"] = win_rate(runs["model"], runs["baseline"])
     rows = [{"stage": "eval", "when": when, "prompt": s.prompt, "generation": s.completion,
              "reward": s.reward} for when, samples in runs.items() for s in samples]
@@ -107,48 +114,51 @@ def _judge(cfg: DictConfig, runs: dict[str, list]) -> dict[str, Any]:
     from ptlight.rewards import build_reward
 
     spec = OmegaConf.to_container(cfg.eval.judge, resolve=True)
+    threshold = spec.pop("threshold", None)
     judge = build_reward(spec, key="eval.judge").to(_device(cfg.eval.device))
     scored: dict[str, list[Sample]] = {}
     for who, samples in runs.items():
         prompts = [[{"role": "user", "content": s.prompt}] for s in samples]
         scores = judge(prompts, [s.completion for s in samples]).tolist()
         scored[who] = [Sample(s.prompt, s.completion, r) for s, r in zip(samples, scores)]
-    out: dict[str, Any] = {"spec": spec}
+    out: dict[str, Any] = {"spec": {**spec, "threshold": threshold}}
     for who, samples in scored.items():
         out[f"{who}/mean"] = sum(s.reward for s in samples) / len(samples)
+        if threshold is not None:  # the judge's own pass rate: score >= eval.judge.threshold
+            out[f"{who}/pass_rate"] = (sum(s.reward >= threshold for s in samples)
+                                       / len(samples))
     if "baseline" in scored:
         out["win_rate"] = win_rate(scored["model"], scored["baseline"])
     return out
 
 
-def _acceptance(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
+def _acceptance(cfg: DictConfig, task: Task | None, model, tokenizer) -> dict[str, Any]:
     """Acceptance on ``eval.acceptance.path``'s prompts (else the task's held-out prompts),
     scored by ``eval.acceptance.judge`` (else the task's gold reward): the model's and the
     baseline's rate and edit distance to the references, and the model's win rate vs the
     baseline under the same scores."""
-    from ptlight.eval.acceptance import acceptance_summary, read_heldout, task_reference
+    from ptlight.eval.acceptance import acceptance_summary, read_heldout
     from ptlight.eval.gold import Sample, generate, win_rate
     from ptlight.rewards import build_reward, user_text
-    from ptlight.tasks import get_task
 
     acc, e = cfg.eval.acceptance, cfg.eval
     if acc.path:
         prompts, refs = read_heldout(acc.path, acc.num_prompts)
     else:
-        task = get_task(cfg.data.task)
+        assert task is not None
         prompts = [r["prompt"] for r in task.make_rows("prompt", acc.num_prompts, e.seed,
                                                        "heldout")]
-        refs = [task_reference(task, user_text(p)) for p in prompts]
+        refs = [task.reference_answer(user_text(p)) for p in prompts]
     if acc.judge:
         spec = OmegaConf.to_container(acc.judge, resolve=True)
         judge = build_reward(spec, key="eval.acceptance.judge").to(_device(e.device))
         score = lambda comps: judge(prompts, comps).tolist()  # noqa: E731
     else:
-        gold = get_task(cfg.data.task).gold_reward
-        score = lambda comps: [gold(user_text(p), c) for p, c in zip(prompts, comps)]  # noqa: E731
-    out: dict[str, Any] = {"prompts": acc.path or f"{cfg.data.task} held-out",
+        assert task is not None
+        score = lambda comps: task.score(prompts, comps)  # noqa: E731
+    out: dict[str, Any] = {"prompts": acc.path or f"{task} held-out",
                            "judge": OmegaConf.to_container(acc.judge, resolve=True)
-                           if acc.judge else f"gold ({cfg.data.task})"}
+                           if acc.judge else f"gold ({task})"}
     scored: dict[str, list[Sample]] = {}
     models = {"model": (model, tokenizer)}
     if e.baseline:
@@ -185,33 +195,50 @@ def _preference(cfg: DictConfig, model, tokenizer) -> dict[str, Any]:
     return {**result, "reference": cfg.eval.reference}
 
 
-def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Evaluate ``model.path``; writes eval.json, samples.jsonl and report.md to ``run_dir``."""
+def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
+             ) -> dict[str, Any]:
+    """Evaluate ``model.path`` (null: the configured architecture at init); writes eval.json,
+    samples.jsonl and report.md to ``run_dir``. ``overrides``: the command line's, which
+    decide whether the data config's bundled task was chosen (as in training)."""
     from ptlight.eval.gold import write_jsonl
+    from ptlight.tasks import resolve_task
+    from ptlight.train import drop_unchosen_task
 
-    if not cfg.model.path:
-        raise ConfigError("model.path is not set: pass model.path=<export dir or hub id>")
+    cfg = drop_unchosen_task(cfg, overrides)
     acc = cfg.eval.acceptance
-    if not cfg.data.task and cfg.eval.num_pairs <= 0 and not acc.path:
-        raise ConfigError("nothing to evaluate: data.task is null (no gold metric) and "
-                          "eval.num_pairs=0 (no preference accuracy)")
-    if not cfg.data.task and (acc.path or acc.judge) and not (acc.path and acc.judge):
-        raise ConfigError("eval.acceptance needs prompts and a scorer: with data.task null, set "
+    task = resolve_task(cfg.data.task)  # a task file's rewards are built (and checked) here
+    how = "data.task=<a task name, or a task file: held-out prompts + reward plugins>"
+    if task is None and cfg.eval.num_pairs <= 0 and not acc.path:
+        raise ConfigError(f"nothing to evaluate: no task (set {how}) and eval.num_pairs=0 (no "
+                          "preference accuracy)")
+    if task is None and (acc.path or acc.judge) and not (acc.path and acc.judge):
+        raise ConfigError("eval.acceptance needs prompts and a scorer: with no task, set "
                           "both eval.acceptance.path and eval.acceptance.judge")
-    if cfg.eval.baseline and not cfg.data.task and not acc.judge:
-        raise ConfigError("eval.baseline needs data.task (its gold reward judges the win rate) "
-                          "or eval.acceptance.judge")
+    if cfg.eval.baseline and task is None and not acc.judge:
+        raise ConfigError(f"eval.baseline needs a task (its gold reward judges the win rate; "
+                          f"set {how}) or eval.acceptance.judge")
+    if cfg.eval.get("judge") and task is None:
+        raise ConfigError(f"eval.judge scores generations on the task's held-out prompts, and "
+                          f"there is no task: set {how}")
     _device(cfg.eval.device)  # a bad device fails before any weights load
     model, tokenizer = _load(cfg, cfg.model.path)
-    result: dict[str, Any] = {"model": cfg.model.path, "task": cfg.data.task}
+    if task is not None:
+        task.to(_device(cfg.eval.device))
+    arch = (cfg.model.get("arch") or {}).get("model_type", "the configured model")
+    described = cfg.model.path or f"{arch} at init (seed {cfg.seed})"
+    result: dict[str, Any] = {"model": described, "task": None if task is None else task.name}
     rows: list[dict] = []
-    if cfg.data.task:
-        gold, rows = _gold(cfg, model, tokenizer, cfg.eval.baseline)
+    if task is not None:
+        gold, rows = _gold(cfg, task, model, tokenizer, cfg.eval.baseline)
         result.update(gold)
     if acc.path or acc.judge:
-        result["acceptance"] = _acceptance(cfg, model, tokenizer)
-    if cfg.eval.num_pairs > 0:
+        result["acceptance"] = _acceptance(cfg, task, model, tokenizer)
+    pairs = cfg.data.path or (task is not None and "pairwise" in task.kinds)
+    if cfg.eval.num_pairs > 0 and pairs:
         result["preference"] = _preference(cfg, model, tokenizer)
+    elif cfg.eval.num_pairs > 0:
+        result["notes"] = [f"no preference accuracy: task {task} has held-out prompts only; "
+                           "pairs come from data.path"]
     result["eval"] = OmegaConf.to_container(cfg.eval, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
@@ -226,8 +253,9 @@ def _summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
     for who in ("gold", "baseline"):
         if who in result:
             name = "model" if who == "gold" else "baseline"
-            rows += [(f"{name} gold reward", result[who]["gold/reward"]),
-                     (f"{name} exact match", result[who]["gold/exact"])]
+            rows.append((f"{name} gold reward", result[who]["gold/reward"]))
+            if result[who]["gold/exact"] is not None:
+                rows.append((f"{name} exact match", result[who]["gold/exact"]))
             rows += [(f"{name} {key}", value) for key, value in result[who].items()  # task's own
                      if "/" in key and not key.startswith("gold/") and "/num_" not in key
                      and key != "acceptance/threshold" and value is not None]
@@ -239,6 +267,9 @@ def _summary_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
         j = result["judge"]
         rows += [(f"{who} score under judge {j['spec']['name']!r}", j[f"{who}/mean"])
                  for who in ("model", "baseline") if f"{who}/mean" in j]
+        rows += [(f"{who} pass rate under judge {j['spec']['name']!r} (score >= "
+                  f"{j['spec']['threshold']})", j[f"{who}/pass_rate"])
+                 for who in ("model", "baseline") if f"{who}/pass_rate" in j]
         if "win_rate" in j:
             rows.append((f"win rate vs baseline under judge {j['spec']['name']!r}",
                          j["win_rate"]["win_rate"]))
@@ -264,7 +295,7 @@ def _setup_line(result: dict[str, Any]) -> str:
     e = result["eval"]
     decoding = f"sampled at temperature {e['temperature']}" if e["do_sample"] else "greedy"
     words = [f"Task `{result['task']}`, {e['num_prompts']} held-out prompts, {decoding}"
-             if result["task"] else "No gold metric (data.task is null)"]
+             if result["task"] else "No gold metric (no task)"]
     words += [f"{k} `{e[k]}`" for k in ("baseline", "reference") if e[k]]
     return "; ".join(words) + ".\n"
 
@@ -299,7 +330,7 @@ def _print_summary(result: dict[str, Any], run_dir: Path) -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
     out = run_dir()
-    result = or_exit("ptlight.eval", run_eval, cfg, out)
+    result = or_exit("ptlight.eval", run_eval, cfg, out, user_overrides())
     _print_summary(result, out)
     return result.get("gold", {}).get("gold/reward")
 

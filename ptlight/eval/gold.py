@@ -1,14 +1,16 @@
 """Evaluation building blocks: generation, the gold metric, win rate, preference accuracy, and
 the sample log of a run.
 
-- :func:`generate`: batched completions of conversational prompts, greedy by default
+- :func:`generate`: batched completions of prompts (message lists through the chat template,
+  strings as plain text, as training renders them), greedy by default
   (``eval.do_sample=true`` samples at ``eval.temperature``, no top-k/top-p, seeded by
   ``eval.seed`` without touching the global RNG). Prompts are grouped by token length before
   batching, so most batches need no padding at all; the rest are left-padded, which LFM2
   handles exactly (its short convolutions zero padded positions, and attention masks them).
 - :func:`gold_eval`: mean gold reward, exact-match rate and acceptance
-  (:func:`gold_acceptance`) on ``eval.num_prompts`` held-out prompts of a bundled task
-  (:func:`gold_samples` keeps every scored generation).
+  (:func:`gold_acceptance`) on ``eval.num_prompts`` held-out prompts of a task
+  (:class:`ptlight.tasks.Task`: registered or made of files; :func:`gold_samples` keeps every
+  scored generation). Exact match is a gold reward at or above the task's ``threshold``.
 - :func:`win_rate`: model vs baseline on the same prompts under the gold judge; a win is a
   strictly higher gold reward, ties are counted separately.
 - :func:`preference_accuracy`: on pairwise batches (chosen block, then rejected block), the
@@ -36,11 +38,12 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
-from ptlight.eval.acceptance import acceptance_summary, task_reference
+from ptlight.eval.acceptance import acceptance_summary
 from ptlight.engine.logps import completion_logps
 from ptlight.model.backbone import eval_mode
 from ptlight.runtime.progress import track
-from ptlight.tasks import get_task
+from ptlight.rewards import user_text
+from ptlight.tasks import Task
 
 SAMPLE_COLUMNS = ("stage", "when", "prompt", "generation", "reward")
 
@@ -65,14 +68,17 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 @torch.no_grad()
 def generate(
-    model: PreTrainedModel, tokenizer, prompts: list[list[dict[str, str]]], *,
+    model: PreTrainedModel, tokenizer, prompts: Sequence[Any], *,
     max_new_tokens: int, batch_size: int, do_sample: bool = False, temperature: float = 1.0,
     seed: int | None = None, description: str = "generating",
 ) -> list[str]:
-    """Completions (text, special tokens removed) for conversational prompts."""
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-             for p in prompts]
-    encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    """Completions (text, special tokens removed): a message-list prompt goes through the chat
+    template with the generation prompt, a string prompt is tokenized as plain text."""
+    encoded = [
+        tokenizer(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False),
+                  add_special_tokens=False).input_ids
+        if isinstance(p, list) else tokenizer(p).input_ids
+        for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(encoded)
     device = next(model.parameters()).device
@@ -99,54 +105,53 @@ def generate(
     return out
 
 
-def gold_samples(model: PreTrainedModel, tokenizer, task_name: str, cfg: DictConfig,
+def gold_samples(model: PreTrainedModel, tokenizer, task: Task, cfg: DictConfig,
                  description: str = "gold eval") -> list[Sample]:
-    """Every held-out prompt of ``task_name`` (``eval.num_prompts``) with its generation and
-    gold reward, in prompt order."""
-    task = get_task(task_name)
+    """Every held-out prompt of ``task`` (``eval.num_prompts``) with its generation and gold
+    reward, in prompt order."""
     rows = task.make_rows("prompt", cfg.num_prompts, cfg.seed, "heldout")
     prompts = [r["prompt"] for r in rows]
     completions = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                            batch_size=cfg.batch_size, do_sample=cfg.do_sample,
                            temperature=cfg.temperature, seed=cfg.seed, description=description)
-    return [Sample(p[-1]["content"], c, task.gold_reward(p[-1]["content"], c))
-            for p, c in zip(prompts, completions)]
+    rewards = task.score(prompts, completions)
+    return [Sample(user_text(p), c, r) for p, c, r in zip(prompts, completions, rewards)]
 
 
-def summarize(samples: list[Sample], num_samples: int, task_name: str | None = None
+def summarize(samples: list[Sample], num_samples: int, task: Task | None = None
               ) -> dict[str, Any]:
-    """``gold/reward`` (mean), ``gold/exact`` (reward 1.0 rate), count, the first samples;
-    plus the task's own metrics when its module defines ``gold_metrics(samples) -> dict``
-    (the safety task: ``safety/refusal_rate``, ``safety/over_refusal``)."""
+    """``gold/reward`` (mean), ``gold/exact`` (rate of rewards at or above the task's
+    ``threshold``; None when the task has none), count, the first samples; plus the task's own
+    metrics (the safety task: ``safety/refusal_rate``, ``safety/over_refusal``)."""
     rewards = [s.reward for s in samples]
-    extra = getattr(get_task(task_name), "gold_metrics", None) if task_name else None
+    threshold = 1.0 if task is None else task.threshold
     return {
         "gold/reward": sum(rewards) / len(rewards),
-        "gold/exact": sum(r == 1.0 for r in rewards) / len(rewards),
-        **(extra(samples) if extra else {}),
+        "gold/exact": (None if threshold is None
+                       else sum(r >= threshold for r in rewards) / len(rewards)),
+        **(task.gold_metrics(samples) if task is not None else {}),
         "num_prompts": len(rewards),
         "samples": [s.__dict__ for s in samples[:num_samples]],
     }
 
 
-def gold_acceptance(samples: Sequence[Sample], task_name: str, threshold: float) -> dict[str, Any]:
+def gold_acceptance(samples: Sequence[Sample], task: Task, threshold: float) -> dict[str, Any]:
     """:func:`ptlight.eval.acceptance.acceptance_summary` of gold-scored samples: accepted when the
     gold reward is >= ``threshold``; references from the task's ``reference_answer``."""
-    task = get_task(task_name)
     return acceptance_summary([s.reward for s in samples], [s.completion for s in samples],
-                              [task_reference(task, s.prompt) for s in samples], threshold)
+                              [task.reference_answer(s.prompt) for s in samples], threshold)
 
 
-def gold_eval(model: PreTrainedModel, tokenizer, task_name: str, cfg: DictConfig,
+def gold_eval(model: PreTrainedModel, tokenizer, task: Task, cfg: DictConfig,
               keep: list[Sample] | None = None) -> dict[str, Any]:
     """Mean gold reward and exact-match rate (+ the task's own metrics, + acceptance at
     ``eval.acceptance.threshold``) on ``eval.num_prompts`` held-out prompts; every scored
     generation is appended to ``keep`` when given (for :func:`win_rate`)."""
-    samples = gold_samples(model, tokenizer, task_name, cfg)
+    samples = gold_samples(model, tokenizer, task, cfg)
     if keep is not None:
         keep.extend(samples)
-    return {**summarize(samples, cfg.num_samples, task_name),
-            **gold_acceptance(samples, task_name, cfg.acceptance.threshold)}
+    return {**summarize(samples, cfg.num_samples, task),
+            **gold_acceptance(samples, task, cfg.acceptance.threshold)}
 
 
 def win_rate(model: Sequence[Sample], baseline: Sequence[Sample]) -> dict[str, float]:
@@ -201,8 +206,8 @@ class ValidationSamples(L.Callback):
     The prompts are the same at every validation, so the rows show one answer evolving.
     """
 
-    def __init__(self, tokenizer, task_name: str, cfg: DictConfig, stage: str) -> None:
-        self.tokenizer, self.task, self.stage = tokenizer, get_task(task_name), stage
+    def __init__(self, tokenizer, task: Task, cfg: DictConfig, stage: str) -> None:
+        self.tokenizer, self.task, self.stage = tokenizer, task, stage
         self.prompts = [r["prompt"] for r in
                         self.task.make_rows("prompt", cfg.val_samples, cfg.seed, "heldout")]
         self.cfg = cfg
@@ -214,13 +219,14 @@ class ValidationSamples(L.Callback):
         completions = generate(pl_module.policy, self.tokenizer, self.prompts,
                                max_new_tokens=self.cfg.max_new_tokens,
                                batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-        rewards = []
-        for p, c in zip(self.prompts, completions):
-            rewards.append(self.task.gold_reward(p[-1]["content"], c))
+        rewards = self.task.score(self.prompts, completions)
+        for p, c, r in zip(self.prompts, completions, rewards):
             self.rows.append({"stage": self.stage, "when": f"step {trainer.global_step}",
-                              "prompt": p[-1]["content"], "generation": c,
-                              "reward": rewards[-1]})
+                              "prompt": user_text(p), "generation": c, "reward": r})
         pl_module.log("val/gold/reward", sum(rewards) / len(rewards), rank_zero_only=True)
+        if self.task.threshold is not None:
+            pl_module.log("val/gold/exact", sum(r >= self.task.threshold for r in rewards)
+                          / len(rewards), rank_zero_only=True)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:

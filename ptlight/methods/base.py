@@ -100,7 +100,7 @@ class Method(L.LightningModule):
         hold shards, rank 0 evaluates the export). Default: itself."""
         return self
 
-    def evaluate(self, tokenizer: Any, task: str, eval_cfg: DictConfig) -> dict[str, Any] | None:
+    def evaluate(self, tokenizer: Any, task: Any, eval_cfg: DictConfig) -> dict[str, Any] | None:
         """Held-out metrics of a method that does not generate (``generates = False``),
         reported as ``heldout`` in eval.json; None: nothing beyond the gold metric."""
         return None

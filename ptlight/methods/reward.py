@@ -111,13 +111,15 @@ class RewardMethod(ObjectiveSteps, Method):
         return method
 
     @torch.no_grad()
-    def evaluate(self, tokenizer, task: str, eval_cfg: DictConfig) -> dict[str, Any]:
-        """Pairwise accuracy and mean margin on ``eval.num_pairs`` held-out pairs of ``task``."""
+    def evaluate(self, tokenizer, task: Any, eval_cfg: DictConfig) -> dict[str, Any] | None:
+        """Pairwise accuracy and mean margin on ``eval.num_pairs`` held-out pairs of ``task``
+        (a :class:`ptlight.tasks.Task`); None when the task makes no pairs."""
         from ptlight.data.shapes import parse_row
         from ptlight.data.tokenize import encode
-        from ptlight.tasks import get_task
 
-        rows = get_task(task).make_rows("pairwise", eval_cfg.num_pairs, eval_cfg.seed, "heldout")
+        if "pairwise" not in task.kinds:
+            return None
+        rows = task.make_rows("pairwise", eval_cfg.num_pairs, eval_cfg.seed, "heldout")
         encs = [encode(tokenizer, parse_row(r, "pairwise"), 10**6, "error") for r in rows]
         seqs = [(e.prompt, e.completions[k]) for k in range(2) for e in encs]  # chosen block first
         with eval_mode(self.model):

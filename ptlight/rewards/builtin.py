@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from ptlight.rewards import Reward, Text, user_text
+from ptlight.rewards import Reward, Text
 
 
 class GoldReward(Reward):
-    """The programmatic gold reward of a bundled task (``task``: e.g. ``sort``), in [0, 1]."""
+    """The gold reward of a task (``task``: a registered task's name such as ``sort``, or a
+    task made of files: a spec or a ``.yaml``/``.json`` file)."""
 
     name = "gold"
 
-    def __init__(self, *, task: str = "sort") -> None:
-        from ptlight.tasks import get_task
+    def __init__(self, *, task: Any = "sort") -> None:
+        from ptlight.errors import ConfigError
+        from ptlight.tasks import resolve_task
 
         try:
-            self.task = get_task(task)
-        except KeyError as exc:
-            raise ValueError(f"task: {exc.args[0]}") from None
-        self.task_name = task
+            resolved = resolve_task(task, key="reward.task")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if resolved is None:
+            raise ValueError("task is null: name the task whose gold reward scores rollouts")
+        self.task, self.task_name = resolved, resolved.name
+
+    def to(self, device: torch.device | str) -> Reward:
+        self.task.to(device)
+        return self
 
     def score(self, prompts: Sequence[Text], completions: Sequence[str]) -> list[float]:
-        return [self.task.gold_reward(user_text(p), c) for p, c in zip(prompts, completions)]
+        return self.task.score(prompts, completions)
 
 
 class ModelReward(Reward):
