@@ -255,12 +255,12 @@ def test_eval_app_gold_win_rate_and_preference_accuracy(runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override", ["model.path=/no/such/model", "model.path=null"])
-def test_eval_app_bad_model_is_one_line_and_exit_2(tmp_path, override):
+@pytest.mark.parametrize("override", ["model.path=/no/such/model", "data.task=nope"])
+def test_eval_app_bad_model_or_task_is_one_line_and_exit_2(tmp_path, override):
     proc = _module("ptlight.eval", override, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("ptlight.eval: error: ")
-    assert len(proc.stderr.strip().splitlines()) == 1 and "model.path" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and override.split("=")[0] in proc.stderr
 
 
 @pytest.mark.slow
