@@ -132,6 +132,7 @@ def _sft_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_run_on_your_data_is_evaluated_on_your_task_file(compose_cfg, tmp_path):
     from ptlight.train import train_stage
 
@@ -150,6 +151,7 @@ def test_a_run_on_your_data_is_evaluated_on_your_task_file(compose_cfg, tmp_path
     assert "mysort" in card
 
 
+@pytest.mark.slow
 def test_your_data_without_a_task_gets_no_bundled_gold_metric(compose_cfg, tmp_path, capsys):
     from ptlight.train import train_stage
 
@@ -164,6 +166,7 @@ def test_your_data_without_a_task_gets_no_bundled_gold_metric(compose_cfg, tmp_p
     assert "after" in train_stage(compose_cfg(*chosen), tmp_path / "run2", chosen)
 
 
+@pytest.mark.slow
 def test_eval_scores_the_untrained_start_on_a_task_file(compose_cfg, tmp_path):
     from ptlight.eval.app import run_eval
 
