@@ -81,7 +81,7 @@ FIXTURES = {
     "tiny": dict(  # smoke tests only
         arch=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2,
-                  layer_types=["conv", "conv", "full_attention"], vocab_size=704),
+                  layer_types=["conv", "conv", "full_attention"], vocab_size=4096),
         batch=4, max_length=128, context_words=(0, 0)),
 }
 TRL_CONFIGS = {"default": {}, "padding_free": {"padding_free": True},
