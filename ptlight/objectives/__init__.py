@@ -7,6 +7,7 @@ from typing import Any
 
 from ptlight.objectives.base import (
     DATA_KINDS,
+    GroupRollout,
     Logps,
     Objective,
     ObjectiveOutput,
@@ -48,6 +49,7 @@ def plugin_info(group: str = GROUP) -> list[PluginInfo]:
 __all__ = [
     "DATA_KINDS",
     "GROUP",
+    "GroupRollout",
     "Logps",
     "Objective",
     "ObjectiveOutput",

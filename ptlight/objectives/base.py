@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-DATA_KINDS = ("sft", "pairwise", "listwise", "unpaired", "rollout", "scores")
+DATA_KINDS = ("sft", "pairwise", "listwise", "unpaired", "rollout", "scores", "group")
 
 
 @dataclass
@@ -108,15 +108,55 @@ class Rewards:
     lengths: torch.Tensor | None = None
 
 
+@dataclass
+class GroupRollout:
+    """Token-level tensors of G sampled completions per prompt, what the critic-free RL
+    objectives consume (``data_kind = "group"``: grpo, rloo, reinforce_pp, online_dpo).
+
+    The completions of one prompt are contiguous rows: B = prompts × G.
+
+    logps:       ``[B, T]`` log-probs of the completion tokens under the current policy (with
+                 grad, fp32); 0 where masked.
+    mask:        ``[B, T]`` bool, True on completion tokens (up to and including the first EOS).
+    group_size:  G, completions per prompt.
+    advantages:  ``[B]`` (or ``[B, T]``) from the objective's ``advantages()`` at rollout time;
+                 ``None`` for objectives that do not use them (online_dpo).
+    old_logps:   ``[B, T]`` log-probs at rollout time, or ``None`` for one update per rollout
+                 (μ = 1): then ``logps.detach()`` stands in and every ratio is exactly 1.
+    ref_logps:   ``[B, T]`` reference-model log-probs (needed when beta > 0, and by online_dpo).
+    rewards:     ``[B]`` per-completion rewards, NaN = unscorable (online_dpo picks chosen and
+                 rejected from them).
+    max_completion_length: the generation limit, dr_grpo's constant denominator.
+    num_items_in_batch: dapo's denominator: the active tokens of the whole generation batch over
+                 all ranks (TRL's name); ``None`` uses this batch's ``mask.sum()``. The loss is
+                 divided by exactly this number; TRL divides by it / world size (× accumulation
+                 steps / steps per generation) because DDP averages gradients over ranks, so a
+                 method that wants TRL's gradient passes that quotient.
+    """
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    group_size: int
+    advantages: torch.Tensor | None = None
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    max_completion_length: int | None = None
+    num_items_in_batch: float | torch.Tensor | None = None
+
+
 class Objective(torch.nn.Module):
     """Base class of every objective (built-in or third-party).
 
     Subclasses set the class attributes and implement :meth:`forward`. Hyperparameters are
     keyword-only ``__init__`` arguments; their names follow TRL where TRL has the same thing.
+    ``needs_reference`` is a class attribute (its value at the default hyperparameters) that an
+    instance may override from its own (grpo: ``beta > 0``); the pipeline reads it from the
+    built instance.
     """
 
     name: ClassVar[str] = ""
-    needs_reference: ClassVar[bool] = False
+    needs_reference: bool = False
     data_kind: ClassVar[str] = ""
 
     def forward(self, inputs):  # noqa: D102 - documented on subclasses

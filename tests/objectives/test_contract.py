@@ -25,6 +25,10 @@ OBJECTIVES = {
     "rank_debiased": "RankDebiased",
     "listwise_pl": "ListwisePL",
     "rdrop": "RDrop",
+    "grpo": "GRPO",
+    "rloo": "RLOO",
+    "reinforce_pp": "ReinforcePP",
+    "online_dpo": "OnlineDPO",
 }
 
 
