@@ -25,6 +25,8 @@ OBJECTIVES = {
     "rank_debiased": "RankDebiased",
     "listwise_pl": "ListwisePL",
     "rdrop": "RDrop",
+    "sparsepo": "SparsePO",
+    "tdpo": "TDPO",
 }
 
 
