@@ -40,6 +40,12 @@ Fast path (docs/performance.md), each equal to the plain path within fp toleranc
   runs the reference at all.
 - The reference forward always runs under ``no_grad`` in the training precision and skips the
   token diagnostics; only completion positions reach the LM head (:mod:`ptlight.engine.logps`).
+
+Objectives that declare ``token_terms`` (SparsePO, TDPO) get a
+:class:`~ptlight.objectives.tokens.TokenTerms` instead of :class:`Logps`: the reference's
+hidden states at the completion positions (``no_grad``), then the policy's per-token terms,
+reduced chunk by chunk from hidden states and LM heads (:mod:`ptlight.engine.token_terms`),
+packed like the sequence path when ``method.pack`` is on.
 """
 
 from __future__ import annotations
@@ -50,12 +56,14 @@ from transformers import PreTrainedModel
 
 from ptlight.engine import refcache
 from ptlight.engine.logps import TokenScores, completion_logps
+from ptlight.engine.token_terms import completion_terms, reference_side
 from ptlight.errors import ConfigError
 from ptlight.methods.base import Method
 from ptlight.methods.common import (ObjectiveSteps, block_columns, configure_optim,
                                     token_diagnostics)
 from ptlight.model.reference import NoReference, Precomputed, Reference
 from ptlight.objectives import Logps, Objective, ObjectiveOutput
+from ptlight.objectives.tokens import REFERENCE_TERMS
 from ptlight.runtime.progress import MANY_ITEMS, track
 
 
@@ -102,6 +110,8 @@ class PreferenceMethod(ObjectiveSteps, Method):
         self.pack, self.pack_max_tokens = pack, int(pack_max_tokens)
         self.reference_cache = reference_cache
         self.reference_cache_hit: bool | None = None  # set by a precompute: file found or not
+        if "hidden" in objective.token_terms:  # e.g. learnable masks: layers sized here
+            objective.bind_hidden_size(policy.config.hidden_size)
 
     def _scores(self, model, batch: dict[str, torch.Tensor], diagnostics: bool) -> TokenScores:
         """Completion-token scores of every row, packed when ``method.pack`` is on."""
@@ -220,6 +230,8 @@ class PreferenceMethod(ObjectiveSteps, Method):
         self, batch: dict[str, torch.Tensor], split: str
     ) -> tuple[ObjectiveOutput, dict[str, torch.Tensor]]:
         """The objective's output on one batch and the token diagnostics of its examples."""
+        if self.objective.token_terms:
+            return self._token_terms_forward(batch)
         scores = self._scores(self.policy, batch, diagnostics=True)
         inputs = self._logps(batch, scores.sequence_sum(), self._reference_logps(batch, split),
                              scores.lengths())
@@ -227,6 +239,21 @@ class PreferenceMethod(ObjectiveSteps, Method):
         if self.data_kind == "unpaired":
             scores = _first_rows(scores, batch["index"].shape[0])
         return out, token_diagnostics(scores)
+
+    def _token_terms_forward(self, batch: dict[str, torch.Tensor]
+                             ) -> tuple[ObjectiveOutput, dict[str, torch.Tensor]]:
+        """The objective on the per-token terms it declared (see module doc)."""
+        terms = self.objective.token_terms
+        k = batch["input_ids"].shape[0] // batch["index"].shape[0]
+        args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        pack = dict(pack=k if self.packs else None, pack_max_tokens=self.pack_max_tokens)
+        reference = None
+        if REFERENCE_TERMS & set(terms):
+            with torch.no_grad(), self.reference.scope() as model:
+                reference = reference_side(model, *args, **pack)
+        inputs, diagnostics = completion_terms(self.policy, *args, terms, k=k,
+                                               reference=reference, **pack)
+        return self.objective(inputs), diagnostics
 
     def fsdp_roots(self) -> list[torch.nn.Module]:
         return [self.policy]

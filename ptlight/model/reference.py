@@ -32,6 +32,7 @@ from ptlight.errors import ConfigError
 from ptlight.model import backbone
 from ptlight.model.backbone import (REFERENCE_ADAPTER, TRAINED_ADAPTER, eval_mode,
                                     lora_settings, peft_wrapper)
+from ptlight.objectives.tokens import REFERENCE_TERMS
 
 REFERENCE_MODES = ("copy", "adapter", "precompute", "none")
 
@@ -234,6 +235,15 @@ def reference_mode(method_cfg: Any, model_cfg: Any, objective: Any) -> str:
     mode = method_cfg.get("reference", "none")
     if mode not in REFERENCE_MODES:
         raise ConfigError(f"method.reference={mode!r}; use one of {REFERENCE_MODES}")
+    live = sorted(REFERENCE_TERMS & set(getattr(objective, "token_terms", ())))
+    if live and mode in ("none", "precompute"):
+        why = ("has no reference model" if mode == "none" else
+               "stores only each sequence's summed log-probs")
+        raise ConfigError(
+            f"objective {objective.name!r} needs the reference's per-token terms {live} "
+            f"(full-vocabulary distributions at every completion position), but "
+            f"method.reference={mode} {why}; use method.reference=copy (a frozen copy; "
+            "with LoRA it becomes the adapter reference, no second copy)")
     if objective.needs_reference and mode == "none":
         raise ConfigError(f"objective {objective.name!r} needs a reference model but "
                           "method.reference=none; use method.reference=copy or precompute")

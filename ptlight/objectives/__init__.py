@@ -15,6 +15,7 @@ from ptlight.objectives.base import (
     Rollout,
     TokenLogps,
 )
+from ptlight.objectives.tokens import TOKEN_TERMS, TokenTerms
 from ptlight.registry import OBJECTIVES, PluginInfo
 from ptlight.registry import plugin_info as _plugin_info
 
@@ -57,6 +58,8 @@ __all__ = [
     "Rewards",
     "Rollout",
     "TokenLogps",
+    "TOKEN_TERMS",
+    "TokenTerms",
     "available_objectives",
     "build_objective",
     "get_objective",

@@ -158,9 +158,17 @@ class Objective(torch.nn.Module):
     name: ClassVar[str] = ""
     needs_reference: bool = False
     data_kind: ClassVar[str] = ""
+    # per-token quantities the objective needs instead of sequence sums (names in
+    # ptlight.objectives.tokens.TOKEN_TERMS); non-empty: forward receives a TokenTerms
+    token_terms: ClassVar[tuple[str, ...]] = ()
 
     def forward(self, inputs):  # noqa: D102 - documented on subclasses
         raise NotImplementedError
+
+    def bind_hidden_size(self, hidden_size: int) -> None:
+        """Called once with the policy's hidden size, before the optimiser is built, by a
+        method that hands this objective ``hidden`` token terms: an objective with layers
+        over hidden states (SparsePO's learnable masks) creates them here. Default: nothing."""
 
 
 def sigmoid_metrics(

@@ -29,6 +29,8 @@ OBJECTIVES = {
     "rloo": "RLOO",
     "reinforce_pp": "ReinforcePP",
     "online_dpo": "OnlineDPO",
+    "sparsepo": "SparsePO",
+    "tdpo": "TDPO",
 }
 
 
