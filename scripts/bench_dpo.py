@@ -11,8 +11,8 @@ so both frameworks load the very same weights from disk):
 - ``bench``: ``Lfm2ForCausalLM``, layers ``c,c,A,c,c,A,c,A``, hidden 512, FFN 2048, vocab
   32768, tied embeddings (≈50 M parameters); pairwise rows of the bundled sorting task with
   8–20 words per list behind a short context of 20–56 words, so that prompts are the issue's
-  ~50–100 tokens (the bundled tokenizer spends one token per word: the bare task prompt is
-  only 24–36); 8 pairs per batch.
+  ~50–100 tokens (the bundled tokenizer spends one token per task word: the bare task prompt
+  is only 22–34); 8 pairs per batch.
 - ``lfm2-350m``: the LFM2-350M shape (hidden 1024, 16 layers of its conv/attention pattern,
   FFN 4608, vocab 65536, tied), random init; sorting pairs behind a long context so that
   prompt + completion is close to 512 tokens; 2 pairs per batch.

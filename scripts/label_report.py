@@ -4,8 +4,8 @@
 
 1. ``python -m ptlight.label`` with the gold judge: the SFT policy samples 4 completions for
    each of ``--prompts`` train prompts; the best and worst under the judge become a pair.
-2. The same with the constitution LLM judge, the SFT model itself as the judge (a 2.9 M
-   parameter model never trained to judge: this measures the mechanics and position bias, not
+2. The same with the constitution LLM judge, the SFT model itself as the judge (lfm2-tiny,
+   3.6 M parameters, never trained to judge: this measures the mechanics and position bias, not
    a useful judge), on a quarter of the prompts.
 3. DPO from the SFT model on the gold-labelled on-policy pairs (``data.path=`` the file),
    ``--steps`` steps, evaluated on the task's held-out prompts.
