@@ -86,7 +86,7 @@ def load_prompts(cfg: DictConfig, n: int) -> list[Any]:
                               "data.task (a task that generates prompts)")
         from ptlight.tasks import resolve_task
 
-        task = resolve_task(cfg.data.task)
+        task = resolve_task(cfg.data.task, args=cfg.data.get("task_args"))
         assert task is not None
         return [r["prompt"] for r in task.make_rows("prompt", n, cfg.data.seed, "train",
                                                     **cfg.data.task_args)]
@@ -115,7 +115,7 @@ def _gold(cfg: DictConfig):
         return None
     from ptlight.tasks import resolve_task
 
-    task = resolve_task(cfg.data.task)
+    task = resolve_task(cfg.data.task, args=cfg.data.get("task_args"))
     assert task is not None
     return lambda prompt, completion: task.score([prompt], [completion])[0]
 

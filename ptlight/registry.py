@@ -205,3 +205,5 @@ OBJECTIVES = Registry("ptlight.objectives", "objective", _objective_contract,
                       setting="hyperparameter")
 REWARDS = Registry("ptlight.rewards", "reward", _reward_contract)
 TASKS = Registry("ptlight.tasks", "task", _task_contract)
+ROLLOUT_ENGINES = Registry("ptlight.rollout_engines", "rollout engine",
+                           _subclass_of("ptlight.engine.rollout.RolloutEngine"))

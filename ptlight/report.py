@@ -147,6 +147,38 @@ def plot_ppo(series: Series, out: Path) -> bool:
     return True
 
 
+def _lines(ax, series: Series, keys: Sequence[tuple[str, str]], title: str, ylabel: str) -> None:
+    """One line per ``train/<key>`` with its label."""
+    for key, label in keys:
+        if series.get(f"train/{key}"):
+            steps, values = zip(*series[f"train/{key}"])
+            ax.plot(steps, values, lw=1.5, label=label)
+    ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+
+
+def plot_group(series: Series, out: Path) -> bool:
+    """Critic-free RL at a glance: the rollouts' reward (and the greedy val reward), its std
+    within groups, KL to the reference (when β > 0), clip ratios and completion length."""
+    if "train/frac_reward_zero_std" not in series:
+        return False
+    fig, axes = _figure(ncols=5, width=4.2)
+    _curves(axes[0], series, "reward", "Reward (train: rollouts; val: greedy)", "mean reward")
+    _lines(axes[1], series, (("reward_std", "reward std (mean over groups)"),
+                             ("frac_reward_zero_std", "share of groups with std 0")),
+           "Signal in the groups", "")
+    if not _curves(axes[2], series, "kl", "KL to the reference (k3, per token)", "nats"):
+        axes[2].text(0.5, 0.5, "β = 0: no reference", ha="center", va="center",
+                     transform=axes[2].transAxes)
+    _lines(axes[3], series, (("clip_ratio/low_mean", "low"), ("clip_ratio/high_mean", "high"),
+                             ("clip_ratio/region_mean", "region")),
+           "Clipped token ratios", "fraction")
+    _curves(axes[4], series, "completions/mean_length", "Completion length", "tokens")
+    fig.savefig(out, dpi=120)
+    return True
+
+
 def plot_reward_model(series: Series, out: Path) -> bool:
     """Reward-model accuracy and margin (``method=rm``)."""
     if "train/center_loss" not in series:
@@ -286,6 +318,8 @@ def write_run_report(run_dir: Path) -> Path:
         parts.append("![reward margins and accuracies](rewards.png)\n")
     if plot_ppo(series, run_dir / "ppo.png"):
         parts.append("![PPO: reward, KL, clip fraction](ppo.png)\n")
+    if plot_group(series, run_dir / "grpo.png"):
+        parts.append("![group RL: reward, reward std, KL, clip ratios, length](grpo.png)\n")
     if plot_reward_model(series, run_dir / "reward_model.png"):
         parts.append("![reward model accuracy and margin](reward_model.png)\n")
     if "heldout" in report:

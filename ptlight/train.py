@@ -70,7 +70,7 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
     objective = build_stage_objective(cfg, overrides)
     method_cls = get_method(cfg.method.module)
     ref_mode = _check_method(cfg, method_cls, objective)
-    task = resolve_task(cfg.data.task)  # a task file's reward plugins are built here
+    task = resolve_task(cfg.data.task, args=cfg.data.get("task_args"))  # a task file's reward plugins are built here
     offload = offload_directory(cfg.optimizer_offload) if cfg.get("optimizer_offload") else None
     trainer_cfg, precision = precision_plugins(cfg.trainer, cfg.cpu_bf16)
     guard = NonFiniteGuard(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive,

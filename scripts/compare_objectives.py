@@ -111,7 +111,7 @@ def score_start(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.data.task:
         return {}
     tokenizer = load_tokenizer(cfg.model)
-    return gold_eval(build_policy(cfg.model, tokenizer), tokenizer, resolve_task(cfg.data.task),
+    return gold_eval(build_policy(cfg.model, tokenizer), tokenizer, resolve_task(cfg.data.task, args=cfg.data.get("task_args")),
                      cfg.eval)
 
 

@@ -128,7 +128,7 @@ def _train_resume_export(tmp_path, method: str, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "rm", "ppo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "rm", "ppo", "grpo"])
 def test_every_method_trains_clips_checkpoints_resumes_and_exports_under_fsdp_on_cpu(
         tmp_path, method):
     report = _train_resume_export(tmp_path, method, "trainer.accelerator=cpu")

@@ -428,3 +428,14 @@ def test_group_objectives_are_registered(name, cls):
 
     assert get_objective(name) is cls
     assert build_objective(name, {}).data_kind == "group"
+
+
+def test_online_dpo_reports_the_reward_metrics_and_needs_pairs():
+    from ptlight.objectives.online_dpo import OnlineDPO
+
+    adv, metrics = OnlineDPO().advantages(torch.tensor([1.0, 0.0, 0.5, 0.5]), 2)
+    assert adv is None
+    assert metrics["reward"].item() == pytest.approx(0.5)
+    assert metrics["frac_reward_zero_std"].item() == pytest.approx(0.5)  # the tied pair
+    with pytest.raises(ValueError, match="exactly 2 completions"):
+        OnlineDPO().advantages(torch.zeros(6), 3)

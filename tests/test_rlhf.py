@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from helpers import TINY, run_cli, tiny_model_cfg
 
 from ptlight.errors import ConfigError
-from ptlight.methods.ppo import position_ids, response_mask, token_scores
+from ptlight.engine.rollout import completion_mask
+from ptlight.methods.ppo import position_ids, token_scores
 from ptlight.objectives import Rewards, Rollout, build_objective, get_objective
 from ptlight.rewards import Reward, available_rewards, build_reward, get_reward
 from ptlight.methods.rl import (AdaptiveKLController, FixedKLController, gae, kl_penalty,
@@ -160,7 +161,7 @@ def test_whitening_over_valid_tokens():
 def test_response_is_cut_after_the_first_eos():
     eos = 7
     resp = torch.tensor([[3, 7, 5, 7], [3, 4, 5, 6], [7, 0, 0, 0]])
-    mask, has_eos = response_mask(resp, eos)
+    mask, has_eos = completion_mask(resp, eos)
     assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
     assert has_eos.tolist() == [True, False, True]
 

@@ -311,7 +311,7 @@ class PtlDataModule(L.LightningDataModule):
             )
         # generated rows: the task must make this kind (a task made of files holds held-out
         # prompts only); a registered task writes chat messages
-        self.task = resolve_task(cfg.task) if cfg.path is None else None
+        self.task = resolve_task(cfg.task, args=cfg.get("task_args")) if cfg.path is None else None
         if self.task is not None and kind not in self.task.kinds:
             raise ConfigError(
                 f"data.task={self.task.name!r} provides {', '.join(self.task.kinds)} rows, not "
@@ -339,7 +339,7 @@ class PtlDataModule(L.LightningDataModule):
             assert task is not None
             return (
                 (f"task {task.name!r} (train)",
-                 task.make_rows(self.kind, cfg.num_train, cfg.seed, "train", **cfg.task_args)),
+                 task.make_rows(self.kind, cfg.num_train, cfg.seed, "train")),
                 (f"task {task.name!r} (held-out)",
                  task.make_rows(self.kind, cfg.val_size, cfg.seed + 1, "heldout")),
             )

@@ -206,7 +206,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
 
     cfg = drop_unchosen_task(cfg, overrides)
     acc = cfg.eval.acceptance
-    task = resolve_task(cfg.data.task)  # a task file's rewards are built (and checked) here
+    task = resolve_task(cfg.data.task, args=cfg.data.get("task_args"))  # a task file's rewards are built (and checked) here
     how = "data.task=<a task name, or a task file: held-out prompts + reward plugins>"
     if task is None and cfg.eval.num_pairs <= 0 and not acc.path:
         raise ConfigError(f"nothing to evaluate: no task (set {how}) and eval.num_pairs=0 (no "

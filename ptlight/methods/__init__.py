@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 
 from ptlight.errors import ConfigError
+from ptlight.methods.group import GroupRLMethod
 from ptlight.methods.preference import PreferenceMethod
 from ptlight.methods.ppo import PPOMethod
 from ptlight.methods.reward import RewardMethod
@@ -15,6 +16,7 @@ METHODS: dict[str, type[L.LightningModule]] = {
     "preference": PreferenceMethod,
     "rm": RewardMethod,
     "ppo": PPOMethod,
+    "group": GroupRLMethod,
 }
 
 

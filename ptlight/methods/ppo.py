@@ -3,7 +3,8 @@
 One training batch = one rollout batch of prompts (``data.batch_size``), then
 ``method.ppo.num_ppo_epochs`` passes over it in ``num_mini_batches`` minibatches:
 
-1. **Rollout** (no grad, eval mode): the policy samples a response per prompt with
+1. **Rollout** (no grad, eval mode): the rollout engine (``method.ppo.engine``, default
+   ``hf``, :mod:`ptlight.engine.rollout`) samples a response per prompt with
    ``generate`` and its KV cache (LFM2's conv cache included) at ``temperature``, up to
    ``max_new_tokens``. Prompts are left-padded; positions follow the attention mask, so a
    padded row gets exactly the tokens and log-probs it would get alone (tested). The response
@@ -47,10 +48,10 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from ptlight.engine.logps import backbone_hidden
+from ptlight.engine.rollout import HFGenerate, RolloutEngine
 from ptlight.errors import ConfigError
 from ptlight.methods.base import Method
 from ptlight.methods.common import check_finite, configure_optim
-from ptlight.model.backbone import eval_mode
 from ptlight.model.reference import Reference
 from ptlight.objectives import Objective, Rollout
 from ptlight.rewards import Reward, build_reward
@@ -59,14 +60,6 @@ from ptlight.methods.rl import (AdaptiveKLController, FixedKLController, gae, kl
 from ptlight.runtime.strategy import is_sharded, submodule_state
 
 VALUE_HEAD = "value_head.safetensors"
-
-
-def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``[B, N]`` bool mask of each response up to and including its first EOS, ``[B]`` bool
-    whether the response has an EOS at all)."""
-    is_eos = responses == eos_id
-    seen_before = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
-    return ~seen_before, is_eos.any(dim=1)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -136,7 +129,10 @@ class PPOMethod(Method):
                 ptx_cfg.path = settings.ptx_data_path
             ptx = PtlDataModule(ptx_cfg, tokenizer, "sft")
             ptx.setup()
+        from ptlight.methods.group import build_engine
+
         return {"reward": reward, "tokenizer": tokenizer, "settings": settings,
+                "engine": build_engine(settings, "method.ppo"),
                 "max_grad_norm": cfg.trainer.get("gradient_clip_val"), "ptx": ptx}
 
     @classmethod
@@ -149,12 +145,14 @@ class PPOMethod(Method):
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
         reference: Reference, reward: Reward, tokenizer, settings: DictConfig,
         max_grad_norm: float | None = None, ptx: Any = None,
+        engine: RolloutEngine | None = None,
     ) -> None:
         super().__init__(policy, objective, optim, reference)
         self.check_reference(reference.mode, objective)
         self.automatic_optimization = False
         self.policy, self.objective, self.optim_cfg = policy, objective, optim
         self.reward, self.tokenizer, self.s = reward, tokenizer, settings
+        self.engine = engine if engine is not None else HFGenerate()
         self.max_grad_norm = max_grad_norm
         hidden = policy.config.get_text_config().hidden_size
         self.value_head = torch.nn.Linear(hidden, 1)
@@ -184,18 +182,14 @@ class PPOMethod(Method):
         s, tok = self.s, self.tokenizer
         ids, attn = batch["input_ids"], batch["attention_mask"]
         n_prompt = ids.shape[1]
-        with eval_mode(self.policy):
-            gen = self.policy.generate(
-                input_ids=ids, attention_mask=attn, do_sample=True, temperature=s.temperature,
-                top_k=0, top_p=1.0, max_new_tokens=s.max_new_tokens,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                # sharded (FSDP) ranks gather each layer together: all decode to the longest
-                synced_gpus=is_sharded(self.policy) and self.trainer.world_size > 1,
-            )
-        responses = gen[:, n_prompt:]
-        mask, has_eos = response_mask(responses, tok.eos_token_id)
-        seqs = torch.cat([ids, responses.masked_fill(~mask, tok.pad_token_id)], dim=1)
-        full_attn = torch.cat([attn, mask.long()], dim=1)
+        gen = self.engine.generate(
+            self.policy, ids, attn, n=1, max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature, top_p=1.0, top_k=0, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            # sharded (FSDP) ranks gather each layer together: all decode to the longest
+            synced_gpus=is_sharded(self.policy) and self.trainer.world_size > 1)
+        responses, mask, has_eos = gen.completions, gen.completion_mask, gen.has_eos
+        seqs, full_attn = gen.sequences, gen.attention_mask
 
         texts = [tok.decode(r[m], skip_special_tokens=True).strip()
                  for r, m in zip(responses, mask)]
@@ -228,6 +222,7 @@ class PPOMethod(Method):
             "objective/rlhf_reward": (scores + non_score).mean(),
             "val/num_eos_tokens": has_eos.float().sum(),
             "response_length": fmask.sum(1).mean(),
+            "rollout/tokens_per_s": torch.tensor(gen.num_tokens / max(gen.seconds, 1e-9)),
         }
         return {"seqs": seqs, "attn": full_attn, "mask": mask, "logps": logps,
                 "values": values * fmask, "advantages": advantages, "returns": returns,

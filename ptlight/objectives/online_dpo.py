@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ptlight.objectives.base import GroupRollout, Objective, ObjectiveOutput, sigmoid_metrics
-from ptlight.objectives.group import choice
+from ptlight.objectives.group import choice, grouped, nanstd, reward_metrics
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -43,6 +43,19 @@ class OnlineDPO(Objective):
             raise ValueError(f"{self.name}: beta must be > 0, got {beta}")
         self.beta = beta
         self.loss_type = choice(self.name, "loss_type", loss_type, LOSS_TYPES)
+
+    def advantages(
+        self, rewards: torch.Tensor, group_size: int, *, mask: torch.Tensor | None = None,
+        logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
+    ) -> tuple[None, dict[str, torch.Tensor]]:
+        """No advantages (the pair's rewards pick chosen and rejected in :meth:`forward`), and
+        the reward metrics of the group objectives; a pair with equal rewards counts in
+        ``frac_reward_zero_std``."""
+        r = grouped(self.name, rewards, group_size)
+        if group_size != 2:
+            raise ValueError(f"{self.name}: judges one pair per prompt; got group_size="
+                             f"{group_size}, sample exactly 2 completions per prompt")
+        return None, reward_metrics(rewards, nanstd(r, dim=1))
 
     def forward(self, inputs: GroupRollout) -> ObjectiveOutput:
         if inputs.group_size != 2:

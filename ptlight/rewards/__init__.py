@@ -99,10 +99,79 @@ def build_reward(spec: dict[str, Any], key: str = "reward") -> Reward:
     return REWARDS.build(name, spec, key)
 
 
+class WeightedRewards:
+    """The rewards of RL from several plugins: r = Σ_k w_k · R_k (OBJECTIVES.md §12).
+
+    A plugin may return ``None`` or NaN for a completion it cannot score: that term is left out
+    of the sum; a completion no plugin scores is unscorable (NaN), which the group objectives
+    exclude from their group's statistics with advantage 0. A plugin that raises, returns the
+    wrong count or an infinite value is an error that names it.
+    """
+
+    def __init__(self, rewards: Sequence[tuple[str, float, Reward]]) -> None:
+        if not rewards:
+            raise ConfigError("reward: no reward plugin configured")
+        self.rewards = list(rewards)
+
+    def to(self, device: torch.device | str) -> WeightedRewards:
+        for _, _, reward in self.rewards:
+            reward.to(device)
+        return self
+
+    def __call__(self, prompts: Sequence[Text], completions: Sequence[str]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(``[N]`` fp32 total, NaN where unscorable; label -> ``[N]`` each plugin's scores)."""
+        n = len(completions)
+        total = torch.zeros(n)
+        scored = torch.zeros(n, dtype=torch.bool)
+        parts: dict[str, torch.Tensor] = {}
+        for label, weight, reward in self.rewards:
+            try:
+                raw = list(reward.score(prompts, completions))
+            except Exception as exc:  # a plugin's own failure, named
+                raise PluginError(f"reward plugin {label!r} raised {type(exc).__name__}: {exc}"
+                                  ) from exc
+            if len(raw) != n:
+                raise PluginError(f"reward plugin {label!r} returned {len(raw)} scores for {n} "
+                                  "completions; expected one float (or None) each")
+            values = torch.tensor([float("nan") if v is None else float(v) for v in raw])
+            if torch.isinf(values).any():
+                raise PluginError(f"reward plugin {label!r} returned an infinite reward")
+            ok = ~torch.isnan(values)
+            total = total + torch.where(ok, weight * values, torch.zeros_like(values))
+            scored |= ok
+            parts[label] = values
+        return torch.where(scored, total, torch.full_like(total, float("nan"))), parts
+
+
+def build_rewards(spec: Any, key: str = "reward") -> WeightedRewards:
+    """A :class:`WeightedRewards` from ``reward``: one plugin spec (``{name: gold, ...}``) or a
+    list of them, each with an optional ``weight`` (default 1.0)."""
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    built = []
+    for i, one in enumerate(specs):
+        where = key if len(specs) == 1 and not isinstance(spec, (list, tuple)) else f"{key}[{i}]"
+        if not isinstance(one, dict):
+            raise ConfigError(f"{where} must be a reward plugin spec such as "
+                              f"{{name: gold, weight: 1.0}}, got {one!r}")
+        one = dict(one)
+        weight = one.pop("weight", 1.0)
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}.weight={weight!r} is not a number") from None
+        reward = build_reward(one, key=where)
+        label = one["name"]
+        if label in {b[0] for b in built}:
+            label = f"{label}_{i}"
+        built.append((label, weight, reward))
+    return WeightedRewards(built)
+
+
 def plugin_info(group: str = GROUP) -> list[PluginInfo]:
     """Every entry point of ``group`` (default: the rewards) with its distribution and version."""
     return _plugin_info(group)
 
 
-__all__ = ["GROUP", "Reward", "available_rewards", "build_reward", "get_reward",
-           "plugin_info", "user_text"]
+__all__ = ["GROUP", "Reward", "WeightedRewards", "available_rewards", "build_reward",
+           "build_rewards", "get_reward", "plugin_info", "user_text"]

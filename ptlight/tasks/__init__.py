@@ -46,13 +46,16 @@ class Task:
     ``gold_metrics(samples)``; ``reference_answer(prompt)``.
     """
 
-    def __init__(self, name: str, impl: Any) -> None:
+    def __init__(self, name: str, impl: Any, args: dict[str, Any] | None = None) -> None:
         self.name, self.impl = name, impl
+        # generator arguments (data.task_args) every make_rows call gets, held-out rows too:
+        # they define the task's distribution (arith's digit range) as well as its noise
+        self.args: dict[str, Any] = dict(args or {})
         self.kinds: tuple[str, ...] = tuple(getattr(impl, "kinds", ALL_KINDS))
         self.threshold: float | None = getattr(impl, "threshold", 1.0)
 
     def make_rows(self, kind: str, n: int, seed: int, split: str, **args: Any) -> list[dict]:
-        return self.impl.make_rows(kind, n, seed, split, **args)
+        return self.impl.make_rows(kind, n, seed, split, **{**self.args, **args})
 
     def score(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[float]:
         batched = getattr(self.impl, "score", None)
@@ -101,10 +104,11 @@ def task_label(value: Any) -> str | None:
     return Path(value).stem if is_spec_file(value) else str(value)
 
 
-def resolve_task(value: Any, key: str = "data.task") -> Task | None:
+def resolve_task(value: Any, key: str = "data.task", args: Any = None) -> Task | None:
     """``data.task`` -> a :class:`Task`: None for null; a registered name; a task spec (a
     mapping, or a ``.yaml``/``.json`` file) -> a task made of files. An unknown name is a
-    ConfigError listing the installed tasks."""
+    ConfigError listing the installed tasks. ``args``: ``data.task_args``, the registered
+    task's generator arguments for every split (a task made of files takes none)."""
     from omegaconf import DictConfig, OmegaConf
 
     from ptlight.errors import ConfigError
@@ -112,6 +116,8 @@ def resolve_task(value: Any, key: str = "data.task") -> Task | None:
 
     if value is None:
         return None
+    if isinstance(args, DictConfig):
+        args = OmegaConf.to_container(args, resolve=True)
     if isinstance(value, DictConfig):
         value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, dict) or is_spec_file(value):
@@ -120,7 +126,7 @@ def resolve_task(value: Any, key: str = "data.task") -> Task | None:
     if isinstance(value, Task):
         return value
     try:
-        return Task(str(value), get_task(str(value)))
+        return Task(str(value), get_task(str(value)), args)
     except KeyError:
         raise ConfigError(f"{key}={value!r} is unknown; installed tasks: "
                           f"{', '.join(available_tasks()) or 'none'}, or a task file "
