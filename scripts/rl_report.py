@@ -2,11 +2,11 @@
 checkpoint on the bundled arith task (``data=arith``: sums whose SFT demonstrations forget the
 carry half the time), evaluated on its 200 held-out prompts (greedy).
 
-    python scripts/rl_report.py [--budget 120] [--sft DIR] [--methods grpo dapo ...]
+    python scripts/rl_report.py [--budget 60] [--sft DIR] [--methods grpo dapo ...]
                                 [--out DIR] [-- extra overrides for every run]
 
-1. SFT ``--sft-steps`` (250) steps on the arith demonstrations, unless ``--sft`` names an
-   export to start from.
+1. SFT as ``experiment=grpo`` does (1200 steps at lr 1e-3 on the arith demonstrations),
+   unless ``--sft`` names an export to start from.
 2. Each method from that export for ``--budget`` seconds of training (Lightning's
    ``trainer.max_time``; ``trainer.max_steps`` is lifted), then the gold evaluation. Every
    method uses its config's defaults; the reward is the arith task's verifier (``reward=gold``)
@@ -50,9 +50,9 @@ def tokens_per_s(run_dir: Path) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/rl_report"))
-    parser.add_argument("--budget", type=int, default=120, help="training seconds per method")
+    parser.add_argument("--budget", type=int, default=60, help="training seconds per method")
     parser.add_argument("--sft", type=Path, default=None, help="an SFT export to start from")
-    parser.add_argument("--sft-steps", type=int, default=250)
+    parser.add_argument("--sft-steps", type=int, default=1200)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("extra", nargs="*", help="overrides for every run")
     args = parser.parse_args()
@@ -60,7 +60,7 @@ def main() -> None:
     rows = []
     if args.sft is None:
         sft, sft_s = run("sft", args.out, ["method=sft", f"trainer.max_steps={args.sft_steps}",
-                                           *args.extra])
+                                           "method.optim.lr=1.0e-3", *args.extra])
         args.sft = args.out / "sft" / "export"
         rows.append({"method": "start (before SFT)", **_gold(sft["before"])})
         rows.append({"method": "sft (the start of every row below)", **_gold(sft["after"]),
