@@ -8,9 +8,11 @@ carry half the time), evaluated on its 200 held-out prompts (greedy).
 1. SFT as ``experiment=grpo`` does (1200 steps at lr 1e-3 on the arith demonstrations),
    unless ``--sft`` names an export to start from.
 2. Each method from that export for ``--budget`` seconds of training (Lightning's
-   ``trainer.max_time``; ``trainer.max_steps`` is lifted), then the gold evaluation. Every
-   method uses its config's defaults; the reward is the arith task's verifier (``reward=gold``)
-   for the RL methods, DPO trains on the task's preference pairs.
+   ``trainer.max_time``; ``trainer.max_steps`` is set far beyond reach, and every run uses a
+   constant learning rate — the RL configs' schedule — so that cap never shapes a
+   schedule), then the gold evaluation. Otherwise every method uses its config's defaults; the
+   reward is the arith task's verifier (``reward=gold``) for the RL methods, DPO trains on the
+   task's preference pairs.
 
 Prints the table (gold reward, exact match, carry exact, optimiser steps, training s,
 rollout tokens/s: generated tokens over generation time, mean over rollout batches) and writes
@@ -69,7 +71,8 @@ def main() -> None:
     for method in args.methods:
         report, _ = run(method, args.out, [
             f"method={method}", f"model.path={args.sft}", "eval.before=false",
-            "trainer.max_steps=-1",
+            "trainer.max_steps=100000", "method.optim.scheduler=constant_with_warmup",
+            "method.optim.warmup_ratio=0.0",
             f"+trainer.max_time=00:00:{minutes:02d}:{seconds:02d}", *args.extra])
         rows.append({"method": method, **_gold(report["after"]),
                      "steps": report.get("global_step"), "train_s": report.get("fit_time_s"),
