@@ -165,7 +165,7 @@ def plot_group(series: Series, out: Path) -> bool:
         return False
     fig, axes = _figure(ncols=5, width=4.2)
     _curves(axes[0], series, "reward", "Reward (train: rollouts; val: greedy)", "mean reward")
-    _lines(axes[1], series, (("reward_std", "reward std (mean over groups)"),
+    _lines(axes[1], series, (("reward_std", "reward std (batch)"),
                              ("frac_reward_zero_std", "share of groups with std 0")),
            "Signal in the groups", "")
     if not _curves(axes[2], series, "kl", "KL to the reference (k3, per token)", "nats"):

@@ -43,6 +43,7 @@ from ptlight.methods.ppo import token_scores
 from ptlight.methods.rl import masked_mean
 from ptlight.model.reference import Reference
 from ptlight.objectives import GroupRollout, Objective
+from ptlight.objectives.group import nanstd
 from ptlight.rewards import WeightedRewards, build_rewards
 from ptlight.runtime.strategy import is_sharded
 
@@ -185,6 +186,7 @@ class GroupRLMethod(Method):
             ok = ~torch.isnan(values)
             stats[f"rewards/{label}/mean"] = (values[ok].mean() if ok.any()
                                              else torch.tensor(float("nan")))
+            stats[f"rewards/{label}/std"] = nanstd(values)
         return {"gen": gen, "rewards": rewards, "advantages": advantages,
                 "old_logps": old_logps if reuse else None, "ref_logps": ref_logps,
                 "stats": stats}
