@@ -4,8 +4,10 @@ from its data files and the CLI alone, evaluated on its task file (200 held-out 
     pip install --no-deps -e plugins/ptlight-reverse
     python scripts/reverse_report.py [--out DIR] [-- extra overrides for both stages]
 
-Prints the gold table (start, after SFT, after DPO: mean reward, exact match, wall s) and
-writes it to ``<out>/reverse_report.json``. The step counts are the default pipeline's.
+Prints the gold table (start, after SFT, after DPO with ``rpo_alpha=1`` — DPO plus the NLL
+of the chosen answer, RPO — and after plain DPO: mean reward, exact match, wall s) and writes
+it to ``<out>/reverse_report.json``. The step counts are the default pipeline's; both DPO runs
+start from the same SFT export.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ def main() -> None:
     task = f"data.task={DATA / 'task.yaml'}"
     sft, sft_s = stage("sft", args.out, ["method=sft", f"data.path={DATA / 'sft.jsonl'}", task,
                                          "trainer.max_steps=250", *args.extra])
-    dpo, dpo_s = stage("dpo", args.out, [
-        "method=dpo", f"model.path={args.out / 'sft' / 'export'}",
-        f"data.path={DATA / 'pairs.jsonl'}", task, "trainer.max_steps=100", "eval.before=false",
-        *args.extra])
+    pairs = [f"model.path={args.out / 'sft' / 'export'}", f"data.path={DATA / 'pairs.jsonl'}",
+             task, "trainer.max_steps=100", "eval.before=false"]
+    rpo, rpo_s = stage("dpo_rpo", args.out, ["method=dpo", *pairs,
+                                             "method.objective.rpo_alpha=1.0", *args.extra])
+    dpo, dpo_s = stage("dpo", args.out, ["method=dpo", *pairs, *args.extra])
     rows = [("start (before SFT)", sft["before"], None), ("after SFT", sft["after"], sft_s),
-            ("after DPO", dpo["after"], dpo_s)]
+            ("after DPO, rpo_alpha=1 (RPO)", rpo["after"], rpo_s),
+            ("after plain DPO", dpo["after"], dpo_s)]
     import torch
     import transformers
 
@@ -51,7 +55,6 @@ def main() -> None:
         "torch": torch.__version__, "transformers": transformers.__version__,
         "rows": [{"model": n, "gold/reward": g["gold/reward"], "gold/exact": g["gold/exact"],
                   "wall_s": None if s is None else round(s)} for n, g, s in rows],
-        "win_rate_dpo_vs_sft": dpo.get("win_rate_vs_start"),
     }
     (args.out / "reverse_report.json").write_text(json.dumps(result, indent=2))
     print("\n| model | gold reward | exact match | wall s (whole command) |\n|---|---|---|---|")
