@@ -3,8 +3,8 @@
     python scripts/sparsepo_report.py [--sft DIR] [--runs dpo,tdpo,...] [--out DIR] \
         [-- data.task=sort trainer.max_steps=100 eval.num_prompts=200 ...]
 
-Without ``--sft`` it first trains the start model (``python -m ptlight method=sft``, as
-``scripts/compare_objectives.py`` does) and uses its export. Then each run below is one
+Without ``--sft`` it first trains the start model (``python -m ptlight method=sft`` with the
+default job's 250 steps, whatever ``trainer.max_steps`` the runs get) and uses its export. Then each run below is one
 ``python -m ptlight <run> model.path=<sft export> eval.before=false hydra.run.dir=<out>/<run>
 <overrides>``, one after another (so wall times do not share the CPU):
 
@@ -112,7 +112,9 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     plain = compare.plain_overrides(args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)
-    sft = args.sft.resolve() if args.sft else compare.train_sft(args.out, plain)
+    # the start is the default job's SFT stage (its 250 steps): the runs' step budget is theirs
+    sft_overrides = [o for o in plain if not o.startswith("trainer.max_steps=")]
+    sft = args.sft.resolve() if args.sft else compare.train_sft(args.out, sft_overrides)
     failed = 0
     rows = []
     for name in args.runs:

@@ -271,3 +271,20 @@ def test_task_args_shape_the_held_out_prompts_too(compose_cfg):
     task = resolve_task(cfg.data.task, args=cfg.data.task_args)
     prompts = [r["prompt"][0]["content"] for r in task.make_rows("prompt", 50, 1234, "heldout")]
     assert all(a >= 100 and b >= 100 for a, b in map(arith.operands, prompts))
+
+
+@pytest.mark.slow
+def test_grpo_trains_under_ddp_on_two_gloo_processes(tmp_path):
+    """Each rank samples its own prompts' groups; the dapo normaliser is summed over ranks."""
+    from helpers import REPO
+
+    run_dir = tmp_path / "ddp"
+    proc = run_cli("method=grpo", *ARITH_TINY, "trainer=ddp", "trainer.devices=2",
+                   "data.batch_size=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   "eval.before=false", "eval.val_samples=0", f"hydra.run.dir={run_dir}",
+                   cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["world_size"] == 2 and report["global_step"] == 2
+    train = [r for r in _rows(run_dir) if r.get("train/reward")]
+    assert train and all(math.isfinite(float(r["train/loss"])) for r in train)
