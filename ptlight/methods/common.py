@@ -145,3 +145,47 @@ class ObjectiveSteps:
         # spent gradients would sit in memory through it (+1x the trainable weights at the
         # peak). They are consumed here: free them now (the later zero_grad is a no-op).
         optimizer.zero_grad(set_to_none=True)
+
+
+class RolloutSteps:
+    """What the methods that sample their own training data share (``ppo``, ``group``): they
+    read prompts, use a reference only live (rollouts are new every step: nothing to
+    precompute), and optimise manually, one rollout batch making several optimiser steps that
+    are clipped here (Lightning's automatic clipping does not run under manual optimisation)."""
+
+    reference_modes: tuple[str, ...] = ("copy", "adapter")
+    max_grad_norm: float | None = None
+
+    @classmethod
+    def data_kind_for(cls, method_cfg: DictConfig, objective) -> str:
+        return "prompt"
+
+    @classmethod
+    def check_reference(cls, mode: str, objective) -> None:
+        if mode not in cls.reference_modes:
+            from ptlight.errors import ConfigError
+
+            raise ConfigError(f"method.reference={mode} cannot serve {objective.name}: rollouts "
+                              "are new every step, so there is nothing to precompute; use "
+                              "method.reference=copy (adapter with LoRA)")
+
+    @classmethod
+    def trainer_overrides(cls, cfg: DictConfig) -> dict:
+        # clipped per optimiser step by the method; one training batch is a whole rollout
+        # batch (several optimiser steps), so its metrics are logged every time
+        return {"gradient_clip_val": None, "log_every_n_steps": 1}
+
+    def optimiser_step(self, loss: torch.Tensor) -> None:
+        """One manual optimiser step on ``loss``: backward (a non-finite loss or gradient is
+        skipped or stops the run, per ``nonfinite.policy``), clip by norm at
+        ``trainer.gradient_clip_val``, AdamW step, and the LR schedule while it lasts."""
+        module: L.LightningModule = self  # type: ignore[assignment]
+        opt, sched = module.optimizers(), module.lr_schedulers()
+        opt.zero_grad()
+        module.manual_backward(check_finite(module, loss))
+        if self.max_grad_norm:
+            module.clip_gradients(opt, gradient_clip_val=self.max_grad_norm,
+                                  gradient_clip_algorithm="norm")
+        opt.step()
+        if sched.last_epoch < int(module.trainer.estimated_stepping_batches):
+            sched.step()

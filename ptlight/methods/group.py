@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from ptlight.engine.rollout import Generation, RolloutEngine
 from ptlight.errors import ConfigError
 from ptlight.methods.base import Method
-from ptlight.methods.common import check_finite, configure_optim
+from ptlight.methods.common import RolloutSteps, configure_optim
 from ptlight.methods.ppo import token_scores
 from ptlight.methods.rl import masked_mean
 from ptlight.model.reference import Reference
@@ -61,23 +61,12 @@ def build_engine(settings: DictConfig, key: str = "method.rollout") -> RolloutEn
     return ROLLOUT_ENGINES.build(settings.engine, dict(args or {}), f"{key}.engine_args")
 
 
-class GroupRLMethod(Method):
+class GroupRLMethod(RolloutSteps, Method):
     """Policy (+ reference when the objective needs one) + reward plugins + rollout engine,
     trained with a ``group`` objective."""
 
     data_kinds = ("group",)
     reference_modes = ("none", "copy", "adapter")
-
-    @classmethod
-    def data_kind_for(cls, method_cfg: DictConfig, objective: Objective) -> str:
-        return "prompt"
-
-    @classmethod
-    def check_reference(cls, mode: str, objective: Objective) -> None:
-        if mode not in cls.reference_modes:
-            raise ConfigError(f"method.reference={mode} cannot serve {objective.name}: rollouts "
-                              "are new every step, so there is nothing to precompute; use "
-                              "method.reference=copy (adapter with LoRA)")
 
     @classmethod
     def extra_args(cls, cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
@@ -106,12 +95,6 @@ class GroupRLMethod(Method):
         return {"rewards": build_rewards(reward_spec, key="reward"), "tokenizer": tokenizer,
                 "settings": s, "engine": build_engine(s),
                 "max_grad_norm": cfg.trainer.get("gradient_clip_val")}
-
-    @classmethod
-    def trainer_overrides(cls, cfg: DictConfig) -> dict[str, Any]:
-        # clipped per minibatch by the method (manual optimisation); one training batch is a
-        # whole rollout, so its metrics are logged every time
-        return {"gradient_clip_val": None, "log_every_n_steps": 1}
 
     def __init__(self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
                  reference: Reference, rewards: WeightedRewards, tokenizer: Any,
@@ -195,11 +178,9 @@ class GroupRLMethod(Method):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         roll = self.rollout(batch)
         gen: Generation = roll["gen"]
-        opt, sched = self.optimizers(), self.lr_schedulers()
         s, G = self.s, self.s.num_generations
         n_prompts = gen.sequences.shape[0] // G
         per_mb = n_prompts // s.num_mini_batches
-        total = int(self.trainer.estimated_stepping_batches)
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         for _ in range(s.num_iterations):
@@ -227,16 +208,7 @@ class GroupRLMethod(Method):
                     if self.trainer.world_size > 1 else float(num_items)))
                 metrics = dict(out.metrics)
                 metrics["entropy"] = masked_mean(entropy.detach(), mask)
-                opt.zero_grad()
-                # a non-finite loss or gradient: the step is skipped or the run stops, per
-                # nonfinite.policy (ptlight.runtime.callbacks.NonFiniteGuard)
-                self.manual_backward(check_finite(self, out.loss))
-                if self.max_grad_norm:
-                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm,
-                                        gradient_clip_algorithm="norm")
-                opt.step()
-                if sched.last_epoch < total:
-                    sched.step()
+                self.optimiser_step(out.loss)
                 self.engine.sync_weights(self.policy)
                 metrics["loss"] = out.loss.detach()
                 for k, v in metrics.items():

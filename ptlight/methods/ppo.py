@@ -51,7 +51,7 @@ from ptlight.engine.logps import backbone_hidden
 from ptlight.engine.rollout import HFGenerate, RolloutEngine
 from ptlight.errors import ConfigError
 from ptlight.methods.base import Method
-from ptlight.methods.common import check_finite, configure_optim
+from ptlight.methods.common import RolloutSteps, configure_optim
 from ptlight.model.reference import Reference
 from ptlight.objectives import Objective, Rollout
 from ptlight.rewards import Reward, build_reward
@@ -87,21 +87,11 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     return logps, entropy, values
 
 
-class PPOMethod(Method):
+class PPOMethod(RolloutSteps, Method):
     """Policy + value head + reference + reward plugin, trained with a ``rollout`` objective."""
 
     data_kinds = ("rollout",)
-    reference_modes = ("copy", "adapter")  # rollouts are new every step: nothing to precompute
-
-    @classmethod
-    def data_kind_for(cls, method_cfg: DictConfig, objective: Objective) -> str:
-        return "prompt"
-
-    @classmethod
-    def check_reference(cls, mode: str, objective: Objective) -> None:
-        if mode not in cls.reference_modes:
-            raise ConfigError(f"method.reference={mode} cannot serve ppo: rollouts are new "
-                              "every step; use method.reference=copy (adapter with LoRA)")
+    reference_modes = ("copy", "adapter")
 
     @classmethod
     def extra_args(cls, cfg: DictConfig, tokenizer) -> dict[str, Any]:
@@ -134,12 +124,6 @@ class PPOMethod(Method):
         return {"reward": reward, "tokenizer": tokenizer, "settings": settings,
                 "engine": build_engine(settings, "method.ppo"),
                 "max_grad_norm": cfg.trainer.get("gradient_clip_val"), "ptx": ptx}
-
-    @classmethod
-    def trainer_overrides(cls, cfg: DictConfig) -> dict[str, Any]:
-        # clipped per minibatch by the method itself; one training batch is a whole rollout
-        # (num_ppo_epochs x num_mini_batches optimiser steps), so its metrics are logged each time
-        return {"gradient_clip_val": None, "log_every_n_steps": 1}
 
     def __init__(
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
@@ -247,12 +231,10 @@ class PPOMethod(Method):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         roll = self.rollout(batch)
-        opt, sched = self.optimizers(), self.lr_schedulers()
         s = self.s
         b = roll["seqs"].shape[0]
         mb = b // s.num_mini_batches
         n_prompt = roll["n_prompt"]
-        total = int(self.trainer.estimated_stepping_batches)
         sums: dict[str, torch.Tensor] = {}
         n = 0
         for _ in range(s.num_ppo_epochs):
@@ -273,16 +255,7 @@ class PPOMethod(Method):
                     nll = self._ptx_nll()
                     loss = loss + s.ptx_coef * nll
                     metrics["loss/ptx"] = nll.detach()
-                opt.zero_grad()
-                # a non-finite loss or gradient: the step is skipped or the run stops, per
-                # nonfinite.policy (ptlight.runtime.callbacks.NonFiniteGuard)
-                self.manual_backward(check_finite(self, loss))
-                if self.max_grad_norm:
-                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm,
-                                        gradient_clip_algorithm="norm")
-                opt.step()
-                if sched.last_epoch < total:
-                    sched.step()
+                self.optimiser_step(loss)
                 metrics["loss"] = loss.detach()
                 if n == 0:
                     metrics["first_ratio"] = metrics["val/ratio"]  # ≡ 1 (nothing updated yet)
