@@ -203,6 +203,8 @@ def test_grpo_builds_a_reference_only_when_beta_is_positive(compose_cfg):
     assert reference_mode(cfg.method, cfg.model, build_stage_objective(cfg)) == "none"
     cfg = compose_cfg("method=grpo", "method.objective.beta=0.04")
     assert reference_mode(cfg.method, cfg.model, build_stage_objective(cfg)) == "copy"
+    cfg = compose_cfg("method=grpo", "method.objective.beta=0.04", "model.lora.enabled=true")
+    assert reference_mode(cfg.method, cfg.model, build_stage_objective(cfg)) == "adapter"
 
 
 # ---- end to end ------------------------------------------------------------------------------------
@@ -288,3 +290,16 @@ def test_grpo_trains_under_ddp_on_two_gloo_processes(tmp_path):
     assert report["world_size"] == 2 and report["global_step"] == 2
     train = [r for r in _rows(run_dir) if r.get("train/reward")]
     assert train and all(math.isfinite(float(r["train/loss"])) for r in train)
+
+
+@pytest.mark.slow
+def test_lora_grpo_uses_the_policy_with_adapters_off_as_its_reference(tmp_path):
+    run_dir = tmp_path / "lora"
+    proc = run_cli("method=grpo", *ARITH_TINY, "model.lora.enabled=true",
+                   "method.objective.beta=0.04", "trainer.max_steps=2",
+                   "trainer.val_check_interval=2", "eval.before=false", "eval.val_samples=0",
+                   f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = [r for r in _rows(run_dir) if r.get("train/kl")]
+    assert train and all(math.isfinite(float(r["train/kl"])) for r in train)
+    assert (run_dir / "export" / "adapter_config.json").is_file()
