@@ -148,7 +148,7 @@ def build_rewards(spec: Any, key: str = "reward") -> WeightedRewards:
     """A :class:`WeightedRewards` from ``reward``: one plugin spec (``{name: gold, ...}``) or a
     list of them, each with an optional ``weight`` (default 1.0)."""
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
-    built = []
+    built: list[tuple[str, float, Reward]] = []
     for i, one in enumerate(specs):
         where = key if len(specs) == 1 and not isinstance(spec, (list, tuple)) else f"{key}[{i}]"
         if not isinstance(one, dict):
