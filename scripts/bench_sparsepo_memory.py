@@ -12,14 +12,17 @@ Each configuration runs in its own subprocess (``--child``) so its peak is its o
 is built from config, wrapped in :class:`ptlight.methods.preference.PreferenceMethod` exactly as
 training does, and ``--steps`` steps run (``forward_batch`` -> backward -> AdamW step ->
 gradients freed). Peak = ``torch.cuda.max_memory_allocated`` on a GPU, else ``ru_maxrss``
-(the whole process: Python, torch and the weights included); ``before_steps_mb`` in the json
+(the whole process: Python, torch and the weights included), with glibc's mmap threshold at
+``--mmap-threshold`` (128 KB: freed tensors go back to the OS, so the peak is what was live;
+with glibc's default, blocks it keeps make identical runs differ by up to ~6%);
+``before_steps_mb`` in the json
 is the same measure once the models are built, before the first step. Rows of ``--pairs`` pairs: a
 ``--prompt`` -token prompt and chosen/rejected completions of ``--completion`` tokens
 (random ids; the memory does not depend on the values).
 
 Configurations: ``dpo`` with ``method.reference=copy`` (the like-for-like baseline: sparsepo
 and tdpo need a live reference, so they also hold a frozen copy) and with ``precompute`` (no
-copy at all: what plain DPO ships with on the CPU); ``tdpo`` (TDPO2), ``sparsepo`` with
+copy at all: the opt-in ``method.reference=precompute``); ``tdpo`` (TDPO2), ``sparsepo`` with
 learnable and with activation masks, all with ``copy``. The table gives each peak and its
 ratio to ``dpo`` (copy) and to ``dpo`` (precompute). Writes ``<out>/sparsepo_memory.json``
 with the date, machine and versions.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help="comma-separated subset of: " + ", ".join(CONFIGS))
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--mmap-threshold", type=int, default=131072,
+                    help="glibc MALLOC_MMAP_THRESHOLD_ of the CPU runs (0: glibc's default)")
     ap.add_argument("--pack", choices=["auto", "true", "false"], default="auto")
     ap.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
@@ -156,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--child", "--config", config, "--shape", args.shape,
                "--steps", str(args.steps), "--pack", str(args.pack).lower(),
                "--precision", args.precision]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ)
+        if args.mmap_threshold:  # glibc hands freed blocks back: RSS tracks what is live
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in done.stdout.splitlines() if x.startswith(RESULT)), None)
         if line is None:
             sys.stderr.write(done.stdout + done.stderr)
