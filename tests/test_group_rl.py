@@ -161,7 +161,7 @@ def test_hf_engine_returns_contiguous_groups_cut_after_eos_and_padding_free_gree
 
 
 def test_rollout_engines_are_a_plugin_group():
-    from ptlight.methods.group import build_engine
+    from ptlight.engine.rollout import build_engine
     from omegaconf import OmegaConf
 
     assert type(build_engine(OmegaConf.create({"engine": "hf", "engine_args": {}}))).__name__ \

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from omegaconf import OmegaConf
 from transformers import PreTrainedModel
 
+from ptlight.errors import ConfigError
 from ptlight.model.backbone import eval_mode
 
 
@@ -136,3 +138,16 @@ class HFGenerate(RolloutEngine):
         seconds = time.perf_counter() - started
         return finish(input_ids, attention_mask, out[:, input_ids.shape[1]:], n, eos_token_id,
                       pad_token_id, seconds)
+
+
+def build_engine(settings: Any, key: str = "method.rollout") -> RolloutEngine:
+    """The rollout engine ``<key>.engine`` with its settings ``<key>.engine_args``."""
+    from ptlight.registry import ROLLOUT_ENGINES
+
+    try:
+        ROLLOUT_ENGINES.load(settings.engine)
+    except KeyError as exc:
+        raise ConfigError(f"{key}.engine: {exc.args[0]}") from None
+    args = settings.get("engine_args")
+    args = OmegaConf.to_container(args, resolve=True) if OmegaConf.is_config(args) else args
+    return ROLLOUT_ENGINES.build(settings.engine, dict(args or {}), f"{key}.engine_args")

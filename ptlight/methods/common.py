@@ -169,6 +169,18 @@ class RolloutSteps:
                               "are new every step, so there is nothing to precompute; use "
                               "method.reference=copy (adapter with LoRA)")
 
+    @staticmethod
+    def check_rollout(settings: DictConfig, key: str, batch_size: int, batch: str) -> None:
+        """``<key>.num_mini_batches`` divides the rollout batch (``batch`` says what a
+        minibatch holds) and ``<key>.temperature`` samples."""
+        from ptlight.errors import ConfigError
+
+        if settings.num_mini_batches < 1 or batch_size % settings.num_mini_batches:
+            raise ConfigError(f"{key}.num_mini_batches={settings.num_mini_batches} must divide "
+                              f"data.batch_size={batch_size} ({batch})")
+        if settings.temperature <= 0:
+            raise ConfigError(f"{key}.temperature must be > 0 (rollouts sample)")
+
     @classmethod
     def trainer_overrides(cls, cfg: DictConfig) -> dict:
         # clipped per optimiser step by the method; one training batch is a whole rollout

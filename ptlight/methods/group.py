@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
-from ptlight.engine.rollout import Generation, RolloutEngine
+from ptlight.engine.rollout import Generation, RolloutEngine, build_engine
 from ptlight.errors import ConfigError
 from ptlight.methods.base import Method
 from ptlight.methods.common import RolloutSteps, configure_optim
@@ -46,19 +46,6 @@ from ptlight.objectives import GroupRollout, Objective
 from ptlight.objectives.group import nanstd
 from ptlight.rewards import WeightedRewards, build_rewards
 from ptlight.runtime.strategy import is_sharded
-
-
-def build_engine(settings: DictConfig, key: str = "method.rollout") -> RolloutEngine:
-    """The rollout engine ``<key>.engine`` with its settings ``<key>.engine_args``."""
-    from ptlight.registry import ROLLOUT_ENGINES
-
-    try:
-        ROLLOUT_ENGINES.load(settings.engine)
-    except KeyError as exc:
-        raise ConfigError(f"{key}.engine: {exc.args[0]}") from None
-    args = settings.get("engine_args")
-    args = OmegaConf.to_container(args, resolve=True) if OmegaConf.is_config(args) else args
-    return ROLLOUT_ENGINES.build(settings.engine, dict(args or {}), f"{key}.engine_args")
 
 
 class GroupRLMethod(RolloutSteps, Method):
@@ -83,17 +70,12 @@ class GroupRLMethod(RolloutSteps, Method):
                               "judges a pair per prompt; set method.rollout.num_generations=2")
         if s.num_iterations < 1:
             raise ConfigError(f"method.rollout.num_iterations={s.num_iterations} must be >= 1")
-        if s.num_mini_batches < 1 or cfg.data.batch_size % s.num_mini_batches:
-            raise ConfigError(
-                f"method.rollout.num_mini_batches={s.num_mini_batches} must divide "
-                f"data.batch_size={cfg.data.batch_size} (minibatches hold whole groups)")
-        if s.temperature <= 0:
-            raise ConfigError("method.rollout.temperature must be > 0 (rollouts sample)")
+        cls.check_rollout(s, "method.rollout", cfg.data.batch_size, "minibatches hold whole groups")
         if s.max_new_tokens < 1:
             raise ConfigError("method.rollout.max_new_tokens must be >= 1")
         reward_spec = OmegaConf.to_container(cfg.reward, resolve=True)
         return {"rewards": build_rewards(reward_spec, key="reward"), "tokenizer": tokenizer,
-                "settings": s, "engine": build_engine(s),
+                "settings": s, "engine": build_engine(s, "method.rollout"),
                 "max_grad_norm": cfg.trainer.get("gradient_clip_val")}
 
     def __init__(self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,

@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from ptlight.engine.logps import backbone_hidden
-from ptlight.engine.rollout import HFGenerate, RolloutEngine
+from ptlight.engine.rollout import HFGenerate, RolloutEngine, build_engine
 from ptlight.errors import ConfigError
 from ptlight.methods.base import Method
 from ptlight.methods.common import RolloutSteps, configure_optim
@@ -97,12 +97,7 @@ class PPOMethod(RolloutSteps, Method):
     def extra_args(cls, cfg: DictConfig, tokenizer) -> dict[str, Any]:
         """The reward plugin and the settings (checked before any weights load)."""
         settings = cfg.method.ppo
-        if settings.num_mini_batches < 1 or cfg.data.batch_size % settings.num_mini_batches:
-            raise ConfigError(
-                f"method.ppo.num_mini_batches={settings.num_mini_batches} must divide "
-                f"data.batch_size={cfg.data.batch_size} (the rollout batch)")
-        if settings.temperature <= 0:
-            raise ConfigError("method.ppo.temperature must be > 0 (rollouts sample)")
+        cls.check_rollout(settings, "method.ppo", cfg.data.batch_size, "the rollout batch")
         if settings.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"method.ppo.kl_estimator={settings.kl_estimator!r}; use k1, k2 or k3")
         if cfg.data.batch_size < 8:
@@ -119,8 +114,6 @@ class PPOMethod(RolloutSteps, Method):
                 ptx_cfg.path = settings.ptx_data_path
             ptx = PtlDataModule(ptx_cfg, tokenizer, "sft")
             ptx.setup()
-        from ptlight.methods.group import build_engine
-
         return {"reward": reward, "tokenizer": tokenizer, "settings": settings,
                 "engine": build_engine(settings, "method.ppo"),
                 "max_grad_norm": cfg.trainer.get("gradient_clip_val"), "ptx": ptx}

@@ -8,6 +8,8 @@ reinforce_pp, online_dpo), as plain functions over a :class:`~ptlight.objectives
 - :func:`clipped_surrogate` — the clipped importance-weighted policy-gradient term per token
   (token or GSPO sequence weights) and its clip-ratio metrics.
 - :func:`choice` — a hyperparameter checked against its valid values.
+- :func:`set_clip_and_beta` — the clip range and KL coefficient the clipped objectives share.
+- :func:`policy_terms` — the current and rollout-time log-probs a clipped loss starts from.
 
 NaN rewards mark unscorable completions: every reward plugin returned None for them.
 """
@@ -22,6 +24,29 @@ def choice(objective: str, key: str, value: object, valid: tuple[str, ...]) -> s
     if value not in valid:
         raise ValueError(f"{objective}: {key} must be one of {', '.join(valid)}; got {value!r}")
     return str(value)
+
+
+def set_clip_and_beta(objective, epsilon: float, epsilon_high: float | None,
+                      beta: float) -> None:
+    """Check ε, ε_high and β (each ≥ 0) and set ``epsilon_low``, ``epsilon_high`` (ε unless
+    given), ``beta`` and ``needs_reference`` (the reference model is built only for β > 0)."""
+    for key, value in (("epsilon", epsilon), ("epsilon_high", epsilon_high), ("beta", beta)):
+        if value is not None and value < 0:
+            raise ValueError(f"{objective.name}: {key} must be >= 0, got {value}")
+    objective.epsilon_low = epsilon
+    objective.epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    objective.beta = beta
+    objective.needs_reference = beta > 0
+
+
+def policy_terms(objective: str, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logps, mask, old_logps)`` of a :class:`~ptlight.objectives.GroupRollout` whose
+    advantages are set; ``old_logps`` is ``logps.detach()`` for one update per rollout."""
+    if inputs.advantages is None:
+        raise ValueError(f"{objective} needs GroupRollout.advantages (from advantages())")
+    logps = inputs.logps.float()
+    old = logps.detach() if inputs.old_logps is None else inputs.old_logps
+    return logps, inputs.mask, old
 
 
 def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:

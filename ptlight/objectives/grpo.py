@@ -47,7 +47,9 @@ from ptlight.objectives.group import (
     grouped,
     masked_mean,
     nanstd,
+    policy_terms,
     reward_metrics,
+    set_clip_and_beta,
 )
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -75,14 +77,7 @@ class GRPO(Objective):
         self.scale_rewards = choice(self.name, "scale_rewards", scale_rewards, SCALE_REWARDS)
         self.importance_sampling_level = choice(
             self.name, "importance_sampling_level", importance_sampling_level, IS_LEVELS)
-        for key, value in (("epsilon", epsilon), ("epsilon_high", epsilon_high), ("beta", beta)):
-            if value is not None and value < 0:
-                raise ValueError(f"{self.name}: {key} must be >= 0, got {value}")
-        self.epsilon_low = epsilon
-        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
-        self.beta = beta
-        # the reference model is built only for the KL term
-        self.needs_reference = beta > 0
+        set_clip_and_beta(self, epsilon, epsilon_high, beta)
 
     def advantages(
         self, rewards: torch.Tensor, group_size: int, *, mask: torch.Tensor | None = None,
@@ -108,10 +103,7 @@ class GRPO(Objective):
         return torch.nan_to_num(adv, nan=0.0).flatten(), reward_metrics(rewards, group_std)
 
     def forward(self, inputs: GroupRollout) -> ObjectiveOutput:
-        if inputs.advantages is None:
-            raise ValueError(f"{self.name} needs GroupRollout.advantages (from advantages())")
-        logps, mask = inputs.logps.float(), inputs.mask
-        old = logps.detach() if inputs.old_logps is None else inputs.old_logps
+        logps, mask, old = policy_terms(self.name, inputs)
         token_loss, metrics = clipped_surrogate(
             logps, old, inputs.advantages, mask, eps_low=self.epsilon_low,
             eps_high=self.epsilon_high, sequence=self.importance_sampling_level == "sequence")

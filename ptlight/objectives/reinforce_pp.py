@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 
 from ptlight.objectives.base import GroupRollout, Objective, ObjectiveOutput
-from ptlight.objectives.group import clipped_surrogate, grouped, masked_mean, nanstd, reward_metrics
+from ptlight.objectives.group import (clipped_surrogate, grouped, masked_mean, nanstd,
+                                      policy_terms, reward_metrics, set_clip_and_beta)
 
 
 def last_token(mask: torch.Tensor) -> torch.Tensor:
@@ -50,14 +51,7 @@ class ReinforcePP(Objective):
     def __init__(self, *, beta: float = 0.01, epsilon: float = 0.2,
                  epsilon_high: float | None = None) -> None:
         super().__init__()
-        for key, value in (("epsilon", epsilon), ("epsilon_high", epsilon_high), ("beta", beta)):
-            if value is not None and value < 0:
-                raise ValueError(f"{self.name}: {key} must be >= 0, got {value}")
-        self.beta = beta
-        self.epsilon_low = epsilon
-        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
-        # the reference model is built only for the KL reward penalty
-        self.needs_reference = beta > 0
+        set_clip_and_beta(self, epsilon, epsilon_high, beta)
 
     def advantages(
         self, rewards: torch.Tensor, group_size: int, *, mask: torch.Tensor | None = None,
@@ -97,10 +91,7 @@ class ReinforcePP(Objective):
         return adv, metrics
 
     def forward(self, inputs: GroupRollout) -> ObjectiveOutput:
-        if inputs.advantages is None:
-            raise ValueError(f"{self.name} needs GroupRollout.advantages (from advantages())")
-        logps, mask = inputs.logps.float(), inputs.mask
-        old = logps.detach() if inputs.old_logps is None else inputs.old_logps
+        logps, mask, old = policy_terms(self.name, inputs)
         token_loss, metrics = clipped_surrogate(
             logps, old, inputs.advantages, mask, eps_low=self.epsilon_low,
             eps_high=self.epsilon_high, sequence=False)

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 
 from ptlight.objectives.base import GroupRollout, Objective, ObjectiveOutput
-from ptlight.objectives.group import grouped, masked_mean, nanstd, reward_metrics
+from ptlight.objectives.group import (grouped, masked_mean, nanstd, policy_terms,
+                                      reward_metrics, set_clip_and_beta)
 
 
 class RLOO(Objective):
@@ -43,15 +44,8 @@ class RLOO(Objective):
     def __init__(self, *, beta: float = 0.05, epsilon: float = 0.2,
                  epsilon_high: float | None = None, normalize_advantages: bool = False) -> None:
         super().__init__()
-        for key, value in (("epsilon", epsilon), ("epsilon_high", epsilon_high), ("beta", beta)):
-            if value is not None and value < 0:
-                raise ValueError(f"{self.name}: {key} must be >= 0, got {value}")
-        self.beta = beta
-        self.epsilon_low = epsilon
-        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        set_clip_and_beta(self, epsilon, epsilon_high, beta)
         self.normalize_advantages = normalize_advantages
-        # the reference model is built only for the KL penalty
-        self.needs_reference = beta > 0
 
     def advantages(
         self, rewards: torch.Tensor, group_size: int, *, mask: torch.Tensor | None = None,
@@ -82,11 +76,10 @@ class RLOO(Objective):
         return torch.nan_to_num(adv, nan=0.0), metrics
 
     def forward(self, inputs: GroupRollout) -> ObjectiveOutput:
-        if inputs.advantages is None:
-            raise ValueError(f"{self.name} needs GroupRollout.advantages (from advantages())")
-        m = inputs.mask.float()
-        seq = (inputs.logps.float() * m).sum(-1)  # (B,)
-        old = seq.detach() if inputs.old_logps is None else (inputs.old_logps.float() * m).sum(-1)
+        logps, mask, old_logps = policy_terms(self.name, inputs)
+        m = mask.float()
+        seq = (logps * m).sum(-1)  # (B,)
+        old = (old_logps.float() * m).sum(-1)
         adv = inputs.advantages.float()
         w = torch.exp(seq - old)
         clipped = torch.clamp(w, 1 - self.epsilon_low, 1 + self.epsilon_high)
