@@ -301,3 +301,66 @@ def test_lean_layers_give_the_stock_values_and_gradients_and_save_less():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         completion_logps(lean, *args)
     assert all(m._ptl_lean_calls == 1 for m in lean.modules() if hasattr(m, "_ptl_lean_calls"))
+
+
+@pytest.mark.parametrize("multiple_of", [1, 16, 128])
+def test_rounded_packed_width_gives_the_same_scores_and_gradients(model, multiple_of):
+    """``method.pack_multiple_of``: the packed rows are padded to a multiple of it; the padding
+    sees only itself, so scores and gradients are those of the unrounded layout."""
+    batch = _batch(**PAIRS)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    layout = packing.pack_checked(*args, 2, 2048, multiple_of=multiple_of)
+    assert layout.input_ids.shape[1] % multiple_of == 0
+    results = []
+    for packed in (None, layout):
+        model.zero_grad()
+        scores = completion_logps(model, *args, pack=2, packed=packed)
+        scores.sequence_sum().sum().backward()
+        results.append((scores.logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+
+
+def test_collate_builds_the_packed_layout_on_the_host(compose_cfg):
+    """With ``pack_rows`` set (the preference methods set it when they pack), every batch
+    carries its packed layout, built by the collate on CPU tensors; sft batches never do."""
+    from ptlight.data.module import PtlDataModule
+
+    cfg = compose_cfg("method=dpo", *TINY)
+    dm = PtlDataModule(cfg.data, load_tokenizer(cfg.model), "pairwise")
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    assert "packed" not in batch
+    dm.pack_rows = {"max_tokens": 2048, "multiple_of": 64}
+    batch = next(iter(dm.val_dataloader()))
+    want = packing.pack_checked(batch["input_ids"], batch["attention_mask"],
+                                batch["loss_mask"], 2, 2048, multiple_of=64)
+    got = batch["packed"]
+    assert got.input_ids.device.type == "cpu" and got.input_ids.shape[1] % 64 == 0
+    for field in ("input_ids", "position_ids", "prev", "allowed", "src", "targets", "rows",
+                  "positions", "inverse"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    moved = got.to("cpu")
+    assert moved.num_tokens == got.num_tokens and torch.equal(moved.src, got.src)
+
+
+def test_dpo_training_takes_the_collated_layout(compose_cfg, tmp_path, monkeypatch):
+    """A packing DPO run scores every batch from the layout its collate built (no packing in
+    the step), and its losses are the unpacked run's."""
+    from ptlight.engine import logps as logps_module
+
+    built_in_step = []
+    real = logps_module.pack_checked
+    monkeypatch.setattr(logps_module, "pack_checked",
+                        lambda *a, **k: built_in_step.append(1) or real(*a, **k))
+    runs = {}
+    for pack in ("false", "true"):
+        cfg = compose_cfg("method=dpo", f"method.pack={pack}", "method.pack_multiple_of=32",
+                          "eval.before=false", *TINY, "trainer.max_steps=3")
+        train_stage(cfg, tmp_path / pack)
+        runs[pack] = _losses(tmp_path / pack)
+    assert not built_in_step
+    assert len(runs["true"]) == 3
+    assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)

@@ -18,7 +18,10 @@ Batches (:meth:`PtlDataModule.collate`) put completion k of every example in blo
 rows, so one forward pass scores all K completions of a prompt; unpaired batches add a block of
 mismatched prompt/completion rows for KTO's KL reference point (docs/objectives.md, kto). TRL samples
 KTO data sequentially because it builds those pairs once over the data set; here they are built
-from whatever batch the loader draws, so shuffling stays on.
+from whatever batch the loader draws, so shuffling stays on. When the method packs
+(:attr:`PtlDataModule.pack_rows`, set by the preference methods), the collate also builds the
+prefix-shared packed layout (:class:`~ptlight.engine.packing.PackedBatch`, ``batch["packed"]``)
+on the host, so the training step never waits on the device to build it.
 """
 
 from __future__ import annotations
@@ -330,6 +333,9 @@ class PtlDataModule(L.LightningDataModule):
         self.truncated = 0
         self.special_as_text = 0  # examples whose message content holds special-token strings
         self.notes: list[str] = []  # printed at setup and kept in the report
+        # set by a method that scores packed (ptlight.methods.preference): keyword arguments of
+        # ptlight.engine.packing.pack_checked (max_tokens, multiple_of) for every batch
+        self.pack_rows: dict[str, int] | None = None
 
     # ---- loading -------------------------------------------------------------------------
     def _sources(self) -> tuple[tuple[str, list[dict]], tuple[str, list[dict]]]:
@@ -449,7 +455,8 @@ class PtlDataModule(L.LightningDataModule):
         Per example: ``index`` ``[B]``; ``labels`` ``[B]`` bool (unpaired); ``scores``
         ``[B, K]`` float (listwise); ``margins`` ``[B]`` (pairwise rows with a margin column).
         Prompt-only data: left-padded ``input_ids``/``attention_mask`` ``[B, P]``, ``index``
-        and ``prompts`` (the raw prompts, a list).
+        and ``prompts`` (the raw prompts, a list). With :attr:`pack_rows` set, ``packed``: the
+        rows' prefix-shared packed layout (:func:`ptlight.engine.packing.pack_checked`).
         """
         items = [item for _, item in batch]
         index = torch.tensor([i for i, _ in batch])
@@ -466,7 +473,14 @@ class PtlDataModule(L.LightningDataModule):
             extra["scores"] = torch.tensor([it.scores for it in items], dtype=torch.float32)
         if self.kind == "pairwise" and any(it.margin is not None for it in items):
             extra["margins"] = torch.tensor([it.margin or 0.0 for it in items])
-        return {**pad_rows(seqs, self.tokenizer.pad_token_id), "index": index, **extra}
+        rows = pad_rows(seqs, self.tokenizer.pad_token_id)
+        if self.pack_rows is not None and self.kind != "sft":
+            from ptlight.engine.packing import pack_checked
+
+            extra["packed"] = pack_checked(rows["input_ids"], rows["attention_mask"],
+                                           rows["loss_mask"], len(seqs) // len(items),
+                                           **self.pack_rows)
+        return {**rows, "index": index, **extra}
 
     def _drop_last(self, n: int) -> bool:
         """Unpaired batches need two or more examples (each prompt is paired with another

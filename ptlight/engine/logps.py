@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ptlight.engine.packing import pack as pack_batch
-from ptlight.engine.packing import base_forward, packed_hidden, supports_packing
+from ptlight.engine.packing import PackedBatch, base_forward, pack_checked, packed_hidden
+from ptlight.engine.packing import supports_packing
 
 _NON_LINEAR_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -91,7 +91,20 @@ def _score_shared(
 ) -> list[tuple[torch.Tensor, ...]]:
     """:func:`_score_rows` for M targets whose hidden states are ``h[inverse]`` (U distinct
     rows): the head and log-softmax run on the U rows only, in chunks; one part, in target
-    order."""
+    order. With one chunk (U <= chunk_size) no index is computed from the data, so nothing
+    waits on the device."""
+    if h.shape[0] <= chunk_size:
+        logp_all = torch.log_softmax(F.linear(h, head.weight, head.bias).float(), dim=-1)
+        logps = logp_all[inverse, targets]
+        mean_logp = logp_all.mean(-1)[inverse] if with_mean_logp else None
+        if not with_diagnostics:
+            empty = logps.new_zeros(0)
+            return [(logps, empty.bool(), empty, mean_logp)]
+        with torch.no_grad():
+            lp = logp_all.detach()
+            entropy = -(lp.exp() * lp).sum(-1)[inverse]
+            correct = lp.argmax(-1)[inverse] == targets
+        return [(logps, correct, entropy, mean_logp)]
     order, parts = [], []
     for i in range(0, h.shape[0], chunk_size):
         sel = ((inverse >= i) & (inverse < i + chunk_size)).nonzero().squeeze(1)
@@ -194,6 +207,7 @@ def completion_logps(
     with_diagnostics: bool = True,
     pack: int | None = None,
     pack_max_tokens: int = 2048,
+    packed: PackedBatch | None = None,
 ) -> TokenScores:
     """Score every token where ``loss_mask`` is True (the token at t is predicted from t−1).
 
@@ -202,20 +216,21 @@ def completion_logps(
     pack=K: rows are K blocks of the same prompts (pairwise K=2: chosen block, rejected block);
     score them prefix-shared and packed into rows of at most ``pack_max_tokens`` tokens when
     the model supports it (:func:`ptlight.engine.packing.supports_packing`), else the plain way.
+    packed: that layout already built for this batch (by the collate, on the host); used with
+    ``pack`` instead of packing here, so the step computes no index from device data.
     """
-    mask, targets, rows = _targets(input_ids, loss_mask)
-    packed = pack is not None and _has_linear_head(model) and supports_packing(model)
-    if packed:
-        pb = pack_batch(input_ids, attention_mask, loss_mask, pack, pack_max_tokens)
-        if not torch.equal(pb.targets, targets):  # a layout the packer does not understand
-            raise ValueError("packed targets differ from the plain batch's completion tokens")
+    if pack is not None and _has_linear_head(model) and supports_packing(model):
+        if packed is None:
+            packed = pack_checked(input_ids, attention_mask, loss_mask, pack, pack_max_tokens)
+        mask, targets, rows = loss_mask[:, 1:].bool(), packed.targets, packed.rows
         # a shared trie node predicts the next token of every row through it: run the head
         # once per distinct node (U <= M), then pick each row's target
-        positions, inverse = torch.unique(pb.src, return_inverse=True)
-        h = packed_hidden(model, pb, positions)  # (U, H)
-        parts = _score_shared(h, inverse, targets, model.get_output_embeddings(), chunk_size,
-                              with_mean_logp, with_diagnostics)
-    elif _has_linear_head(model):
+        h = packed_hidden(model, packed, packed.positions)  # (U, H)
+        parts = _score_shared(h, packed.inverse, targets, model.get_output_embeddings(),
+                              chunk_size, with_mean_logp, with_diagnostics)
+        return _joined(parts, rows, mask, input_ids.device, with_mean_logp)
+    mask, targets, rows = _targets(input_ids, loss_mask)
+    if _has_linear_head(model):
         h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
         head = model.get_output_embeddings()
         parts = [
@@ -226,10 +241,16 @@ def completion_logps(
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         parts = [_score_rows(logits[:, :-1][mask], targets, with_mean_logp, with_diagnostics)]
+    return _joined(parts, rows, mask, input_ids.device, with_mean_logp)
+
+
+def _joined(parts: list[tuple[torch.Tensor, ...]], rows: torch.Tensor, mask: torch.Tensor,
+            device: torch.device, with_mean_logp: bool) -> TokenScores:
     if not parts:  # no completion token in the batch
-        empty = torch.zeros(0, device=input_ids.device)
+        empty = torch.zeros(0, device=device)
         parts = [(empty, empty.bool(), empty, empty if with_mean_logp else None)]
     logps, correct, entropy, mean_logp = (
-        torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(4)
+        (parts[0][i] if len(parts) == 1 else torch.cat([p[i] for p in parts]))
+        if parts[0][i] is not None else None for i in range(4)
     )
     return TokenScores(logps, rows, correct, entropy, mean_logp, mask)

@@ -32,6 +32,7 @@ caller takes the plain path.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass
 
@@ -84,6 +85,13 @@ class PackedBatch:
     attention mask (True = may attend). src: ``[M]`` flat index (row·N + col) of the hidden
     state that predicts each target; targets ``[M]``; rows ``[M]`` the plain batch row of each
     target. Targets are in the plain path's order (row-major over ``loss_mask[:, 1:]``).
+    positions: ``[U]`` the distinct values of ``src`` (a shared trie node predicts the next
+    token of every row through it, so the LM head runs once per node), sorted; inverse:
+    ``[M]`` where each target's ``src`` sits in ``positions``.
+
+    Built on the host (:func:`pack`, in the collate when the method asks for it: see
+    :attr:`ptlight.data.module.PtlDataModule.pack_rows`), it reaches the device with the batch
+    and the packed forward needs no host round trip.
     """
 
     input_ids: torch.Tensor
@@ -93,7 +101,15 @@ class PackedBatch:
     src: torch.Tensor
     targets: torch.Tensor
     rows: torch.Tensor
+    positions: torch.Tensor
+    inverse: torch.Tensor
     num_tokens: int  # real (non-padding) tokens the packed forward runs
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        """The same layout with every tensor on ``device``."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self) if f.name != "num_tokens"})
 
 
 def _groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
@@ -180,8 +196,15 @@ def _trie(prompt: list[int], branches: list[tuple[int, list[int]]]
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-         k: int, max_tokens: int = 2048, pad_id: int = 0) -> PackedBatch:
-    """Pack a plain batch (rows ``[K·B, T]``, right padding, K completions per example)."""
+         k: int, max_tokens: int = 2048, pad_id: int = 0, multiple_of: int = 1) -> PackedBatch:
+    """Pack a plain batch (rows ``[K·B, T]``, right padding, K completions per example).
+
+    ``multiple_of``: the packed row width is rounded up to a multiple of it (padding that sees
+    only itself), so that batches repeat a few shapes: compiled kernels and attention plans are
+    reused instead of built for every new width.
+    """
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of={multiple_of} must be >= 1")
     groups = [_trie(prompt, branches)
               for prompt, branches in _groups(input_ids, attention_mask, loss_mask, k)]
     # first fit, in order: a group longer than max_tokens gets a row of its own
@@ -197,7 +220,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch
         else:
             bins.append([g])
             lengths.append(n)
-    width = max(lengths)
+    width = -(-max(lengths) // multiple_of) * multiple_of
     n_rows = len(bins)
     ids = [[pad_id] * width for _ in range(n_rows)]
     pos = [[0] * width for _ in range(n_rows)]
@@ -221,12 +244,25 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch
     col = torch.arange(width, device=device)
     # i may attend j iff j is i or an ancestor of i: j <= i < end(j) in preorder
     allowed = (col[None, :, None] >= col[None, None, :]) & (col[None, :, None] < as_long(end)[:, None, :])
+    src = as_long([s for _, s, _ in scored])
+    positions, inverse = torch.unique(src, return_inverse=True)
     return PackedBatch(
         input_ids=as_long(ids), position_ids=as_long(pos), prev=as_long(prev),
-        allowed=allowed[:, None], src=as_long([s for _, s, _ in scored]),
+        allowed=allowed[:, None], src=src,
         targets=as_long([t for _, _, t in scored]), rows=as_long([r for r, _, _ in scored]),
-        num_tokens=sum(lengths),
+        positions=positions, inverse=inverse, num_tokens=sum(lengths),
     )
+
+
+def pack_checked(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 loss_mask: torch.Tensor, k: int, max_tokens: int = 2048,
+                 multiple_of: int = 1) -> PackedBatch:
+    """:func:`pack`, refusing a layout whose targets are not the plain batch's completion
+    tokens in the plain order (a batch the packer does not understand)."""
+    packed = pack(input_ids, attention_mask, loss_mask, k, max_tokens, multiple_of=multiple_of)
+    if not torch.equal(packed.targets, input_ids[:, 1:][loss_mask[:, 1:].bool()]):
+        raise ValueError("packed targets differ from the plain batch's completion tokens")
+    return packed
 
 
 def tree_conv(x: torch.Tensor, prev: torch.Tensor, weight: torch.Tensor,

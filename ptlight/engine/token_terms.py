@@ -28,8 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from ptlight.engine.logps import _completion_hidden, _has_linear_head, _targets
-from ptlight.engine.packing import pack as pack_batch
-from ptlight.engine.packing import packed_hidden, supports_packing
+from ptlight.engine.packing import pack_checked, packed_hidden, supports_packing
 from ptlight.objectives.tokens import TOKEN_TERMS, TokenTerms
 
 # columns of a reduced chunk, in order (COLUMNS_REF only when a reference side is given)
@@ -59,9 +58,7 @@ def completion_hidden(
             "full-vocabulary terms need a linear head (logits = hidden @ W.T + b)")
     mask, targets, rows = _targets(input_ids, loss_mask)
     if pack is not None and supports_packing(model):
-        pb = pack_batch(input_ids, attention_mask, loss_mask, pack, pack_max_tokens)
-        if not torch.equal(pb.targets, targets):
-            raise ValueError("packed targets differ from the plain batch's completion tokens")
+        pb = pack_checked(input_ids, attention_mask, loss_mask, pack, pack_max_tokens)
         return packed_hidden(model, pb), targets, rows, mask
     return _completion_hidden(model, input_ids, attention_mask, mask), targets, rows, mask
 

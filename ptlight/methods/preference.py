@@ -33,7 +33,9 @@ Fast path (docs/performance.md), each equal to the plain path within fp toleranc
 - ``method.pack`` (default ``auto``: on the CPU, off on GPUs): every prompt runs once with its completions
   as branches, packed without padding into rows of ``method.pack_max_tokens`` tokens, for the
   policy and the reference alike (:mod:`ptlight.engine.packing`; LFM2's short convolutions never see
-  another branch or sequence). Models it does not support take the plain path.
+  another branch or sequence). Models it does not support take the plain path. The layout is
+  built by the data module's collate, on the host; ``method.pack_multiple_of`` rounds the
+  packed width up so that batches repeat a few shapes.
 - ``method.reference_cache``: with ``precompute``, the reference log-probs are saved to disk
   under a key of everything they depend on (:mod:`ptlight.engine.refcache`); a later run with the same
   reference, data and precision (say, a sweep over ``beta`` or objectives) loads them and never
@@ -56,6 +58,7 @@ from transformers import PreTrainedModel
 
 from ptlight.engine import refcache
 from ptlight.engine.logps import TokenScores, completion_logps
+from ptlight.engine.packing import supports_packing
 from ptlight.engine.token_terms import completion_terms, reference_side
 from ptlight.errors import ConfigError
 from ptlight.methods.base import Method
@@ -80,7 +83,7 @@ class PreferenceMethod(ObjectiveSteps, Method):
 
     data_kinds = ("pairwise", "listwise", "unpaired")
     reference_modes = ("copy", "adapter", "precompute", "none")
-    _config_keys = ("pack", "pack_max_tokens", "reference_cache")
+    _config_keys = ("pack", "pack_max_tokens", "pack_multiple_of", "reference_cache")
 
     @classmethod
     def check_reference(cls, mode: str, objective: Objective) -> None:
@@ -99,7 +102,8 @@ class PreferenceMethod(ObjectiveSteps, Method):
     def __init__(
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
         reference: Reference | None = None, pack: bool | str = False,
-        pack_max_tokens: int = 2048, reference_cache: str | None = None,
+        pack_max_tokens: int = 2048, pack_multiple_of: int = 1,
+        reference_cache: str | None = None,
     ) -> None:
         super().__init__(policy, objective, optim, reference or NoReference())
         self.check_reference(self.reference.mode, objective)
@@ -107,7 +111,11 @@ class PreferenceMethod(ObjectiveSteps, Method):
         self.data_kind = objective.data_kind
         if pack not in (True, False, "auto"):
             raise ConfigError(f"method.pack={pack!r}; use auto, true or false")
+        if int(pack_multiple_of) < 1 or int(pack_multiple_of) > int(pack_max_tokens):
+            raise ConfigError(f"method.pack_multiple_of={pack_multiple_of}: use 1 (no rounding) "
+                              f"up to method.pack_max_tokens={pack_max_tokens}")
         self.pack, self.pack_max_tokens = pack, int(pack_max_tokens)
+        self.pack_multiple_of = int(pack_multiple_of)
         self.reference_cache = reference_cache
         self.reference_cache_hit: bool | None = None  # set by a precompute: file found or not
         if "hidden" in objective.token_terms:  # e.g. learnable masks: layers sized here
@@ -119,15 +127,28 @@ class PreferenceMethod(ObjectiveSteps, Method):
         return completion_logps(
             model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
             with_diagnostics=diagnostics, pack=k if self.packs else None,
-            pack_max_tokens=self.pack_max_tokens,
+            pack_max_tokens=self.pack_max_tokens, packed=batch.get("packed"),
         )
 
     @property
     def packs(self) -> bool:
         """``method.pack``; ``auto``: on the CPU only. Packing runs each prompt once (a 5x
-        faster DPO step on the CPU), but its dense tree mask and per-batch host work cost more
-        than they save on a GPU (docs/performance.md)."""
-        return self.device.type == "cpu" if self.pack == "auto" else bool(self.pack)
+        faster DPO step on the CPU); on a GPU it was measured slower than the padded step
+        (docs/performance.md), so ``auto`` leaves it off there."""
+        if self.pack != "auto":
+            return bool(self.pack)
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        return device.type == "cpu"
+
+    def setup(self, stage: str) -> None:
+        """Packing: the data module builds each batch's packed layout in its collate (on the
+        host, ahead of the step), for the sequence-sum path; the per-token path packs in the
+        step (:mod:`ptlight.engine.token_terms`)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if (self.packs and not self.objective.token_terms and supports_packing(self.policy)
+                and hasattr(datamodule, "pack_rows")):
+            datamodule.pack_rows = {"max_tokens": self.pack_max_tokens,
+                                    "multiple_of": self.pack_multiple_of}
 
     # ---- reference ----------------------------------------------------------------------
     def _reference_sums(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
