@@ -25,7 +25,8 @@ fp32-rounding differences in training into different gold figures, so a layer th
 It is a CPU measure (measured there: ``scripts/bench_dpo.py``), so GPU runs keep the stock
 layer, and so do FSDP runs, since FSDP manages the unsharded weights that autograd saves and
 this node should not second-guess it: ``train_stage`` installs it on single-process or DDP
-runs on the CPU only.
+runs on the CPU only, and not with ``model.compile`` (the compiled MLP's saved activations are
+inductor's to plan, and dynamo cannot trace this node's scratch buffers).
 """
 
 from __future__ import annotations

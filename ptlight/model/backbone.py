@@ -32,6 +32,7 @@ from peft import (LoraConfig, PeftConfig, PeftModel, get_peft_model,
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
                           PreTrainedModel)
 
+from ptlight.engine.compile import compile_blocks
 from ptlight.engine.cpu_bf16 import checkpoint_contexts
 from ptlight.errors import ConfigError, ModelLoadError
 from ptlight.runtime.rundir import atomic_dir
@@ -211,11 +212,14 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it gets
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if model_cfg.get("compile"):
+        compile_blocks(model)
     return model
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """A frozen deep copy in eval mode, used as the reference model."""
+    """A frozen deep copy in eval mode, used as the reference model (compiled blocks are
+    copied bound to the copy's own modules: tests/test_compile.py)."""
     ref = copy.deepcopy(model)
     ref.eval()
     ref.requires_grad_(False)

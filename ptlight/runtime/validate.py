@@ -136,6 +136,14 @@ def check_config(cfg: DictConfig) -> None:
     check_data(cfg.data)
     check_optim(cfg.method.optim)
     check_trainer(cfg.trainer)
+    check_model(cfg.model)
+
+
+def check_model(model: DictConfig) -> None:
+    compile_ = model.get("compile", False)
+    if not isinstance(compile_, bool):
+        raise ConfigError(f"model.compile={compile_!r}: use model.compile=true (torch.compile "
+                          "the norms and MLPs of every decoder layer) or false")
 
 
 def override_keys(overrides: list[str]) -> set[str]:

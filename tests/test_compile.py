@@ -1,0 +1,107 @@
+"""``model.compile``: compiled norms and MLPs give the eager log-probs and gradients, a new
+sequence length does not recompile, a frozen copy runs its own blocks, and a training run
+matches an eager one."""
+
+import csv
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from helpers import TINY, tiny_model_cfg
+from ptlight.data.module import pad_rows
+from ptlight.engine.compile import compile_blocks, decoder_layers, is_compiled
+from ptlight.engine.logps import completion_logps
+from ptlight.errors import ConfigError
+from ptlight.model.backbone import build_policy, frozen_copy, load_tokenizer
+from ptlight.train import train_stage
+
+
+def _models():
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg()
+    eager = build_policy(cfg, load_tokenizer(cfg))
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg(compile=True)
+    return eager, build_policy(cfg, load_tokenizer(cfg))
+
+
+def _batch(length: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(5, 300, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(length - 6 - i) for i in range(3)]
+    seqs = [(p, ids(5 - i)) for i, p in enumerate(prompts)] + [(p, ids(3)) for p in prompts]
+    return pad_rows(seqs, 0)
+
+
+def test_the_norms_and_mlps_of_every_layer_are_compiled_in_place():
+    eager, compiled = _models()
+    layers = decoder_layers(compiled)
+    assert len(layers) == 3 and is_compiled(compiled) and not is_compiled(eager)
+    for layer in layers:
+        done = {name for name, m in layer.named_children()
+                if getattr(m, "_compiled_call_impl", None) is not None}
+        assert done == {"operator_norm", "ffn_norm", "feed_forward"}
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # exports unchanged
+
+
+@pytest.mark.parametrize("pack", [None, 2])
+def test_compiled_blocks_give_the_eager_logps_and_gradients_without_recompiling(pack):
+    eager, compiled = _models()
+    graphs = []
+    for i, length in enumerate((24, 31, 40, 47)):
+        batch = _batch(length, i)
+        args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        grads = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            scores = completion_logps(model, *args, pack=pack)
+            scores.sequence_sum().sum().backward()
+            grads.append((scores.logps.detach(), [p.grad.clone() for p in model.parameters()]))
+        torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=0)
+        for got, want in zip(grads[1][1], grads[0][1]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # dynamic shapes: the lengths after the first two reuse the compiled graphs
+    assert graphs[3] == graphs[1]
+
+
+def test_a_frozen_copy_of_a_compiled_model_runs_its_own_blocks():
+    """A compiled block is bound to its module; the reference copy must not run the policy's
+    (it would follow the policy's updates)."""
+    _, policy = _models()
+    reference = frozen_copy(policy)
+    batch = _batch(20, 0)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    with torch.no_grad():
+        before = completion_logps(reference, *args).logps
+        for layer in decoder_layers(policy):
+            layer.feed_forward.w2.weight.mul_(3.0)
+        moved = completion_logps(policy, *args).logps
+        after = completion_logps(reference, *args).logps
+    assert not torch.allclose(moved, before)
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def _losses(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+@pytest.mark.slow
+def test_dpo_training_with_compiled_blocks_matches_eager(compose_cfg, tmp_path):
+    runs = {}
+    for flag in ("false", "true"):
+        cfg = compose_cfg("method=dpo", f"model.compile={flag}", "eval.before=false", *TINY,
+                          "trainer.max_steps=3")
+        train_stage(cfg, tmp_path / flag)
+        runs[flag] = _losses(tmp_path / flag)
+    assert len(runs["true"]) == 3
+    assert runs["true"] == pytest.approx(runs["false"], abs=1e-4)
+
+
+def test_model_compile_takes_a_boolean(compose_cfg, tmp_path):
+    cfg = compose_cfg("method=dpo", "model.compile=yes", *TINY)
+    with pytest.raises(ConfigError, match="model.compile='yes'"):
+        train_stage(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
