@@ -13,7 +13,10 @@ bundled sorting task behind a context, prompt + completion close to ``max_length
   8 pairs a batch, max_length 512;
 - ``tiny``: the 3-layer test model (smoke test).
 
-Every run is its own process. ptlight runs ``train_stage`` with ``method=dpo`` (exactly what
+Every run is its own process, which exits as soon as its steps are timed (no export,
+checkpoint or teardown). Runs start in plan order while ``--budget`` seconds (default 450) have
+not passed, so the whole plan ends within 8 minutes on one H100/H200; a run not started is
+listed as skipped. ptlight runs ``train_stage`` with ``method=dpo`` (exactly what
 ``python -m ptlight method=dpo`` runs) on its defaults — ``default`` — plus the variants in
 :data:`PTLIGHT_CONFIGS`; TRL runs ``DPOTrainer`` in the configurations of
 :data:`TRL_CONFIGS`. Same data, batch, max length, optimiser (AdamW lr 5e-5, betas 0.9/0.95,
@@ -53,10 +56,14 @@ bench_dpo.FIXTURES.update({
                            "num_attention_heads": 32, "num_key_value_heads": 8},
                      batch=8, max_length=512, context_words=_CTX),
 })
+PACK = ["method.pack=true", "method.pack_multiple_of=128"]  # packed, widths in 128-token steps
 PTLIGHT_CONFIGS = {
     "default": [],                                               # as shipped
     "precompute": ["method.reference=precompute"],
-    "precompute_pack": ["method.reference=precompute", "method.pack=true"],
+    "precompute_pack": ["method.reference=precompute", *PACK],
+    "precompute_compile": ["method.reference=precompute", "model.compile=true"],
+    "precompute_pack_compile": ["method.reference=precompute", *PACK, "model.compile=true"],
+    "pack_compile": [*PACK, "model.compile=true"],                # live reference copy
     "precompute_ckpt": ["method.reference=precompute", "model.gradient_checkpointing=true"],
     "cudnn_attention": ["cudnn_attention=true"],                  # SDPA may use cuDNN
 }
@@ -64,18 +71,32 @@ TRL_CONFIGS = {
     "default": {},                                                # gradient checkpointing on
     "best": {"precompute_ref_log_probs": True, "gradient_checkpointing": False},
 }
-PLAN = {  # fixture -> (ptlight configs, TRL configs) the full run measures
-    "gpu-350m": (["default", "precompute", "precompute_pack"],
-                 ["default", "best"]),
-    "gpu-1.2b": (["default", "precompute"], ["best"]),
+PLAN = {  # fixture -> (ptlight configs, TRL configs) the full run measures, in this order
+    "gpu-350m": (["default", "precompute", "precompute_pack", "precompute_compile",
+                  "precompute_pack_compile"], ["best"]),
+    "gpu-1.2b": (["default", "precompute_pack_compile"], ["best"]),
     "tiny": (["default", "precompute"], ["best"]),
 }
 
 
 # ---- children ----------------------------------------------------------------------------
 class _Clock:
+    """Step-end times and batch token counts of one run. Once ``total`` steps are timed (and
+    their batches counted), ``finish`` prints the result and the process exits at once: the
+    export, checkpoint and teardown of a training run are not what is measured, and at the
+    1.2B shape they took longer than the steps."""
+
     def __init__(self, device: str) -> None:
         self.device, self.start, self.ends, self.batches = device, None, [], []
+        self.total: int | None = None
+        self.finish = None
+
+    def maybe_finish(self) -> None:
+        if (self.finish is not None and len(self.ends) >= self.total
+                and len(self.batches) >= self.total):
+            print(RESULT + json.dumps(self.finish()), flush=True)
+            sys.stderr.flush()
+            os._exit(0)
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -90,6 +111,7 @@ class _Clock:
     def step_end(self) -> None:
         self.sync()
         self.ends.append(time.perf_counter())
+        self.maybe_finish()
 
     def result(self, warmup: int, pairs: int, live_reference: bool) -> dict:
         import torch
@@ -107,32 +129,47 @@ class _Clock:
 
 
 def child_ptlight(args) -> dict:
+    from ptlight.methods.preference import PreferenceMethod
     from ptlight.train import train_stage
 
     fx, spec = Path(args.fixture_dir), bench_dpo.FIXTURES[args.fixture]
     clock = _Clock(args.device)
     bench_dpo.time_preference_steps(clock)
+    counted = PreferenceMethod.on_train_batch_end
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):  # the batch is counted: done?
+        counted(self, outputs, batch, batch_idx)
+        clock.maybe_finish()
+
+    PreferenceMethod.on_train_batch_end = on_train_batch_end
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
     cfg = bench_dpo.ptlight_cfg(fx, args.fixture, precision, [
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
         f"trainer.max_steps={args.warmup + args.steps}", "method.reference_cache=null",
         f"seed={args.seed}", *PTLIGHT_CONFIGS[args.config]])
+    packed = cfg.method.pack is True or (cfg.method.pack == "auto" and args.device == "cpu")
+
+    def finish() -> dict:
+        bench_dpo.count_tokens(clock.batches, packed)
+        return clock.result(args.warmup, spec["batch"],
+                            live_reference=cfg.method.reference == "copy")
+
+    clock.total, clock.finish = args.warmup + args.steps, finish
     with tempfile.TemporaryDirectory() as run_dir:
         train_stage(cfg, Path(run_dir))
-    bench_dpo.count_tokens(clock.batches, "method.pack=true" in PTLIGHT_CONFIGS[args.config]
-                           or (cfg.method.pack == "auto" and args.device == "cpu"))
-    return clock.result(args.warmup, spec["batch"],
-                        live_reference=cfg.method.reference == "copy")
+    return finish()  # only if the run ended before its steps were timed
 
 
 def child_trl(args) -> dict:
     fx, spec = Path(args.fixture_dir), bench_dpo.FIXTURES[args.fixture]
     clock = _Clock(args.device)
     cuda = args.device == "cuda"
+    live = not TRL_CONFIGS[args.config].get("precompute_ref_log_probs", False)
+    clock.total = args.warmup + args.steps
+    clock.finish = lambda: clock.result(args.warmup, spec["batch"], live_reference=live)
     bench_dpo.train_trl(fx, spec, clock, args, TRL_CONFIGS[args.config], bf16=cuda,
                         use_cpu=not cuda)
-    return clock.result(args.warmup, spec["batch"], live_reference=not TRL_CONFIGS[
-        args.config].get("precompute_ref_log_probs", False))
+    return clock.finish()
 
 
 # ---- parent ------------------------------------------------------------------------------
@@ -221,7 +258,8 @@ def markdown(records: list[dict], meta: dict) -> str:
     for rec in records:
         for name, s in rec["runs"].items():
             if "error" in s:
-                lines.append(f"| {rec['fixture']} | {name} | failed | | | | | |")
+                what = "skipped" if s["error"].startswith("skipped") else "failed"
+                lines.append(f"| {rec['fixture']} | {name} | {what} | | | | | |")
                 continue
             gb = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
             lines.append(
@@ -251,6 +289,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-timeout", type=int, default=150)
+    p.add_argument("--budget", type=float, default=450.0,
+                   help="seconds after which no further run starts")
     p.add_argument("--child", choices=["ptlight", "trl"])
     p.add_argument("--config")
     p.add_argument("--fixture-dir")
@@ -296,6 +336,12 @@ def main() -> None:
         print(f"== {fixture} ({time.perf_counter() - T0:.0f} s)", flush=True)
         runs = []
         for fw, cfg in [*(("trl", c) for c in trl_cfgs), *(("ptlight", c) for c in pt_cfgs)]:
+            if time.perf_counter() - T0 > args.budget:
+                print(f"!! {fw}/{cfg} {fixture} skipped: --budget {args.budget:.0f} s spent",
+                      flush=True)
+                runs.append({"framework": fw, "config": cfg,
+                             "error": f"skipped: --budget {args.budget:.0f} s spent"})
+                continue
             runs.append(run_child(fw, cfg, fixture, fx, args))
             rec = summarize(fixture, runs, peak)
             done = [*records, rec]

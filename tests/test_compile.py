@@ -105,3 +105,23 @@ def test_model_compile_takes_a_boolean(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match="model.compile='yes'"):
         train_stage(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pack", [None, 2])
+def test_compiled_blocks_match_eager_on_cuda(pack):
+    """The same parity with CUDA's kernels (inductor's Triton code, SDPA's CUDA backends)."""
+    eager, compiled = (m.cuda() for m in _models())
+    for i, length in enumerate((24, 40)):
+        batch = {k: v.cuda() for k, v in _batch(length, i).items()}
+        args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            scores = completion_logps(model, *args, pack=pack)
+            scores.sequence_sum().sum().backward()
+            results.append((scores.logps.detach(), [p.grad.clone() for p in model.parameters()]))
+        torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=0)
+        for got, want in zip(results[1][1], results[0][1]):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
