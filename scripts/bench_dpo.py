@@ -40,7 +40,8 @@ lean LFM2 MLP (``ptlight/engine/lean.py``) and, for bf16-mixed on a CPU without 
 (``ptlight/engine/memory.py``: freed memory back to the OS, slower steps); ``fast_ckpt`` adds
 ``model.gradient_checkpointing=true``; ``fast_offload`` adds ``optimizer_offload`` (AdamW's
 moments in a file under the temp dir, ``ptlight/engine/offload.py``), ``lowmem_offload`` that and
-the threshold, ``ckpt_offload`` that and checkpointing.
+the threshold, ``ckpt_offload`` that and checkpointing; ``fast_compile`` adds
+``model.compile=true`` (``ptlight/engine/compile.py``).
 
 Writes ``<out>/bench.json`` (one record per fixture × precision) and ``<out>/bench.md``.
 """
@@ -97,6 +98,7 @@ PTLIGHT_CONFIGS = {  # "fast" is what docs/performance.md recommends; "plain" is
     "fast_offload": [*_FAST, _OFFLOAD],
     "lowmem_offload": [*_FAST, _LOWMEM, _OFFLOAD],
     "ckpt_offload": [*_FAST, _CKPT, _OFFLOAD],
+    "fast_compile": [*_FAST, "model.compile=true"],
     "plain": ["method.pack=false", "method.reference=copy"],
 }
 
