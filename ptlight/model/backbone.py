@@ -33,6 +33,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
                           PreTrainedModel)
 
 from ptlight.engine.compile import compile_blocks
+from ptlight.model import masks
 from ptlight.engine.cpu_bf16 import checkpoint_contexts
 from ptlight.errors import ConfigError, ModelLoadError
 from ptlight.runtime.rundir import atomic_dir
@@ -180,8 +181,10 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     returned object is still the plain transformers model (peft injects its layers in place),
     with its ``PeftModel`` reachable through :func:`peft_wrapper`. ``model.path`` may be a PEFT
     adapter directory: see :func:`_load_adapter`. Quantization is checked (and refused on CPU)
-    before any weights load.
+    before any weights load. SDPA never gets a query row that attends to nothing
+    (:mod:`ptlight.model.masks`: left padding would otherwise turn to NaN on CUDA).
     """
+    masks.install()
     lora = lora_settings(model_cfg)
     load_kwargs = _quantization(model_cfg, lora)
     adapter = _adapter_dir(model_cfg.path)

@@ -1,0 +1,86 @@
+"""Left padding never hands SDPA a query row that attends to nothing (ptlight.model.masks):
+real tokens' outputs are bitwise unchanged, and a kernel that returns NaN for such rows (as
+CUDA kernels do) no longer poisons the batch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.masking_utils import AttentionMaskInterface
+
+from helpers import tiny_model_cfg
+from ptlight.model import masks
+from ptlight.model.backbone import build_policy, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg()
+    cfg.arch.layer_types = ["conv", "full_attention", "conv"]  # a layer after the attention
+    return build_policy(cfg, load_tokenizer(cfg)).eval()
+
+
+def _left_padded():
+    ids = torch.randint(5, 300, (3, 12), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[0, :5] = 0  # 5 pad positions on the left
+    attn[1, :1] = 0
+    ids = ids.masked_fill(attn == 0, 0)
+    return ids, attn
+
+
+def _nan_on_unattended_rows(real):
+    """SDPA as CUDA kernels behave: NaN for a query row whose mask is all False."""
+    def sdpa(q, k, v, attn_mask=None, *args, **kwargs):
+        out = real(q, k, v, attn_mask, *args, **kwargs)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            dead = ~attn_mask.any(-1, keepdim=True)  # [B, 1, Q, 1]
+            out = out.masked_fill(dead.expand(-1, out.shape[1], -1, 1), float("nan"))
+        return out
+    return sdpa
+
+
+def test_building_a_model_installs_the_fix_once(model):
+    fn = AttentionMaskInterface._global_mapping["sdpa"]
+    masks.install()
+    assert AttentionMaskInterface._global_mapping["sdpa"] is fn
+    assert getattr(fn, "_ptlight_unattended_rows_fixed", False)
+
+
+def test_real_tokens_are_bitwise_unchanged(model, monkeypatch):
+    ids, attn = _left_padded()
+    with torch.no_grad():
+        fixed = model(input_ids=ids, attention_mask=attn).logits
+        monkeypatch.setitem(AttentionMaskInterface._global_mapping, "sdpa",
+                            AttentionMaskInterface._global_mapping["sdpa"].__wrapped__)
+        stock = model(input_ids=ids, attention_mask=attn).logits
+    real = attn.bool()
+    assert torch.equal(fixed[real], stock[real])
+
+
+def test_a_kernel_that_returns_nan_for_unattended_rows_no_longer_poisons_real_tokens(
+        model, monkeypatch):
+    ids, attn = _left_padded()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=attn).logits
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        _nan_on_unattended_rows(F.scaled_dot_product_attention))
+    real = attn.bool()
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=attn).logits
+        assert torch.isfinite(got[real]).all()
+        torch.testing.assert_close(got[real], want[real], atol=0, rtol=0)
+        # what the stock mask does with such a kernel: the NaN reaches the real tokens
+        monkeypatch.setitem(AttentionMaskInterface._global_mapping, "sdpa",
+                            AttentionMaskInterface._global_mapping["sdpa"].__wrapped__)
+        stock = model(input_ids=ids, attention_mask=attn).logits
+    assert torch.isnan(stock[0][real[0]]).any()
+
+
+def test_only_rows_without_any_true_entry_change():
+    mask = torch.tensor([[[[False, False, False],
+                           [False, True, False],
+                           [False, True, True]]]])
+    fixed = masks.attend_somewhere(mask)
+    assert fixed[0, 0, 0].all() and torch.equal(fixed[0, 0, 1:], mask[0, 0, 1:])
+    assert masks.attend_somewhere(None) is None
