@@ -56,7 +56,8 @@ bench_dpo.FIXTURES.update({
                            "num_attention_heads": 32, "num_key_value_heads": 8},
                      batch=8, max_length=512, context_words=_CTX),
 })
-PACK = ["method.pack=true", "method.pack_multiple_of=128"]  # packed, widths in 128-token steps
+# packed, widths in 128-token steps, the layouts built by 2 DataLoader workers
+PACK = ["method.pack=true", "method.pack_multiple_of=128", "data.num_workers=2"]
 PTLIGHT_CONFIGS = {
     "default": [],                                               # as shipped
     "precompute": ["method.reference=precompute"],

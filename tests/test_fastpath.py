@@ -364,3 +364,17 @@ def test_dpo_training_takes_the_collated_layout(compose_cfg, tmp_path, monkeypat
     assert not built_in_step
     assert len(runs["true"]) == 3
     assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_collating_in_worker_processes_gives_the_same_training(compose_cfg, tmp_path):
+    """``data.num_workers=2``: batches (and their packed layouts) are built in worker
+    processes, in the same order, so the losses are those of the main-process collate."""
+    runs = {}
+    for workers in ("0", "2"):
+        cfg = compose_cfg("method=dpo", "method.pack=true", f"data.num_workers={workers}",
+                          "eval.before=false", *TINY, "trainer.max_steps=3")
+        train_stage(cfg, tmp_path / workers)
+        runs[workers] = _losses(tmp_path / workers)
+    assert len(runs["2"]) == 3
+    assert runs["2"] == runs["0"]

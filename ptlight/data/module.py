@@ -490,6 +490,12 @@ class PtlDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         return -(-n // world) % self.cfg.batch_size == 1
 
+    def _workers(self) -> dict[str, Any]:
+        """``data.num_workers``: collate (padding, and packing when the method packs) in that
+        many worker processes, ahead of the step, instead of in the main process."""
+        n = self.cfg.get("num_workers", 0) or 0
+        return {"num_workers": n, "persistent_workers": n > 0}
+
     def _loader(self, data: list[Item], shuffle: bool) -> DataLoader:
         return DataLoader(
             list(enumerate(data)),
@@ -498,6 +504,7 @@ class PtlDataModule(L.LightningDataModule):
             collate_fn=self.collate,
             generator=torch.Generator().manual_seed(self.cfg.seed) if shuffle else None,
             drop_last=self._drop_last(len(data)),
+            **self._workers(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -515,6 +522,7 @@ class PtlDataModule(L.LightningDataModule):
         return ResumableLoader(examples, batch_size=self.cfg.batch_size, sampler=sampler,
                                collate_fn=self.collate,
                                drop_last=self._drop_last(len(self.train)),
+                               **self._workers(),
                                # its own generator: creating an iterator draws a worker seed,
                                # which must not consume the global RNG that dropout uses
                                generator=torch.Generator().manual_seed(self.cfg.seed))

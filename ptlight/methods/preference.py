@@ -61,6 +61,7 @@ from ptlight.engine.logps import TokenScores, completion_logps
 from ptlight.engine.packing import supports_packing
 from ptlight.engine.token_terms import completion_terms, reference_side
 from ptlight.errors import ConfigError
+from ptlight.runtime.validate import check_pack
 from ptlight.methods.base import Method
 from ptlight.methods.common import (ObjectiveSteps, block_columns, configure_optim,
                                     token_diagnostics)
@@ -99,6 +100,7 @@ class PreferenceMethod(ObjectiveSteps, Method):
     def extra_args(cls, cfg: DictConfig, tokenizer) -> dict:
         return {k: cfg.method[k] for k in cls._config_keys if k in cfg.method}
 
+
     def __init__(
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,
         reference: Reference | None = None, pack: bool | str = False,
@@ -109,11 +111,7 @@ class PreferenceMethod(ObjectiveSteps, Method):
         self.check_reference(self.reference.mode, objective)
         self.policy, self.objective, self.optim_cfg = policy, objective, optim
         self.data_kind = objective.data_kind
-        if pack not in (True, False, "auto"):
-            raise ConfigError(f"method.pack={pack!r}; use auto, true or false")
-        if int(pack_multiple_of) < 1 or int(pack_multiple_of) > int(pack_max_tokens):
-            raise ConfigError(f"method.pack_multiple_of={pack_multiple_of}: use 1 (no rounding) "
-                              f"up to method.pack_max_tokens={pack_max_tokens}")
+        check_pack(pack, pack_max_tokens, pack_multiple_of)
         self.pack, self.pack_max_tokens = pack, int(pack_max_tokens)
         self.pack_multiple_of = int(pack_multiple_of)
         self.reference_cache = reference_cache

@@ -95,6 +95,8 @@ def check_data(data: DictConfig) -> None:
     if data.get("val_path") is None:
         _int(data.val_size, "data.val_size", 1,
              "rows held out for validation (or set data.val_path=<file>)")
+    _int(data.get("num_workers", 0), "data.num_workers", 0,
+         "DataLoader worker processes (0: collate in the main process)")
 
 
 def check_optim(optim: DictConfig) -> None:
@@ -137,6 +139,19 @@ def check_config(cfg: DictConfig) -> None:
     check_optim(cfg.method.optim)
     check_trainer(cfg.trainer)
     check_model(cfg.model)
+    if "pack" in cfg.method:  # the preference methods' packing keys
+        check_pack(cfg.method.pack, cfg.method.get("pack_max_tokens", 2048),
+                   cfg.method.get("pack_multiple_of", 1))
+
+
+def check_pack(pack: Any, max_tokens: Any, multiple_of: Any) -> None:
+    if pack not in (True, False, "auto"):
+        raise ConfigError(f"method.pack={pack!r}; use auto, true or false")
+    _int(max_tokens, "method.pack_max_tokens", 2, "tokens per packed row")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or not (
+            1 <= multiple_of <= max_tokens):
+        raise ConfigError(f"method.pack_multiple_of={multiple_of!r}: use 1 (no rounding) up to "
+                          f"method.pack_max_tokens={max_tokens}")
 
 
 def check_model(model: DictConfig) -> None:
