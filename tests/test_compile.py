@@ -1,6 +1,6 @@
-"""``model.compile``: compiled norms and MLPs give the eager log-probs and gradients, a new
-sequence length does not recompile, a frozen copy runs its own blocks, and a training run
-matches an eager one."""
+"""``model.compile``: compiled norms and MLPs (and whole layers in packed scoring) give the
+eager log-probs and gradients, a new sequence length does not recompile, a frozen copy runs
+its own compiled code, and a training run matches an eager one."""
 
 import csv
 
@@ -66,19 +66,21 @@ def test_compiled_blocks_give_the_eager_logps_and_gradients_without_recompiling(
     assert graphs[3] == graphs[1]
 
 
-def test_a_frozen_copy_of_a_compiled_model_runs_its_own_blocks():
-    """A compiled block is bound to its module; the reference copy must not run the policy's
-    (it would follow the policy's updates)."""
+@pytest.mark.parametrize("pack", [None, 2])  # compiled blocks; compiled whole layers
+def test_a_frozen_copy_of_a_compiled_model_runs_its_own_blocks(pack):
+    """A compiled function is bound to its module; the reference copy must not run the
+    policy's (it would follow the policy's updates)."""
     _, policy = _models()
-    reference = frozen_copy(policy)
     batch = _batch(20, 0)
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     with torch.no_grad():
-        before = completion_logps(reference, *args).logps
+        completion_logps(policy, *args, pack=pack)  # compiled before the copy is taken
+        reference = frozen_copy(policy)
+        before = completion_logps(reference, *args, pack=pack).logps
         for layer in decoder_layers(policy):
             layer.feed_forward.w2.weight.mul_(3.0)
-        moved = completion_logps(policy, *args).logps
-        after = completion_logps(reference, *args).logps
+        moved = completion_logps(policy, *args, pack=pack).logps
+        after = completion_logps(reference, *args, pack=pack).logps
     assert not torch.allclose(moved, before)
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 

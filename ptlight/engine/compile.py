@@ -1,4 +1,5 @@
-"""``model.compile``: ``torch.compile`` of the mask-free blocks of every decoder layer.
+"""``model.compile``: ``torch.compile`` of every decoder layer's mask-free blocks, and of whole
+layers in ptlight's packed scoring.
 
 A decoder layer of a small model launches dozens of tiny kernels per token block (RMSNorm
 alone is a power, a mean, an add, a reciprocal square root and two products, each a kernel and
@@ -10,6 +11,16 @@ does not recompile. The attention and LFM2's short convolutions take masks, cach
 positions, which change form between training, packed scoring and cached decoding; they stay
 eager, as does everything outside the layers (embeddings, final norm, LM head).
 
+Packed scoring (:func:`ptlight.engine.packing.packed_hidden`, the preference methods' fast path)
+always calls the layers the same way — a boolean tree mask for attention, a
+:class:`~ptlight.engine.packing.ConvChain` for the convolutions, no cache — so there the whole
+layer is compiled too (attention projections, rotary and q/k norms, the convolution's gathers,
+the residual adds): such calls carry the ``ptlight_packed`` keyword, which each layer's
+forward (:func:`_layer_forward`) takes off and answers with its compiled self. One graph per
+layer kind and grad mode; a new packed width does not recompile. With gradient checkpointing
+the layers keep the blocks-only compile: the recompute's ``context_fn`` (ptlight's CPU bf16
+re-entry) is not one dynamo can trace.
+
 Compiled blocks compute what the eager ones do, within floating-point tolerance (inductor
 fuses and reorders reductions; tests/test_compile.py checks log-probs and gradients). The
 state dict is unchanged (``nn.Module.compile`` compiles in place), so checkpoints and exports
@@ -19,8 +30,12 @@ are those of an eager run, and a ``deepcopy`` (the frozen reference) runs its ow
 from __future__ import annotations
 
 import inspect
+import types
+from typing import Any
 
 import torch
+
+PACKED_CALL = "ptlight_packed"  # keyword of a packed scoring call (ptlight.engine.packing)
 
 
 def _one_tensor_forward(module: torch.nn.Module) -> bool:
@@ -42,10 +57,24 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+def _layer_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A decoder layer's forward: compiled whole for a packed scoring call, as before (with its
+    compiled blocks) for anything else. The compiled function is made per module on first
+    use and remembers which module it belongs to, so a ``deepcopy`` (the frozen reference)
+    compiles its own instead of running the original's."""
+    if not kwargs.pop(PACKED_CALL, False):
+        return type(self).forward(self, *args, **kwargs)
+    owner, compiled = self.__dict__.get("_ptl_packed_forward", (None, None))
+    if owner != id(self):
+        compiled = torch.compile(type(self).forward.__get__(self), dynamic=True)
+        self.__dict__["_ptl_packed_forward"] = (id(self), compiled)
+    return compiled(*args, **kwargs)
+
+
 def compile_blocks(model: torch.nn.Module) -> int:
-    """Compile the one-tensor children of every decoder layer of ``model`` in place; returns
-    how many blocks were compiled (0: no decoder layer found, the model runs eager).
-    Idempotent."""
+    """Compile the one-tensor children of every decoder layer of ``model`` in place, and the
+    whole layer for packed scoring calls (not under gradient checkpointing); returns how many
+    blocks were compiled (0: no decoder layer found, the model runs eager). Idempotent."""
     count = 0
     for layer in decoder_layers(model):
         for block in layer.children():
@@ -53,6 +82,8 @@ def compile_blocks(model: torch.nn.Module) -> int:
                 if getattr(block, "_compiled_call_impl", None) is None:
                     block.compile(dynamic=True)
                 count += 1
+        if not getattr(layer, "gradient_checkpointing", False):
+            layer.forward = types.MethodType(_layer_forward, layer)
     model._ptl_compiled = count > 0
     return count
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ptlight.engine.compile import PACKED_CALL, is_compiled
+
 
 def supports_packing(model) -> bool:
     """True for models whose forward this module can run packed (LFM2, sdpa/eager attention)."""
@@ -340,8 +342,10 @@ def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = N
             ~allowed, torch.finfo(dtype).min)
     install_tree_convs(base)
     masks = {"full_attention": allowed, "conv": ConvChain(packed.prev)}
+    # a compiled model (model.compile) runs its layers compiled whole for this call
+    extra = {PACKED_CALL: True} if is_compiled(model) else {}
     out = base_forward(model, input_ids=packed.input_ids, attention_mask=masks,
-                       position_ids=packed.position_ids, use_cache=False)
+                       position_ids=packed.position_ids, use_cache=False, **extra)
     h = out.last_hidden_state
     return h.reshape(-1, h.shape[-1]).index_select(
         0, packed.src if positions is None else positions)
