@@ -163,16 +163,27 @@ def test_every_method_under_fsdp_on_gpu_in_bf16(tmp_path, method):
 @pytest.mark.slow
 def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
     """``scripts/bench_gpu.py --device cpu --fixture tiny``: the GPU benchmark's own code path
-    (fixture, ptlight child, summary, json + markdown) in seconds, without a GPU."""
+    (fixture, ptlight and TRL children, summary against TRL's best, json + markdown) without a
+    GPU; ``--budget`` stops starting runs and lists them as skipped."""
     import subprocess
     import sys
 
-    out = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_gpu.py"), "--device", "cpu",
-         "--fixture", "tiny", "--ptlight", "default", "--trl", "", "--steps", "2",
-         "--warmup", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    def bench(out_dir, *extra):
+        return subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "bench_gpu.py"), "--device", "cpu",
+             "--fixture", "tiny", "--steps", "2", "--warmup", "1", "--out", str(out_dir),
+             *extra], capture_output=True, text=True, timeout=600)
+
+    out = bench(tmp_path / "all", "--ptlight", "default,precompute_pack_compile", "--trl", "best")
     assert out.returncode == 0, out.stderr[-3000:]
-    data = json.loads((tmp_path / "bench_gpu.json").read_text())
-    run = data["records"][0]["runs"]["ptlight default"]
+    rec = json.loads((tmp_path / "all" / "bench_gpu.json").read_text())["records"][0]
+    run = rec["runs"]["ptlight default"]
     assert run["pairs_per_s"] > 0 and 0 < run["mfu"] < 1 and run["flops_per_step"] > 0
-    assert "| tiny | ptlight default |" in (tmp_path / "bench_gpu.md").read_text()
+    assert rec["trl_best"] == "trl best"
+    assert set(rec["vs_trl_best"]) == {"ptlight default", "ptlight precompute_pack_compile"}
+    assert rec["speedup"] == rec["vs_trl_best"]["ptlight default"]["speedup"] > 0
+    table = (tmp_path / "all" / "bench_gpu.md").read_text()
+    assert "| tiny | ptlight default |" in table and "**ptlight default ÷ trl best**" in table
+    out = bench(tmp_path / "none", "--ptlight", "default", "--trl", "", "--budget", "0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| tiny | ptlight default | skipped |" in (tmp_path / "none" / "bench_gpu.md").read_text()
