@@ -26,8 +26,11 @@ case "$part" in
     tests)
         python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fsdp.py tests/test_compile.py \
             2>&1 | tee "$out/gpu_tests.log"
-        /usr/bin/time -v python3 -m ptlight hydra.run.dir="$out/default_job" \
+        timer=(); [ -x /usr/bin/time ] && timer=(/usr/bin/time -v)
+        start=$(date +%s)
+        "${timer[@]}" python3 -m ptlight hydra.run.dir="$out/default_job" \
             2>&1 | tail -60 | tee "$out/default_job.log"
+        echo "default job: $(( $(date +%s) - start )) s wall" | tee -a "$out/default_job.log"
         ;;
     bench)
         python3 scripts/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench.log"
