@@ -378,3 +378,25 @@ def test_collating_in_worker_processes_gives_the_same_training(compose_cfg, tmp_
         runs[workers] = _losses(tmp_path / workers)
     assert len(runs["2"]) == 3
     assert runs["2"] == runs["0"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_scoring_from_a_collated_layout_never_waits_on_the_device():
+    """The policy's packed forward and backward, given the layout the collate built, make no
+    device-to-host synchronisation (torch's sync debug mode turns one into an error)."""
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg()
+    model = build_policy(cfg, load_tokenizer(cfg)).cuda()
+    batch = _batch(**PAIRS)
+    layout = packing.pack_checked(batch["input_ids"], batch["attention_mask"],
+                                  batch["loss_mask"], 2, 2048, multiple_of=16).to("cuda")
+    args = [batch[k].cuda() for k in ("input_ids", "attention_mask", "loss_mask")]
+    completion_logps(model, *args, pack=2, packed=layout).sequence_sum().sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scores = completion_logps(model, *args, pack=2, packed=layout)
+        scores.sequence_sum().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
