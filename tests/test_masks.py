@@ -84,3 +84,24 @@ def test_only_rows_without_any_true_entry_change():
     fixed = masks.attend_somewhere(mask)
     assert fixed[0, 0, 0].all() and torch.equal(fixed[0, 0, 1:], mask[0, 0, 1:])
     assert masks.attend_somewhere(None) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_left_padded_rows_match_their_unpadded_selves_on_cuda(model, dtype):
+    """What PPO and GRPO score: left-padded rollouts, on CUDA's SDPA kernels. Each row's real
+    tokens get the logits the row gets alone, without padding."""
+    gpu = type(model)(model.config).to("cuda", dtype)  # a CUDA copy of the fixture's weights
+    gpu.load_state_dict(model.state_dict())
+    gpu.eval()
+    ids, attn = _left_padded()
+    ids, attn = ids.cuda(), attn.cuda()
+    with torch.no_grad():
+        batch = gpu(input_ids=ids, attention_mask=attn).logits.float()
+        for row in range(ids.shape[0]):
+            real = attn[row].bool()
+            alone = gpu(input_ids=ids[row][real][None]).logits.float()[0]
+            assert torch.isfinite(batch[row][real]).all()
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(batch[row][real], alone, atol=tol, rtol=tol)
