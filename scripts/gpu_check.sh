@@ -24,7 +24,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.
 python3 -c "import torch, transformers, lightning; print(torch.__version__, transformers.__version__, lightning.__version__)" >>"$out/gpu.txt" 2>&1
 case "$part" in
     tests)
-        python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fsdp.py tests/test_compile.py tests/test_fastpath.py \
+        python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fsdp.py tests/test_compile.py \
+            tests/test_fastpath.py tests/test_masks.py \
             2>&1 | tee "$out/gpu_tests.log"
         timer=(); [ -x /usr/bin/time ] && timer=(/usr/bin/time -v)
         start=$(date +%s)
