@@ -72,3 +72,42 @@ def venv_with_our_packages(venv: Path) -> Path:
     ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
     (Path(purelib) / "_parent_site.pth").write_text("\n".join(ours) + "\n")
     return python
+
+
+def scores_and_grads(model, args, **kwargs):
+    """Completion log-probs of a batch (``args``: input_ids, attention_mask, loss_mask) and the
+    gradient of their sum with respect to every parameter, from zeroed gradients."""
+    from ptlight.engine.logps import completion_logps
+
+    model.zero_grad()
+    scores = completion_logps(model, *args, **kwargs)
+    scores.sequence_sum().sum().backward()
+    return scores.logps.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def assert_same_scores_and_grads(got, want, atol: float, rtol: float) -> None:
+    """Two :func:`scores_and_grads` results agree: log-probs within ``atol``, gradients within
+    ``atol``/``rtol``."""
+    import torch
+
+    torch.testing.assert_close(got[0], want[0], atol=atol, rtol=0)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+
+
+def metrics_losses(run_dir) -> list[float]:
+    """The ``train/loss`` column of a run's metrics.csv."""
+    import csv
+
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def dpo_losses(compose_cfg, run_dir, *overrides: str, steps: int = 3) -> list[float]:
+    """Train the tiny DPO stage ``steps`` steps with ``overrides``; its training losses."""
+    from ptlight.train import train_stage
+
+    cfg = compose_cfg("method=dpo", "eval.before=false", *TINY, f"trainer.max_steps={steps}",
+                      *overrides)
+    train_stage(cfg, Path(run_dir))
+    return metrics_losses(run_dir)

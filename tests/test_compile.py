@@ -2,15 +2,14 @@
 eager log-probs and gradients, a new sequence length does not recompile, a frozen copy runs
 its own compiled code, and a training run matches an eager one."""
 
-import csv
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from helpers import TINY, tiny_model_cfg
+from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, scores_and_grads,
+                     tiny_model_cfg)
 from ptlight.data.module import pad_rows
-from ptlight.engine.compile import compile_blocks, decoder_layers, is_compiled
+from ptlight.engine.compile import decoder_layers, is_compiled
 from ptlight.engine.logps import completion_logps
 from ptlight.errors import ConfigError
 from ptlight.model.backbone import build_policy, frozen_copy, load_tokenizer
@@ -52,15 +51,8 @@ def test_compiled_blocks_give_the_eager_logps_and_gradients_without_recompiling(
     for i, length in enumerate((24, 31, 40, 47)):
         batch = _batch(length, i)
         args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        grads = []
-        for model in (eager, compiled):
-            model.zero_grad()
-            scores = completion_logps(model, *args, pack=pack)
-            scores.sequence_sum().sum().backward()
-            grads.append((scores.logps.detach(), [p.grad.clone() for p in model.parameters()]))
-        torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=0)
-        for got, want in zip(grads[1][1], grads[0][1]):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert_same_scores_and_grads(scores_and_grads(compiled, args, pack=pack),
+                                     scores_and_grads(eager, args, pack=pack), 1e-5, 1e-4)
         graphs.append(counters["stats"]["unique_graphs"])
     # dynamic shapes: the lengths after the first two reuse the compiled graphs
     assert graphs[3] == graphs[1]
@@ -85,19 +77,10 @@ def test_a_frozen_copy_of_a_compiled_model_runs_its_own_blocks(pack):
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
-def _losses(run_dir):
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
-    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-
-
 @pytest.mark.slow
 def test_dpo_training_with_compiled_blocks_matches_eager(compose_cfg, tmp_path):
-    runs = {}
-    for flag in ("false", "true"):
-        cfg = compose_cfg("method=dpo", f"model.compile={flag}", "eval.before=false", *TINY,
-                          "trainer.max_steps=3")
-        train_stage(cfg, tmp_path / flag)
-        runs[flag] = _losses(tmp_path / flag)
+    runs = {flag: dpo_losses(compose_cfg, tmp_path / flag, f"model.compile={flag}")
+            for flag in ("false", "true")}
     assert len(runs["true"]) == 3
     assert runs["true"] == pytest.approx(runs["false"], abs=1e-4)
 
@@ -118,12 +101,5 @@ def test_compiled_blocks_match_eager_on_cuda(pack):
     for i, length in enumerate((24, 40)):
         batch = {k: v.cuda() for k, v in _batch(length, i).items()}
         args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        results = []
-        for model in (eager, compiled):
-            model.zero_grad()
-            scores = completion_logps(model, *args, pack=pack)
-            scores.sequence_sum().sum().backward()
-            results.append((scores.logps.detach(), [p.grad.clone() for p in model.parameters()]))
-        torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=0)
-        for got, want in zip(results[1][1], results[0][1]):
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+        assert_same_scores_and_grads(scores_and_grads(compiled, args, pack=pack),
+                                     scores_and_grads(eager, args, pack=pack), 1e-4, 1e-3)

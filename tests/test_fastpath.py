@@ -2,19 +2,18 @@
 vs separate rows, and a training run with and without packing (ISSUE 5)."""
 
 import copy
-import csv
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY, tiny_model_cfg
+from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, scores_and_grads,
+                     tiny_model_cfg)
 from ptlight.engine import packing
 from ptlight.model.backbone import build_policy, load_tokenizer
 from ptlight.data.module import pad_rows
 from ptlight.engine.logps import completion_logps
-from ptlight.train import train_stage
 
 
 @pytest.fixture(scope="module")
@@ -182,18 +181,9 @@ def test_tree_conv_equals_conv1d_on_plain_sequences():
     torch.testing.assert_close(packing.tree_conv(x, prev, w, bias), want)
 
 
-def _losses(run_dir):
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
-    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-
-
 def test_dpo_training_with_and_without_packing_gives_the_same_losses(compose_cfg, tmp_path):
-    runs = {}
-    for pack in ("false", "true"):
-        cfg = compose_cfg("method=dpo", f"method.pack={pack}", "eval.before=false", *TINY,
-                          "trainer.max_steps=4")
-        train_stage(cfg, tmp_path / pack)
-        runs[pack] = _losses(tmp_path / pack)
+    runs = {pack: dpo_losses(compose_cfg, tmp_path / pack, f"method.pack={pack}", steps=4)
+            for pack in ("false", "true")}
     assert len(runs["true"]) == 4
     assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)
 
@@ -311,15 +301,8 @@ def test_rounded_packed_width_gives_the_same_scores_and_gradients(model, multipl
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     layout = packing.pack_checked(*args, 2, 2048, multiple_of=multiple_of)
     assert layout.input_ids.shape[1] % multiple_of == 0
-    results = []
-    for packed in (None, layout):
-        model.zero_grad()
-        scores = completion_logps(model, *args, pack=2, packed=packed)
-        scores.sequence_sum().sum().backward()
-        results.append((scores.logps.detach(), [p.grad.clone() for p in model.parameters()]))
-    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
-    for got, want in zip(results[1][1], results[0][1]):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert_same_scores_and_grads(scores_and_grads(model, args, pack=2, packed=layout),
+                                 scores_and_grads(model, args, pack=2), 1e-5, 1e-4)
     model.zero_grad()
 
 
@@ -355,12 +338,8 @@ def test_dpo_training_takes_the_collated_layout(compose_cfg, tmp_path, monkeypat
     real = logps_module.pack_checked
     monkeypatch.setattr(logps_module, "pack_checked",
                         lambda *a, **k: built_in_step.append(1) or real(*a, **k))
-    runs = {}
-    for pack in ("false", "true"):
-        cfg = compose_cfg("method=dpo", f"method.pack={pack}", "method.pack_multiple_of=32",
-                          "eval.before=false", *TINY, "trainer.max_steps=3")
-        train_stage(cfg, tmp_path / pack)
-        runs[pack] = _losses(tmp_path / pack)
+    runs = {pack: dpo_losses(compose_cfg, tmp_path / pack, f"method.pack={pack}",
+                             "method.pack_multiple_of=32") for pack in ("false", "true")}
     assert not built_in_step
     assert len(runs["true"]) == 3
     assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)
@@ -370,12 +349,8 @@ def test_dpo_training_takes_the_collated_layout(compose_cfg, tmp_path, monkeypat
 def test_collating_in_worker_processes_gives_the_same_training(compose_cfg, tmp_path):
     """``data.num_workers=2``: batches (and their packed layouts) are built in worker
     processes, in the same order, so the losses are those of the main-process collate."""
-    runs = {}
-    for workers in ("0", "2"):
-        cfg = compose_cfg("method=dpo", "method.pack=true", f"data.num_workers={workers}",
-                          "eval.before=false", *TINY, "trainer.max_steps=3")
-        train_stage(cfg, tmp_path / workers)
-        runs[workers] = _losses(tmp_path / workers)
+    runs = {workers: dpo_losses(compose_cfg, tmp_path / workers, "method.pack=true",
+                                f"data.num_workers={workers}") for workers in ("0", "2")}
     assert len(runs["2"]) == 3
     assert runs["2"] == runs["0"]
 
