@@ -322,7 +322,7 @@ def test_collate_builds_the_packed_layout_on_the_host(compose_cfg):
                                 batch["loss_mask"], 2, 2048, multiple_of=64)
     got = batch["packed"]
     assert got.input_ids.device.type == "cpu" and got.input_ids.shape[1] % 64 == 0
-    for field in ("input_ids", "position_ids", "prev", "allowed", "src", "targets", "rows",
+    for field in ("input_ids", "position_ids", "prev", "end", "src", "targets", "rows",
                   "positions", "inverse"):
         assert torch.equal(getattr(got, field), getattr(want, field)), field
     moved = got.to("cpu")

@@ -10,8 +10,9 @@ sees changes:
 
 - attention: token i attends token j iff j is i itself or one of its ancestors (the prompt
   tokens before it, and the earlier tokens of its own branch) — never another branch, another
-  group or padding (a 4-D boolean mask, one ``[N, N]`` block per row; in preorder, j is an
-  ancestor of i iff ``j <= i < end(j)``, the end of j's subtree);
+  group or padding (a 4-D boolean mask, one ``[N, N]`` block per row, built on the device from
+  ``end``; in preorder, j is an ancestor of i iff ``j <= i < end(j)``, the end of j's
+  subtree);
 - positions: a token's depth in the trie, so each branch starts at ``|x|`` as it would after
   its prompt in its own row;
 - LFM2's short convolutions (``conv_L_cache`` = 3 taps) read the *predecessor chain* of each
@@ -83,8 +84,9 @@ class PackedBatch:
     """Packed rows ``[R', N]`` plus the map back to the plain batch's completion tokens.
 
     input_ids, position_ids: ``[R', N]``. prev: ``[R', N]`` column of each token's predecessor
-    in its own sequence (−1 at a group start and on padding). allowed: ``[R', 1, N, N]`` bool
-    attention mask (True = may attend). src: ``[M]`` flat index (row·N + col) of the hidden
+    in its own sequence (−1 at a group start and on padding). end: ``[R', N]`` the column after
+    each token's subtree (padding: its own column + 1), from which :meth:`attention_mask` builds
+    the ``[R', 1, N, N]`` boolean mask where it is used. src: ``[M]`` flat index (row·N + col) of the hidden
     state that predicts each target; targets ``[M]``; rows ``[M]`` the plain batch row of each
     target. Targets are in the plain path's order (row-major over ``loss_mask[:, 1:]``).
     positions: ``[U]`` the distinct values of ``src`` (a shared trie node predicts the next
@@ -99,13 +101,20 @@ class PackedBatch:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     prev: torch.Tensor
-    allowed: torch.Tensor
+    end: torch.Tensor
     src: torch.Tensor
     targets: torch.Tensor
     rows: torch.Tensor
     positions: torch.Tensor
     inverse: torch.Tensor
     num_tokens: int  # real (non-padding) tokens the packed forward runs
+
+    def attention_mask(self) -> torch.Tensor:
+        """``[R', 1, N, N]`` bool: i may attend j iff j is i or an ancestor of i, i.e.
+        ``j <= i < end(j)`` in preorder."""
+        col = torch.arange(self.end.shape[1], device=self.end.device)
+        return ((col[None, :, None] >= col[None, None, :])
+                & (col[None, :, None] < self.end[:, None, :]))[:, None]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         """The same layout with every tensor on ``device``."""
@@ -243,14 +252,11 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch
     scored.sort(key=lambda x: x[0])  # stable: plain row order, then token order
     device = input_ids.device
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    col = torch.arange(width, device=device)
-    # i may attend j iff j is i or an ancestor of i: j <= i < end(j) in preorder
-    allowed = (col[None, :, None] >= col[None, None, :]) & (col[None, :, None] < as_long(end)[:, None, :])
     src = as_long([s for _, s, _ in scored])
     positions, inverse = torch.unique(src, return_inverse=True)
     return PackedBatch(
         input_ids=as_long(ids), position_ids=as_long(pos), prev=as_long(prev),
-        allowed=allowed[:, None], src=src,
+        end=as_long(end), src=src,
         targets=as_long([t for _, _, t in scored]), rows=as_long([r for r, _, _ in scored]),
         positions=positions, inverse=inverse, num_tokens=sum(lengths),
     )
@@ -335,7 +341,7 @@ def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = N
     """Last hidden states at flat ``positions`` (default ``packed.src``: ``[M, H]``, the one
     that predicts each target)."""
     base = getattr(model, model.base_model_prefix)
-    allowed = packed.allowed
+    allowed = packed.attention_mask()
     if model.config._attn_implementation == "eager":
         dtype = next(model.parameters()).dtype
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(

@@ -61,7 +61,6 @@ from ptlight.engine.logps import TokenScores, completion_logps
 from ptlight.engine.packing import supports_packing
 from ptlight.engine.token_terms import completion_terms, reference_side
 from ptlight.errors import ConfigError
-from ptlight.runtime.validate import check_pack
 from ptlight.methods.base import Method
 from ptlight.methods.common import (ObjectiveSteps, block_columns, configure_optim,
                                     token_diagnostics)
@@ -69,6 +68,7 @@ from ptlight.model.reference import NoReference, Precomputed, Reference
 from ptlight.objectives import Logps, Objective, ObjectiveOutput
 from ptlight.objectives.tokens import REFERENCE_TERMS
 from ptlight.runtime.progress import MANY_ITEMS, track
+from ptlight.runtime.validate import check_pack
 
 
 def _first_rows(scores: TokenScores, n: int) -> TokenScores:
@@ -99,7 +99,6 @@ class PreferenceMethod(ObjectiveSteps, Method):
     @classmethod
     def extra_args(cls, cfg: DictConfig, tokenizer) -> dict:
         return {k: cfg.method[k] for k in cls._config_keys if k in cfg.method}
-
 
     def __init__(
         self, policy: PreTrainedModel, objective: Objective, optim: DictConfig,

@@ -33,9 +33,9 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
                           PreTrainedModel)
 
 from ptlight.engine.compile import compile_blocks
-from ptlight.model import masks
 from ptlight.engine.cpu_bf16 import checkpoint_contexts
 from ptlight.errors import ConfigError, ModelLoadError
+from ptlight.model import masks
 from ptlight.runtime.rundir import atomic_dir
 
 BUNDLED_TOKENIZER = Path(__file__).parent.parent / "assets" / "lfm2-tiny-tokenizer"
