@@ -151,14 +151,15 @@ class NonFiniteGuard(L.Callback):
         self.checkpoint_dir = checkpoint_dir
         self.skipped = 0
         self.consecutive = 0
-        self._bad_loss: float | None = None
+        self._losses: list[torch.Tensor] = []  # observed since the last optimizer step
 
     # ---- called by methods (ptlight.methods.common.check_finite) ---------------------------
     def observe_loss(self, loss: torch.Tensor) -> None:
-        """Remember a non-finite loss; the step it belongs to is then skipped or stopped."""
-        value = loss.detach()
-        if not bool(torch.isfinite(value).all()):
-            self._bad_loss = float(value.float().sum())
+        """Remember a training loss; at the optimizer step it belongs to, a non-finite one
+        skips or stops that step. Nothing is read back here: the check waits until the
+        backward is queued (on a GPU, reading the loss mid-step would hold the host until the
+        forward had run, with the backward not yet launched)."""
+        self._losses.append(loss.detach().float().reshape(-1))
 
     # ---- Lightning hooks ----------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -169,8 +170,12 @@ class NonFiniteGuard(L.Callback):
         # 16-bit precision has a grad scaler that already skips overflowing steps
         if grads and not str(trainer.precision).startswith("16"):
             bad_grads = not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-        bad_loss = self._bad_loss
-        self._bad_loss = None
+        bad_loss = None
+        if self._losses:
+            losses = torch.cat(self._losses)
+            self._losses = []
+            if not bool(torch.isfinite(losses).all()):
+                bad_loss = float(losses[~torch.isfinite(losses)][0])
         bad = trainer.strategy.reduce_boolean_decision(bad_loss is not None or bad_grads,
                                                        all=False)
         if bad:
