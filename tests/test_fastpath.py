@@ -13,7 +13,7 @@ from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, scores_and_
 from ptlight.engine import packing
 from ptlight.model.backbone import build_policy, load_tokenizer
 from ptlight.data.module import pad_rows
-from ptlight.engine.logps import completion_logps
+from ptlight.engine.logps import completion_index, completion_logps
 
 
 @pytest.fixture(scope="module")
@@ -357,21 +357,55 @@ def test_collating_in_worker_processes_gives_the_same_training(compose_cfg, tmp_
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_packed_scoring_from_a_collated_layout_never_waits_on_the_device():
-    """The policy's packed forward and backward, given the layout the collate built, make no
-    device-to-host synchronisation (torch's sync debug mode turns one into an error)."""
+@pytest.mark.parametrize("pack", [None, 2])
+def test_scoring_from_collated_indices_never_waits_on_the_device(pack):
+    """The policy's forward and backward, given what the collate built (the packed layout,
+    or the completion index of the padded rows), make no device-to-host synchronisation
+    (torch's sync debug mode turns one into an error)."""
     torch.manual_seed(0)
     cfg = tiny_model_cfg()
     model = build_policy(cfg, load_tokenizer(cfg)).cuda()
     batch = _batch(**PAIRS)
-    layout = packing.pack_checked(batch["input_ids"], batch["attention_mask"],
-                                  batch["loss_mask"], 2, 2048, multiple_of=16).to("cuda")
+    ahead = (dict(packed=packing.pack_checked(batch["input_ids"], batch["attention_mask"],
+                                              batch["loss_mask"], 2, 2048,
+                                              multiple_of=16).to("cuda"))
+             if pack else dict(index=completion_index(batch["loss_mask"]).cuda()))
     args = [batch[k].cuda() for k in ("input_ids", "attention_mask", "loss_mask")]
-    completion_logps(model, *args, pack=2, packed=layout).sequence_sum().sum().backward()
+    completion_logps(model, *args, pack=pack, **ahead).sequence_sum().sum().backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        scores = completion_logps(model, *args, pack=2, packed=layout)
+        scores = completion_logps(model, *args, pack=pack, **ahead)
         scores.sequence_sum().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("lengths", [PAIRS, dict(prompt_lens=[3, 1], completion_lens=[[0, 2],
+                                                                                      [1, 0]])])
+def test_a_collated_completion_index_gives_the_same_scores_and_gradients(model, lengths):
+    """The unpacked path with ``index=`` (built by the collate) selects the same positions,
+    in the same order, as the boolean mask it replaces, rows without completion included."""
+    batch = _batch(**lengths)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    index = completion_index(batch["loss_mask"])
+    width = batch["loss_mask"].shape[1]
+    assert torch.equal(index, batch["loss_mask"][:, 1:].nonzero() @ torch.tensor([width, 1]))
+    with torch.no_grad():
+        got = completion_logps(model, *args, index=index)
+        want = completion_logps(model, *args)
+    for field in ("logps", "rows", "correct", "entropy", "mask"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert_same_scores_and_grads(scores_and_grads(model, args, index=index),
+                                 scores_and_grads(model, args), 0, 0)
+    model.zero_grad()
+
+
+def test_every_collated_batch_carries_its_completion_index(compose_cfg):
+    from ptlight.data.module import PtlDataModule
+
+    cfg = compose_cfg("method=sft", *TINY)
+    dm = PtlDataModule(cfg.data, load_tokenizer(cfg.model), "sft")
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert torch.equal(batch["completion_index"], completion_index(batch["loss_mask"]))

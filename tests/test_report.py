@@ -126,9 +126,14 @@ def _pairs(runs):
 
 
 def _swap(batch):
-    """Rejected block first: the same pairs with chosen and rejected exchanged."""
-    return {k: v.view(2, -1, *v.shape[1:]).flip(0).reshape(v.shape) if k != "index" else v
-            for k, v in batch.items()}
+    """Rejected block first: the same pairs with chosen and rejected exchanged (the rows'
+    completion index rebuilt for the new order)."""
+    from ptlight.engine.logps import completion_index
+
+    rows = ("input_ids", "attention_mask", "loss_mask")
+    swapped = {k: batch[k].view(2, -1, *batch[k].shape[1:]).flip(0).reshape(batch[k].shape)
+               for k in rows}
+    return {**batch, **swapped, "completion_index": completion_index(swapped["loss_mask"])}
 
 
 def test_preference_accuracy_is_the_sign_of_the_implicit_margin(runs):

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from ptlight.data.sampler import ResumableLoader, ResumableSampler
 from ptlight.data.shapes import BadRow, Example, parse_examples
 from ptlight.data.tokenize import Encoded, encode
+from ptlight.engine.logps import completion_index
 from ptlight.errors import ConfigError, DataError
 from ptlight.runtime.progress import MANY_ITEMS, track
 from ptlight.tasks import resolve_task
@@ -455,8 +456,9 @@ class PtlDataModule(L.LightningDataModule):
         Per example: ``index`` ``[B]``; ``labels`` ``[B]`` bool (unpaired); ``scores``
         ``[B, K]`` float (listwise); ``margins`` ``[B]`` (pairwise rows with a margin column).
         Prompt-only data: left-padded ``input_ids``/``attention_mask`` ``[B, P]``, ``index``
-        and ``prompts`` (the raw prompts, a list). With :attr:`pack_rows` set, ``packed``: the
-        rows' prefix-shared packed layout (:func:`ptlight.engine.packing.pack_checked`).
+        and ``prompts`` (the raw prompts, a list). Rows also carry ``completion_index``
+        (:func:`ptlight.engine.logps.completion_index`); with :attr:`pack_rows` set, ``packed``:
+        their prefix-shared packed layout (:func:`ptlight.engine.packing.pack_checked`).
         """
         items = [item for _, item in batch]
         index = torch.tensor([i for i, _ in batch])
@@ -474,6 +476,7 @@ class PtlDataModule(L.LightningDataModule):
         if self.kind == "pairwise" and any(it.margin is not None for it in items):
             extra["margins"] = torch.tensor([it.margin or 0.0 for it in items])
         rows = pad_rows(seqs, self.tokenizer.pad_token_id)
+        rows["completion_index"] = completion_index(rows["loss_mask"])
         if self.pack_rows is not None and self.kind != "sft":
             from ptlight.engine.packing import pack_checked
 

@@ -145,6 +145,16 @@ def _targets(
     return mask, targets, rows
 
 
+def completion_index(loss_mask: torch.Tensor) -> torch.Tensor:
+    """``[M]`` flat indices into ``[B, T]`` of the positions that predict a completion token
+    (position t predicts the token at t+1), in row-major order. Built by the collate on the
+    host and passed as ``index=``, it spares the step the boolean-mask selections whose output
+    size a GPU must report back to the host."""
+    b, t = loss_mask.shape
+    flat = loss_mask[:, 1:].reshape(-1).nonzero().squeeze(1)  # into [B, T-1]
+    return flat + flat // (t - 1) if t > 1 else flat
+
+
 def backbone_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
                     ) -> torch.Tensor:
@@ -208,6 +218,7 @@ def completion_logps(
     pack: int | None = None,
     pack_max_tokens: int = 2048,
     packed: PackedBatch | None = None,
+    index: torch.Tensor | None = None,
 ) -> TokenScores:
     """Score every token where ``loss_mask`` is True (the token at t is predicted from t−1).
 
@@ -218,6 +229,7 @@ def completion_logps(
     the model supports it (:func:`ptlight.engine.packing.supports_packing`), else the plain way.
     packed: that layout already built for this batch (by the collate, on the host); used with
     ``pack`` instead of packing here, so the step computes no index from device data.
+    index: :func:`completion_index` of ``loss_mask``, likewise built ahead (the unpacked path).
     """
     if pack is not None and _has_linear_head(model) and supports_packing(model):
         if packed is None:
@@ -229,9 +241,17 @@ def completion_logps(
         parts = _score_shared(h, packed.inverse, targets, model.get_output_embeddings(),
                               chunk_size, with_mean_logp, with_diagnostics)
         return _joined(parts, rows, mask, input_ids.device, with_mean_logp)
-    mask, targets, rows = _targets(input_ids, loss_mask)
-    if _has_linear_head(model):
-        h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
+    linear = _has_linear_head(model)
+    if index is not None and linear:
+        mask, width = loss_mask[:, 1:].bool(), input_ids.shape[1]
+        targets, rows = input_ids.reshape(-1)[index + 1], index // width
+        h = backbone_hidden(model, input_ids, attention_mask)
+        h = h.reshape(-1, h.shape[-1]).index_select(0, index)  # (M, H)
+    else:
+        mask, targets, rows = _targets(input_ids, loss_mask)
+        if linear:
+            h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
+    if linear:
         head = model.get_output_embeddings()
         parts = [
             _score_rows(F.linear(h[i : i + chunk_size], head.weight, head.bias),

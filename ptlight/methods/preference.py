@@ -125,6 +125,7 @@ class PreferenceMethod(ObjectiveSteps, Method):
             model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
             with_diagnostics=diagnostics, pack=k if self.packs else None,
             pack_max_tokens=self.pack_max_tokens, packed=batch.get("packed"),
+            index=batch.get("completion_index"),
         )
 
     @property

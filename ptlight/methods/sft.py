@@ -66,7 +66,7 @@ class SFTMethod(ObjectiveSteps, Method):
     def _token_forward(self, batch: dict[str, torch.Tensor]) -> tuple[ObjectiveOutput, dict]:
         scores = completion_logps(
             self.policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-            with_mean_logp=self._smooth,
+            with_mean_logp=self._smooth, index=batch.get("completion_index"),
         )
         inputs = TokenLogps(
             logps=scores.to_dense(), mask=scores.mask,
