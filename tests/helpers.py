@@ -111,3 +111,23 @@ def dpo_losses(compose_cfg, run_dir, *overrides: str, steps: int = 3) -> list[fl
                       *overrides)
     train_stage(cfg, Path(run_dir))
     return metrics_losses(run_dir)
+
+
+def tiny_chat_policy(seed: int = 0):
+    """``(model in eval mode, tokenizer)``: the tiny LFM2 with the bundled chat tokenizer."""
+    import torch
+
+    from ptlight.model.backbone import build_policy, load_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = tiny_model_cfg()
+    tok = load_tokenizer(cfg)
+    return build_policy(cfg, tok).eval(), tok
+
+
+def chat_prompt_ids(tok, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text as a user turn through the chat template, with the generation
+    prompt, as training renders prompts."""
+    return [tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                        add_generation_prompt=True),
+                add_special_tokens=False).input_ids for t in texts]

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from helpers import TINY, run_cli, tiny_model_cfg
+from helpers import TINY, chat_prompt_ids, run_cli, tiny_chat_policy
 from ptlight.errors import ConfigError, PluginError
 from ptlight.rewards import Reward, WeightedRewards, build_rewards
 from ptlight.tasks import arith
@@ -125,16 +125,10 @@ def test_reward_config_is_one_spec_or_a_weighted_list():
 def test_hf_engine_returns_contiguous_groups_cut_after_eos_and_padding_free_greedy_rows():
     from ptlight.data.module import left_pad
     from ptlight.engine.rollout import HFGenerate
-    from ptlight.model.backbone import build_policy, load_tokenizer
 
-    torch.manual_seed(0)
-    cfg = tiny_model_cfg()
-    tok = load_tokenizer(cfg)
-    model = build_policy(cfg, tok).eval()
-    texts = ["What is 2 + 2?", "What is 47 + 385? Answer with the number only."]
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                       add_generation_prompt=True),
-               add_special_tokens=False).input_ids for t in texts]
+    model, tok = tiny_chat_policy()
+    ids = chat_prompt_ids(tok, ["What is 2 + 2?",
+                                "What is 47 + 385? Answer with the number only."])
     batch = left_pad(ids, tok.pad_token_id)
     engine = HFGenerate()
     kw = dict(max_new_tokens=5, top_p=1.0, top_k=0, eos_token_id=tok.eos_token_id,
@@ -266,7 +260,6 @@ def test_a_resumed_grpo_run_equals_an_uninterrupted_one(tmp_path):
 
 def test_task_args_shape_the_held_out_prompts_too(compose_cfg):
     """data.task_args define arith's distribution: the gold eval's held-out prompts follow it."""
-    from ptlight.eval.gold import gold_eval  # noqa: F401 - the eval reads prompts this way
     from ptlight.tasks import resolve_task
 
     cfg = compose_cfg("data=arith", "data.task_args.min_digits=3", "data.task_args.max_digits=3")

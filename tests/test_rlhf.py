@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, run_cli, tiny_model_cfg
+from helpers import TINY, chat_prompt_ids, run_cli, tiny_chat_policy, tiny_model_cfg
 
 from ptlight.errors import ConfigError
 from ptlight.engine.rollout import completion_mask
@@ -168,17 +168,11 @@ def test_response_is_cut_after_the_first_eos():
 
 # ---- rollouts: batched with padding == one prompt at a time ------------------------------------
 def test_batched_generation_and_logps_equal_one_prompt_at_a_time():
-    from ptlight.model.backbone import build_policy, load_tokenizer
     from ptlight.data.module import left_pad
 
-    torch.manual_seed(0)
-    cfg = tiny_model_cfg()
-    tok = load_tokenizer(cfg)
-    model = build_policy(cfg, tok).eval()
-    texts = ["Sort these words alphabetically: cat dog", "Sort: zebra apple mango kiwi pear fig"]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                       tokenize=False) for t in texts]
-    ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    model, tok = tiny_chat_policy()
+    ids = chat_prompt_ids(tok, ["Sort these words alphabetically: cat dog",
+                                "Sort: zebra apple mango kiwi pear fig"])
     assert len(ids[0]) != len(ids[1])  # so the batch really is padded
     gen_kw = dict(do_sample=False, max_new_tokens=6, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)

@@ -3,6 +3,8 @@ non-finite loss guard (:func:`check_finite`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import lightning as L
 import torch
 from omegaconf import DictConfig
@@ -201,3 +203,29 @@ class RolloutSteps:
         opt.step()
         if sched.last_epoch < int(module.trainer.estimated_stepping_batches):
             sched.step()
+
+    def minibatches(self, units: int, per_step: int, passes: int, group: int = 1
+                    ) -> Iterator[torch.Tensor]:
+        """Row indices of each optimiser step of a rollout batch: ``passes`` shuffled passes
+        over ``units`` units of ``group`` contiguous rows (GRPO: the G completions of a
+        prompt), ``per_step`` units a step."""
+        device = self.device  # type: ignore[attr-defined]
+        offsets = torch.arange(group, device=device)
+        for _ in range(passes):
+            order = torch.randperm(units, device=device)
+            for start in range(0, units, per_step):
+                chosen = order[start : start + per_step]
+                yield (chosen[:, None] * group + offsets).reshape(-1)
+
+    def log_rollout_step(self, sums: dict[str, torch.Tensor], steps: int,
+                         stats: dict[str, torch.Tensor], batch_size: int,
+                         totals: tuple[str, ...] = ()) -> None:
+        """Log a rollout batch: the mean over its ``steps`` optimiser steps of each summed
+        metric (``totals``: logged as summed), and the rollout's own ``stats``."""
+        module: L.LightningModule = self  # type: ignore[assignment]
+        logged = {f"train/{k}": v / (1 if k in totals else steps) for k, v in sums.items()}
+        logged.update({f"train/{k}": v.float() for k, v in stats.items()})
+        loss = logged.pop("train/loss")
+        module.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
+        module.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
+                   batch_size=batch_size)

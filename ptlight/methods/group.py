@@ -165,43 +165,34 @@ class GroupRLMethod(RolloutSteps, Method):
         per_mb = n_prompts // s.num_mini_batches
         sums: dict[str, torch.Tensor] = {}
         steps = 0
-        for _ in range(s.num_iterations):
-            order = torch.randperm(n_prompts, device=self.device)
-            for start in range(0, n_prompts, per_mb):
-                groups = order[start:start + per_mb]
-                idx = (groups[:, None] * G + torch.arange(G, device=self.device)).reshape(-1)
-                mask = gen.completion_mask[idx]
-                logps, entropy, _ = token_scores(self.policy, gen.sequences[idx],
-                                                 gen.attention_mask[idx], gen.n_prompt,
-                                                 s.temperature)
-                tokens = mask.sum().float()
-                # the dapo normaliser: active tokens of this optimiser step over all ranks,
-                # per rank (DDP averages the ranks' gradients)
-                num_items = self.trainer.strategy.reduce(tokens, reduce_op="sum") \
-                    if self.trainer.world_size > 1 else tokens
-                out = self.objective(GroupRollout(
-                    logps=logps, mask=mask,
-                    advantages=None if roll["advantages"] is None else roll["advantages"][idx],
-                    old_logps=None if roll["old_logps"] is None else roll["old_logps"][idx],
-                    ref_logps=None if roll["ref_logps"] is None else roll["ref_logps"][idx],
-                    rewards=roll["rewards"][idx], group_size=G,
-                    max_completion_length=s.max_new_tokens,
-                    num_items_in_batch=float(num_items) / self.trainer.world_size
-                    if self.trainer.world_size > 1 else float(num_items)))
-                metrics = dict(out.metrics)
-                metrics["entropy"] = masked_mean(entropy.detach(), mask)
-                self.optimiser_step(out.loss)
-                self.engine.sync_weights(self.policy)
-                metrics["loss"] = out.loss.detach()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-                steps += 1
-        logged = {f"train/{k}": v / steps for k, v in sums.items()}
-        logged.update({f"train/{k}": v.float() for k, v in roll["stats"].items()})
-        loss = logged.pop("train/loss")
-        b = gen.sequences.shape[0]
-        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=b)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=b)
+        for idx in self.minibatches(n_prompts, per_mb, s.num_iterations, group=G):
+            mask = gen.completion_mask[idx]
+            logps, entropy, _ = token_scores(self.policy, gen.sequences[idx],
+                                             gen.attention_mask[idx], gen.n_prompt,
+                                             s.temperature)
+            tokens = mask.sum().float()
+            # the dapo normaliser: active tokens of this optimiser step over all ranks,
+            # per rank (DDP averages the ranks' gradients)
+            num_items = self.trainer.strategy.reduce(tokens, reduce_op="sum") \
+                if self.trainer.world_size > 1 else tokens
+            out = self.objective(GroupRollout(
+                logps=logps, mask=mask,
+                advantages=None if roll["advantages"] is None else roll["advantages"][idx],
+                old_logps=None if roll["old_logps"] is None else roll["old_logps"][idx],
+                ref_logps=None if roll["ref_logps"] is None else roll["ref_logps"][idx],
+                rewards=roll["rewards"][idx], group_size=G,
+                max_completion_length=s.max_new_tokens,
+                num_items_in_batch=float(num_items) / self.trainer.world_size
+                if self.trainer.world_size > 1 else float(num_items)))
+            metrics = dict(out.metrics)
+            metrics["entropy"] = masked_mean(entropy.detach(), mask)
+            self.optimiser_step(out.loss)
+            self.engine.sync_weights(self.policy)
+            metrics["loss"] = out.loss.detach()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            steps += 1
+        self.log_rollout_step(sums, steps, roll["stats"], gen.sequences.shape[0])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         with torch.no_grad():

@@ -230,38 +230,31 @@ class PPOMethod(RolloutSteps, Method):
         n_prompt = roll["n_prompt"]
         sums: dict[str, torch.Tensor] = {}
         n = 0
-        for _ in range(s.num_ppo_epochs):
-            order = torch.randperm(b, device=self.device)
-            for start in range(0, b, mb):
-                idx = order[start : start + mb]
-                logps, entropy, values = token_scores(
-                    self.policy, roll["seqs"][idx], roll["attn"][idx], n_prompt, s.temperature,
-                    self.value_head)
-                out = self.objective(Rollout(
-                    logps=logps, old_logps=roll["logps"][idx], values=values,
-                    old_values=roll["values"][idx], advantages=roll["advantages"][idx],
-                    returns=roll["returns"][idx], mask=roll["mask"][idx]))
-                loss = out.loss
-                metrics = dict(out.metrics)
-                metrics["policy/entropy"] = masked_mean(entropy.detach(), roll["mask"][idx])
-                if self._ptx is not None:
-                    nll = self._ptx_nll()
-                    loss = loss + s.ptx_coef * nll
-                    metrics["loss/ptx"] = nll.detach()
-                self.optimiser_step(loss)
-                metrics["loss"] = loss.detach()
-                if n == 0:
-                    metrics["first_ratio"] = metrics["val/ratio"]  # ≡ 1 (nothing updated yet)
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-                n += 1
+        for idx in self.minibatches(b, mb, s.num_ppo_epochs):
+            logps, entropy, values = token_scores(
+                self.policy, roll["seqs"][idx], roll["attn"][idx], n_prompt, s.temperature,
+                self.value_head)
+            out = self.objective(Rollout(
+                logps=logps, old_logps=roll["logps"][idx], values=values,
+                old_values=roll["values"][idx], advantages=roll["advantages"][idx],
+                returns=roll["returns"][idx], mask=roll["mask"][idx]))
+            loss = out.loss
+            metrics = dict(out.metrics)
+            metrics["policy/entropy"] = masked_mean(entropy.detach(), roll["mask"][idx])
+            if self._ptx is not None:
+                nll = self._ptx_nll()
+                loss = loss + s.ptx_coef * nll
+                metrics["loss/ptx"] = nll.detach()
+            self.optimiser_step(loss)
+            metrics["loss"] = loss.detach()
+            if n == 0:
+                metrics["first_ratio"] = metrics["val/ratio"]  # ≡ 1 (nothing updated yet)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            n += 1
         self.kl_ctl.update(float(roll["kl_seq"].mean()), b)
         self.kl_coef.fill_(self.kl_ctl.value)
-        logged = {f"train/{k}": v / (1 if k == "first_ratio" else n) for k, v in sums.items()}
-        logged.update({f"train/{k}": v.float() for k, v in roll["stats"].items()})
-        loss = logged.pop("train/loss")
-        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=b)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=b)
+        self.log_rollout_step(sums, n, roll["stats"], b, totals=("first_ratio",))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         roll = self.rollout(batch)
