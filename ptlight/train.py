@@ -36,12 +36,13 @@ from ptlight.eval.gold import ValidationSamples, gold_eval, log_samples, win_rat
 from ptlight.methods import get_method
 from ptlight.methods.base import Method
 from ptlight.model.backbone import build_policy, export_model, load_export, load_tokenizer
-from ptlight.model.reference import build_reference, reference_mode
+from ptlight.model.reference import auto_reference, build_reference, reference_mode
 from ptlight.objectives import Objective
 from ptlight.registry import OBJECTIVES, settings_of
 from ptlight.report import write_model_card, write_run_report
 from ptlight.runtime.callbacks import AtomicCheckpointIO, NonFiniteGuard, Preemption, RngState
-from ptlight.runtime.devices import configure_cuda, resolve_trainer, uses_cuda
+from ptlight.runtime.devices import (configure_cuda, device_defaults, resolve_trainer,
+                                     single_process, uses_cuda)
 from ptlight.runtime.rundir import (RunCSVLogger, RunRecord, checkpoint_to_resume,
                                     guard_run_dir)
 from ptlight.runtime.strategy import (build_strategy, fsdp_without_rank0_generation,
@@ -66,8 +67,7 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
     objective chosen by name may drop (:func:`build_stage_objective`).
     """
     started = time.time()
-    cfg = _settle(cfg, run_dir, overrides)
-    objective = build_stage_objective(cfg, overrides)
+    cfg, objective = _settle(cfg, run_dir, overrides)
     method_cls = get_method(cfg.method.module)
     ref_mode = _check_method(cfg, method_cls, objective)
     task = resolve_task(cfg.data.task, args=cfg.data.get("task_args"))  # a task file's reward plugins are built here
@@ -122,9 +122,11 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
 
 
 # ---- before any weights load --------------------------------------------------------------------
-def _settle(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> DictConfig:
+def _settle(cfg: DictConfig, run_dir: Path, overrides: list[str] | None
+            ) -> tuple[DictConfig, Objective]:
     """Checks, machine-dependent settings and the run dir's ``config.yaml``; returns the config
-    with ``trainer.accelerator``/``precision`` resolved for this machine."""
+    with ``trainer.accelerator``/``precision`` and the ``auto`` keys resolved for this machine
+    (:func:`ptlight.runtime.devices.device_defaults`), and the stage's objective."""
     check_config(cfg)  # before anything is written or loaded (ptlight.runtime.validate)
     check_overrides(cfg, overrides)
     cfg = drop_unchosen_task(cfg, overrides)  # never a bundled task's gold metric on your data
@@ -132,7 +134,12 @@ def _settle(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> Dict
         pin_mmap_threshold(int(cfg.malloc_mmap_threshold))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.merge(cfg, {"trainer": resolve_trainer(cfg.trainer)})
-    if uses_cuda(cfg.trainer):
+    objective = build_stage_objective(cfg, overrides)
+    cuda = uses_cuda(cfg.trainer)
+    reference = auto_reference(objective, get_method(cfg.method.module).reference_modes, cuda,
+                               single_process(cfg.trainer))
+    cfg = OmegaConf.merge(cfg, device_defaults(cfg, cuda, reference))
+    if cuda:
         configure_cuda(cfg.get("cudnn_attention", False))
     if cfg.get("optimizer_offload") and uses_cuda(cfg.trainer):
         raise ConfigError("optimizer_offload streams CPU parameters' AdamW state through a "
@@ -140,7 +147,7 @@ def _settle(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> Dict
     if rank_zero_only.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    return cfg
+    return cfg, objective
 
 
 def drop_unchosen_task(cfg: DictConfig, overrides: list[str] | None) -> DictConfig:

@@ -271,10 +271,11 @@ CONFIG_CASES = [
     ("data.val_size=0", r"data\.val_size=0: rows held out for validation \(or set "
                         r"data\.val_path=<file>\)"),
     ("data.num_workers=-1", r"data\.num_workers=-1: DataLoader worker processes \(0: collate in "
-                            r"the main process\); write a whole number >= 0"),
-    ("model.compile=yes", r"model\.compile='yes': use model\.compile=true"),
-    ("method.pack_multiple_of=0", r"method\.pack_multiple_of=0: use 1 \(no rounding\) up to "
-                                  r"method\.pack_max_tokens=2048"),
+                            r"the main process; auto: 2 on CUDA, 0 on the CPU\); write a whole "
+                            r"number >= 0"),
+    ("model.compile=yes", r"model\.compile='yes': use auto \(on for CUDA GPUs\), true"),
+    ("method.pack_multiple_of=0", r"method\.pack_multiple_of=0: use auto, or 1 \(no rounding\) "
+                                  r"up to method\.pack_max_tokens=2048"),
     ("method.optim.lr=nan", r"method\.optim\.lr=nan: the learning rate must be a finite number "
                             r"> 0\.0; e\.g\. method\.optim\.lr=5e-5"),
     ("method.optim.lr=-1e-3", r"method\.optim\.lr=-0\.001: the learning rate must be"),

@@ -92,7 +92,7 @@ def test_optimizer_offload_on_a_gpu_is_refused_before_weights_load(compose_cfg, 
     assert not loaded
 
 
-def test_packing_auto_is_on_for_the_cpu_only(monkeypatch):
+def test_packing_auto_packs_on_the_cpu_and_on_gpus(monkeypatch):
     from omegaconf import OmegaConf
 
     from helpers import tiny_model_cfg
@@ -108,11 +108,64 @@ def test_packing_auto_is_on_for_the_cpu_only(monkeypatch):
         return PreferenceMethod(policy, build_objective("dpo", {}), optim, pack=pack)
 
     auto = method("auto")
-    assert auto.packs  # on the CPU (measured 5x there; slower on an H200: docs/performance.md)
+    assert auto.packs  # the CPU: 5x the padded step (docs/performance.md)
     monkeypatch.setattr(PreferenceMethod, "device", property(lambda self: torch.device("cuda")))
-    assert not auto.packs and method(True).packs and not method(False).packs
+    assert auto.packs  # an H200: 1.46x with a precomputed reference
+    assert method(True).packs and not method(False).packs
     with pytest.raises(ConfigError, match=r"method\.pack='yes'; use auto, true or false"):
         method("yes")
+
+
+def _settled(compose_cfg, tmp_path, *overrides):
+    """The stage config after ``train_stage``'s machine settling, and what config.yaml says."""
+    from ptlight.train import _settle
+
+    cfg, _ = _settle(compose_cfg(*TINY, *overrides), tmp_path, list(overrides))
+    return cfg, (tmp_path / "config.yaml").read_text()
+
+
+def test_auto_settings_follow_the_device(compose_cfg, monkeypatch, tmp_path):
+    """On one CUDA GPU the DPO step measured fastest (docs/performance.md) is the default: a
+    precomputed reference, packed widths in steps of 128, 2 collate workers, compiled layers;
+    on the CPU the CPU's settings. config.yaml records the resolved values."""
+    monkeypatch.setattr("ptlight.train.configure_cuda", lambda *a: None)
+    _gpus(monkeypatch, 1)
+    cfg, saved = _settled(compose_cfg, tmp_path / "gpu", "method=dpo")
+    assert (cfg.method.reference, cfg.method.pack, cfg.method.pack_multiple_of,
+            cfg.data.num_workers, cfg.model.compile) == ("precompute", "auto", 128, 2, True)
+    assert "reference: precompute" in saved and "pack_multiple_of: 128" in saved
+    _gpus(monkeypatch, 0)
+    cfg, saved = _settled(compose_cfg, tmp_path / "cpu", "method=dpo")
+    assert (cfg.method.reference, cfg.method.pack_multiple_of, cfg.data.num_workers,
+            cfg.model.compile) == ("copy", 1, 0, False)
+    assert "compile: false" in saved and "num_workers: 0" in saved
+    _gpus(monkeypatch, 2)  # several processes: compile and precompute were measured on one GPU
+    cfg, _ = _settled(compose_cfg, tmp_path / "fsdp", "method=dpo", "trainer=fsdp")
+    assert (cfg.method.reference, cfg.model.compile, cfg.data.num_workers) == ("copy", False, 2)
+
+
+@pytest.mark.parametrize("gpus,overrides,reference", [
+    (1, ["method=kto"], "copy"),            # unpaired rows: precompute cannot serve them
+    (1, ["method=tdpo"], "copy"),           # per-token reference terms
+    (2, ["method=dpo", "trainer=ddp"], "copy"),  # several processes: not the measured case
+    (1, ["method=dpo", "method.reference=copy"], "copy"),  # what the user sets is kept
+    (1, ["method=dpo", "model.lora.enabled=true"], "precompute"),
+])
+def test_auto_reference_precomputes_only_where_it_can_serve(compose_cfg, monkeypatch, tmp_path,
+                                                            gpus, overrides, reference):
+    monkeypatch.setattr("ptlight.train.configure_cuda", lambda *a: None)
+    _gpus(monkeypatch, gpus)
+    cfg, _ = _settled(compose_cfg, tmp_path, *overrides)
+    assert cfg.method.reference == reference
+
+
+def test_user_settings_of_the_auto_keys_are_kept_on_a_gpu(compose_cfg, monkeypatch, tmp_path):
+    monkeypatch.setattr("ptlight.train.configure_cuda", lambda *a: None)
+    _gpus(monkeypatch, 1)
+    cfg, _ = _settled(compose_cfg, tmp_path, "method=dpo", "model.compile=false",
+                      "data.num_workers=0", "method.pack_multiple_of=1", "method.pack=false")
+    assert (cfg.model.compile, cfg.data.num_workers, cfg.method.pack_multiple_of,
+            cfg.method.pack) == (False, 0, 1, False)
 
 
 def test_fused_adamw_on_cuda_for_every_method_and_on_cpu_where_the_method_asks():

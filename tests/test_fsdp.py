@@ -150,9 +150,7 @@ def test_fsdp_shards_over_two_cpu_processes(tmp_path, method):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "rm", "grpo", pytest.param("ppo", marks=(
-    pytest.mark.xfail(strict=True, reason="measured on an H200 (torch 2.11): under FSDP on "
-                      "CUDA every PPO step is skipped as non-finite; passes on CPU gloo")))])
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "rm", "grpo", "ppo"])
 def test_every_method_under_fsdp_on_gpu_in_bf16(tmp_path, method):
     # validation after every step: training continues after a no-grad pass of the roots
     report = _train_resume_export(tmp_path, method, "trainer.precision=bf16-mixed",

@@ -495,8 +495,10 @@ class PtlDataModule(L.LightningDataModule):
 
     def _workers(self) -> dict[str, Any]:
         """``data.num_workers``: collate (padding, and packing when the method packs) in that
-        many worker processes, ahead of the step, instead of in the main process."""
+        many worker processes, ahead of the step, instead of in the main process (``auto``,
+        left unresolved outside a training stage's device settings, is the main process)."""
         n = self.cfg.get("num_workers", 0) or 0
+        n = 0 if n == "auto" else int(n)
         return {"num_workers": n, "persistent_workers": n > 0}
 
     def _loader(self, data: list[Item], shuffle: bool) -> DataLoader:

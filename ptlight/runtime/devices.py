@@ -6,6 +6,11 @@ newer), else ``32-true``. What the user sets is kept, and checked against the ma
 asked for where none is visible, more GPUs than are visible, bf16 on a GPU without it, or a
 precision Lightning does not know is a :class:`~ptlight.errors.ConfigError` naming the key.
 The resolved values are what ``config.yaml`` records.
+
+A few more keys default to ``auto``, resolved by :func:`device_defaults` from the same machine
+check: what measured fastest on a CUDA GPU, and the CPU's settings on the CPU
+(docs/performance.md has the figures): ``model.compile``, ``data.num_workers``,
+``method.pack_multiple_of`` and the preference methods' ``method.reference``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ GPU_ACCELERATORS = ("gpu", "cuda")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true",
               "transformer-engine", "transformer-engine-float16", "32", "16", "64", "bf16")
 BF16 = ("bf16-mixed", "bf16-true", "bf16")
+# auto on a CUDA GPU (the CPU: 0 workers, widths not rounded); measured with scripts/bench_gpu.py
+CUDA_NUM_WORKERS = 2       # collate and pack in worker processes, off the kernel-launching thread
+CUDA_PACK_MULTIPLE_OF = 128  # packed widths repeat a few shapes: kernels and plans are reused
 
 
 def configure_cuda(cudnn_attention: bool) -> None:
@@ -82,3 +90,37 @@ def resolve_trainer(trainer_cfg: DictConfig) -> DictConfig:
                           "trainer.precision=16-mixed or 32-true")
     cfg.precision = precision
     return cfg
+
+
+def single_process(trainer_cfg: DictConfig) -> bool:
+    """Whether the (resolved) trainer config runs one process: one device, one node, no
+    strategy."""
+    return (not trainer_cfg.get("strategy") and _device_count(trainer_cfg.get("devices", 1)) == 1
+            and int(trainer_cfg.get("num_nodes", 1) or 1) == 1)
+
+
+def device_defaults(cfg: DictConfig, cuda: bool, reference: str) -> dict:
+    """The values of the ``auto`` keys below for this machine, as a config to merge:
+
+    - ``model.compile``: on for one CUDA GPU (the decoder layers compiled: kernels fused, one
+      graph per layer kind), off on the CPU (about even there) and under several processes
+      (DDP, FSDP: not measured there);
+    - ``data.num_workers``: :data:`CUDA_NUM_WORKERS` on CUDA, 0 on the CPU (its cores train);
+    - ``method.pack_multiple_of``: :data:`CUDA_PACK_MULTIPLE_OF` on CUDA, 1 on the CPU (compute
+      there grows with every padded token);
+    - ``method.reference``: ``reference``, which the caller settles from the objective
+      (:func:`ptlight.model.reference.auto_reference`).
+    """
+    out: dict = {}
+    if cfg.model.get("compile") == "auto":
+        out["model"] = {"compile": cuda and single_process(cfg.trainer)}
+    if cfg.data.get("num_workers") == "auto":
+        out["data"] = {"num_workers": CUDA_NUM_WORKERS if cuda else 0}
+    method: dict = {}
+    if cfg.method.get("pack_multiple_of") == "auto":
+        method["pack_multiple_of"] = CUDA_PACK_MULTIPLE_OF if cuda else 1
+    if cfg.method.get("reference") == "auto":
+        method["reference"] = reference
+    if method:
+        out["method"] = method
+    return out

@@ -95,8 +95,10 @@ def check_data(data: DictConfig) -> None:
     if data.get("val_path") is None:
         _int(data.val_size, "data.val_size", 1,
              "rows held out for validation (or set data.val_path=<file>)")
-    _int(data.get("num_workers", 0), "data.num_workers", 0,
-         "DataLoader worker processes (0: collate in the main process)")
+    if data.get("num_workers", 0) != "auto":
+        _int(data.get("num_workers", 0), "data.num_workers", 0,
+             "DataLoader worker processes (0: collate in the main process; auto: 2 on CUDA, "
+             "0 on the CPU)")
 
 
 def check_optim(optim: DictConfig) -> None:
@@ -148,17 +150,19 @@ def check_pack(pack: Any, max_tokens: Any, multiple_of: Any) -> None:
     if pack not in (True, False, "auto"):
         raise ConfigError(f"method.pack={pack!r}; use auto, true or false")
     _int(max_tokens, "method.pack_max_tokens", 2, "tokens per packed row")
+    if multiple_of == "auto":
+        return
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or not (
             1 <= multiple_of <= max_tokens):
-        raise ConfigError(f"method.pack_multiple_of={multiple_of!r}: use 1 (no rounding) up to "
-                          f"method.pack_max_tokens={max_tokens}")
+        raise ConfigError(f"method.pack_multiple_of={multiple_of!r}: use auto, or 1 (no "
+                          f"rounding) up to method.pack_max_tokens={max_tokens}")
 
 
 def check_model(model: DictConfig) -> None:
     compile_ = model.get("compile", False)
-    if not isinstance(compile_, bool):
-        raise ConfigError(f"model.compile={compile_!r}: use model.compile=true (torch.compile "
-                          "the norms and MLPs of every decoder layer) or false")
+    if not isinstance(compile_, bool) and compile_ != "auto":
+        raise ConfigError(f"model.compile={compile_!r}: use auto (on for CUDA GPUs), true "
+                          "(torch.compile the decoder layers) or false")
 
 
 def override_keys(overrides: list[str]) -> set[str]:
