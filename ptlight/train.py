@@ -41,8 +41,9 @@ from ptlight.objectives import Objective
 from ptlight.registry import OBJECTIVES, settings_of
 from ptlight.report import write_model_card, write_run_report
 from ptlight.runtime.callbacks import AtomicCheckpointIO, NonFiniteGuard, Preemption, RngState
-from ptlight.runtime.devices import (configure_cuda, device_defaults, resolve_trainer,
-                                     single_process, uses_cuda)
+from ptlight.runtime.devices import (configure_cuda, covers_an_epoch, data_defaults,
+                                     device_defaults, resolve_trainer, single_process,
+                                     uses_cuda)
 from ptlight.runtime.rundir import (RunCSVLogger, RunRecord, checkpoint_to_resume,
                                     guard_run_dir)
 from ptlight.runtime.strategy import (build_strategy, fsdp_without_rank0_generation,
@@ -69,16 +70,18 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
     started = time.time()
     cfg, objective = _settle(cfg, run_dir, overrides)
     method_cls = get_method(cfg.method.module)
-    ref_mode = _check_method(cfg, method_cls, objective)
+    _check_method(cfg, method_cls, objective)  # before the data loads (auto: as copy)
     task = resolve_task(cfg.data.task, args=cfg.data.get("task_args"))  # a task file's reward plugins are built here
     offload = offload_directory(cfg.optimizer_offload) if cfg.get("optimizer_offload") else None
     trainer_cfg, precision = precision_plugins(cfg.trainer, cfg.cpu_bf16)
     guard = NonFiniteGuard(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive,
                            checkpoint_dir=str(run_dir / "checkpoints"))
     tokenizer = load_tokenizer(cfg.model)
-    extra = method_cls.extra_args(cfg, tokenizer)
     datamodule = PtlDataModule(cfg.data, tokenizer, method_cls.data_kind_for(cfg.method, objective))
     datamodule.setup()
+    cfg = _settle_with_data(cfg, run_dir, objective, method_cls, len(datamodule.train))
+    ref_mode = _check_method(cfg, method_cls, objective)
+    extra = method_cls.extra_args(cfg, tokenizer)
 
     policy = build_policy(cfg.model, tokenizer)  # the first weights loaded
     keep_copy = _resumes(cfg, run_dir) or is_fsdp(cfg.trainer.get("strategy"))
@@ -136,18 +139,36 @@ def _settle(cfg: DictConfig, run_dir: Path, overrides: list[str] | None
     cfg = OmegaConf.merge(cfg, {"trainer": resolve_trainer(cfg.trainer)})
     objective = build_stage_objective(cfg, overrides)
     cuda = uses_cuda(cfg.trainer)
-    reference = auto_reference(objective, get_method(cfg.method.module).reference_modes, cuda,
-                               single_process(cfg.trainer))
-    cfg = OmegaConf.merge(cfg, device_defaults(cfg, cuda, reference))
+    cfg = OmegaConf.merge(cfg, device_defaults(cfg, cuda))
     if cuda:
         configure_cuda(cfg.get("cudnn_attention", False))
     if cfg.get("optimizer_offload") and uses_cuda(cfg.trainer):
         raise ConfigError("optimizer_offload streams CPU parameters' AdamW state through a "
                           "file; this run trains on a CUDA GPU: set optimizer_offload=null")
-    if rank_zero_only.rank == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    _save_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return cfg, objective
+
+
+def _save_config(cfg: DictConfig, run_dir: Path) -> None:
+    if rank_zero_only.rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _settle_with_data(cfg: DictConfig, run_dir: Path, objective: Objective,
+                      method_cls: type[Method], train_rows: int) -> DictConfig:
+    """``method.reference`` and ``method.pack`` left at ``auto``, settled now that the train
+    split's size is known, before any weights load (config.yaml records them)."""
+    cuda = uses_cuda(cfg.trainer)
+    covers = covers_an_epoch(cfg.trainer, int(cfg.data.batch_size), train_rows)
+    reference = auto_reference(objective, method_cls.reference_modes, cuda,
+                               single_process(cfg.trainer), covers)
+    extra = data_defaults(cfg, cuda, reference)
+    if not extra:
+        return cfg
+    cfg = OmegaConf.merge(cfg, extra)
+    _save_config(cfg, run_dir)
+    return cfg
 
 
 def drop_unchosen_task(cfg: DictConfig, overrides: list[str] | None) -> DictConfig:

@@ -164,20 +164,23 @@ def child_ptlight(args) -> dict:
 
     def on_train_batch_end(self, outputs, batch, batch_idx):  # the batch is counted: done?
         counted(self, outputs, batch, batch_idx)
+        settled["packed"] = self.packs  # what the run's auto keys settled to
+        settled["live"] = self.reference.mode in ("copy", "adapter")
         clock.maybe_finish()
 
     PreferenceMethod.on_train_batch_end = on_train_batch_end
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
+    # one epoch over the fixture, as a run that uses every row (what the defaults are settled
+    # for: ptlight.runtime.devices); the process exits once its steps are timed
     cfg = bench_dpo.ptlight_cfg(fx, args.fixture, precision, [
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
-        f"trainer.max_steps={args.warmup + args.steps}", "method.reference_cache=null",
+        "trainer.max_steps=-1", "trainer.max_epochs=1", "method.reference_cache=null",
         f"seed={args.seed}", *PTLIGHT_CONFIGS[args.config]])
-    packed = cfg.method.pack is True or (cfg.method.pack == "auto" and args.device == "cpu")
+    settled: dict = {}
 
     def finish() -> dict:
-        bench_dpo.count_tokens(clock.batches, packed)
-        return clock.result(args.warmup, spec["batch"],
-                            live_reference=cfg.method.reference == "copy")
+        bench_dpo.count_tokens(clock.batches, settled["packed"])
+        return clock.result(args.warmup, spec["batch"], live_reference=settled["live"])
 
     clock.total, clock.finish = args.warmup + args.steps, finish
     with tempfile.TemporaryDirectory() as run_dir:

@@ -273,7 +273,7 @@ CONFIG_CASES = [
     ("data.num_workers=-1", r"data\.num_workers=-1: DataLoader worker processes \(0: collate in "
                             r"the main process; auto: 2 on CUDA, 0 on the CPU\); write a whole "
                             r"number >= 0"),
-    ("model.compile=yes", r"model\.compile='yes': use auto \(on for CUDA GPUs\), true"),
+    ("model.compile=yes", r"model\.compile='yes': use model\.compile=true"),
     ("method.pack_multiple_of=0", r"method\.pack_multiple_of=0: use auto, or 1 \(no rounding\) "
                                   r"up to method\.pack_max_tokens=2048"),
     ("method.optim.lr=nan", r"method\.optim\.lr=nan: the learning rate must be a finite number "

@@ -116,32 +116,49 @@ def test_packing_auto_packs_on_the_cpu_and_on_gpus(monkeypatch):
         method("yes")
 
 
-def _settled(compose_cfg, tmp_path, *overrides):
-    """The stage config after ``train_stage``'s machine settling, and what config.yaml says."""
-    from ptlight.train import _settle
+def _settled(compose_cfg, tmp_path, *overrides, train_rows=100):
+    """The stage config after ``train_stage``'s settling for the machine and for a train split
+    of ``train_rows`` rows (100 steps of 8 pairs cover 100), and what config.yaml says."""
+    from ptlight.methods import get_method
+    from ptlight.train import _settle, _settle_with_data
 
-    cfg, _ = _settle(compose_cfg(*TINY, *overrides), tmp_path, list(overrides))
+    overrides = ("trainer.max_steps=100", "data.batch_size=8", *overrides)
+    cfg, objective = _settle(compose_cfg(*TINY, *overrides), tmp_path, list(overrides))
+    cfg = _settle_with_data(cfg, tmp_path, objective, get_method(cfg.method.module), train_rows)
     return cfg, (tmp_path / "config.yaml").read_text()
 
 
 def test_auto_settings_follow_the_device(compose_cfg, monkeypatch, tmp_path):
-    """On one CUDA GPU the DPO step measured fastest (docs/performance.md) is the default: a
-    precomputed reference, packed widths in steps of 128, 2 collate workers, compiled layers;
-    on the CPU the CPU's settings. config.yaml records the resolved values."""
+    """On one CUDA GPU the DPO step measured fastest without compiling (docs/performance.md) is
+    the default: a precomputed reference, packed rows in widths of steps of 128, 2 collate
+    workers; on the CPU the CPU's settings; under several GPU processes what those runs were
+    tested with. config.yaml records the resolved values."""
     monkeypatch.setattr("ptlight.train.configure_cuda", lambda *a: None)
     _gpus(monkeypatch, 1)
     cfg, saved = _settled(compose_cfg, tmp_path / "gpu", "method=dpo")
     assert (cfg.method.reference, cfg.method.pack, cfg.method.pack_multiple_of,
-            cfg.data.num_workers, cfg.model.compile) == ("precompute", "auto", 128, 2, True)
+            cfg.data.num_workers, cfg.model.compile) == ("precompute", True, 128, 2, False)
     assert "reference: precompute" in saved and "pack_multiple_of: 128" in saved
     _gpus(monkeypatch, 0)
     cfg, saved = _settled(compose_cfg, tmp_path / "cpu", "method=dpo")
-    assert (cfg.method.reference, cfg.method.pack_multiple_of, cfg.data.num_workers,
-            cfg.model.compile) == ("copy", 1, 0, False)
-    assert "compile: false" in saved and "num_workers: 0" in saved
-    _gpus(monkeypatch, 2)  # several processes: compile and precompute were measured on one GPU
+    assert (cfg.method.reference, cfg.method.pack, cfg.method.pack_multiple_of,
+            cfg.data.num_workers) == ("copy", True, 1, 0)
+    assert "pack: true" in saved and "num_workers: 0" in saved
+    _gpus(monkeypatch, 2)  # several processes: packing and precompute were measured on one GPU
     cfg, _ = _settled(compose_cfg, tmp_path / "fsdp", "method=dpo", "trainer=fsdp")
-    assert (cfg.method.reference, cfg.model.compile, cfg.data.num_workers) == ("copy", False, 2)
+    assert (cfg.method.reference, cfg.method.pack, cfg.data.num_workers) == ("copy", False, 2)
+    _gpus(monkeypatch, 1)  # a run shorter than an epoch: precompute would score unused rows
+    cfg, saved = _settled(compose_cfg, tmp_path / "short", "method=dpo", train_rows=801)
+    assert (cfg.method.reference, cfg.method.pack) == ("copy", False)
+    assert "reference: copy" in saved and "pack: false" in saved
+    cfg, _ = _settled(compose_cfg, tmp_path / "epochs", "method=dpo", "trainer.max_steps=-1",
+                      "trainer.max_epochs=1", train_rows=10**6)
+    assert (cfg.method.reference, cfg.method.pack) == ("precompute", True)
+    for accumulate, reference in ((1, "copy"), (2, "precompute")):  # 60 x 8 x accumulate >= 900?
+        cfg, _ = _settled(compose_cfg, tmp_path / f"acc{accumulate}", "method=dpo",
+                          "trainer.max_steps=60", f"trainer.accumulate_grad_batches={accumulate}",
+                          train_rows=900)
+        assert cfg.method.reference == reference
 
 
 @pytest.mark.parametrize("gpus,overrides,reference", [
@@ -162,10 +179,10 @@ def test_auto_reference_precomputes_only_where_it_can_serve(compose_cfg, monkeyp
 def test_user_settings_of_the_auto_keys_are_kept_on_a_gpu(compose_cfg, monkeypatch, tmp_path):
     monkeypatch.setattr("ptlight.train.configure_cuda", lambda *a: None)
     _gpus(monkeypatch, 1)
-    cfg, _ = _settled(compose_cfg, tmp_path, "method=dpo", "model.compile=false",
+    cfg, _ = _settled(compose_cfg, tmp_path, "method=dpo", "model.compile=true",
                       "data.num_workers=0", "method.pack_multiple_of=1", "method.pack=false")
     assert (cfg.model.compile, cfg.data.num_workers, cfg.method.pack_multiple_of,
-            cfg.method.pack) == (False, 0, 1, False)
+            cfg.method.pack) == (True, 0, 1, False)
 
 
 def test_fused_adamw_on_cuda_for_every_method_and_on_cpu_where_the_method_asks():

@@ -30,7 +30,7 @@ The reference log-probs come from, by ``method.reference``:
 
 Fast path (docs/performance.md), each equal to the plain path within fp tolerance:
 
-- ``method.pack`` (default ``auto``: on): every prompt runs once with its completions
+- ``method.pack`` (default ``auto``: on, except under several GPU processes): every prompt runs once with its completions
   as branches, packed without padding into rows of ``method.pack_max_tokens`` tokens, for the
   policy and the reference alike (:mod:`ptlight.engine.packing`; LFM2's short convolutions never see
   another branch or sequence). Models it does not support take the plain path. The layout is
@@ -131,9 +131,10 @@ class PreferenceMethod(ObjectiveSteps, Method):
 
     @property
     def packs(self) -> bool:
-        """``method.pack``; ``auto`` (the default) packs, on the CPU and on GPUs alike: each
-        prompt runs once, and no padding is computed (5x the padded step's pairs/s on the CPU;
-        on an H200, with the layout built by the collate, 1.46x with a precomputed reference:
+        """``method.pack``; ``auto`` (the default; a training stage settles it per device
+        first: :func:`ptlight.runtime.devices.device_defaults`) packs: each prompt runs once,
+        and no padding is computed (5x the padded step's pairs/s on the CPU; on an H200, with
+        the layout built by the collate, 1.46x with a precomputed reference:
         docs/performance.md). Models without a packed forward run padded either way."""
         return self.pack == "auto" or bool(self.pack)
 

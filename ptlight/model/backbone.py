@@ -215,7 +215,7 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it gets
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    if model_cfg.get("compile") is True:  # auto: a training stage settles it for its device
+    if model_cfg.get("compile"):
         compile_blocks(model)
     return model
 

@@ -37,19 +37,21 @@ from ptlight.objectives.tokens import REFERENCE_TERMS
 REFERENCE_MODES = ("copy", "adapter", "precompute", "none")
 
 
-def auto_reference(objective: Any, modes: tuple[str, ...], cuda: bool, one_process: bool) -> str:
-    """``method.reference=auto``: ``precompute`` on one CUDA GPU where it can serve the objective
-    (the method offers it; paired or listwise data; no per-token reference terms), else
-    ``copy`` (the adapter reference under LoRA).
+def auto_reference(objective: Any, modes: tuple[str, ...], cuda: bool, one_process: bool,
+                   covers_an_epoch: bool) -> str:
+    """``method.reference=auto``: ``precompute`` on one CUDA GPU for a run whose steps reach
+    every train row, where it can serve the objective (the method offers it; paired or
+    listwise data; no per-token reference terms); else ``copy`` (the adapter reference under
+    LoRA).
 
     Precomputed, the step runs no reference forward and the reference's weights are freed: on
     an H200 at the LFM2-350M shape it was 1.3x the live copy's pairs/s (docs/performance.md).
-    It scores the whole train split before the first step, so it pays for itself from about
-    an epoch. Under several processes (DDP, FSDP) and on the CPU, where it was not the measured
-    default, ``auto`` keeps the copy.
+    It scores the whole train split before the first step, so it is chosen only where the run
+    uses every row anyway. Under several processes (DDP, FSDP) and on the CPU, where it was
+    not the measured default, ``auto`` keeps the copy.
     """
     live = REFERENCE_TERMS & set(getattr(objective, "token_terms", ()))
-    if (cuda and one_process and "precompute" in modes and not live
+    if (cuda and one_process and covers_an_epoch and "precompute" in modes and not live
             and getattr(objective, "data_kind", None) != "unpaired"):
         return "precompute"
     return "copy"

@@ -7,10 +7,11 @@ asked for where none is visible, more GPUs than are visible, bf16 on a GPU witho
 precision Lightning does not know is a :class:`~ptlight.errors.ConfigError` naming the key.
 The resolved values are what ``config.yaml`` records.
 
-A few more keys default to ``auto``, resolved by :func:`device_defaults` from the same machine
-check: what measured fastest on a CUDA GPU, and the CPU's settings on the CPU
-(docs/performance.md has the figures): ``model.compile``, ``data.num_workers``,
-``method.pack_multiple_of`` and the preference methods' ``method.reference``.
+A few more keys default to ``auto``, resolved from the same machine check (and, for the
+reference and packing, the run's length against its data) by :func:`device_defaults` and
+:func:`data_defaults`: what measured fastest on a CUDA GPU, the CPU's settings on the CPU
+(docs/performance.md has the figures): ``data.num_workers`` and the preference methods'
+``method.reference``, ``method.pack`` and ``method.pack_multiple_of``.
 """
 
 from __future__ import annotations
@@ -99,28 +100,44 @@ def single_process(trainer_cfg: DictConfig) -> bool:
             and int(trainer_cfg.get("num_nodes", 1) or 1) == 1)
 
 
-def device_defaults(cfg: DictConfig, cuda: bool, reference: str) -> dict:
-    """The values of the ``auto`` keys below for this machine, as a config to merge:
+def device_defaults(cfg: DictConfig, cuda: bool) -> dict:
+    """The values of the ``auto`` keys that depend on the machine alone, as a config to merge:
 
-    - ``model.compile``: on for one CUDA GPU (the decoder layers compiled: kernels fused, one
-      graph per layer kind), off on the CPU (about even there) and under several processes
-      (DDP, FSDP: not measured there);
     - ``data.num_workers``: :data:`CUDA_NUM_WORKERS` on CUDA, 0 on the CPU (its cores train);
     - ``method.pack_multiple_of``: :data:`CUDA_PACK_MULTIPLE_OF` on CUDA, 1 on the CPU (compute
-      there grows with every padded token);
-    - ``method.reference``: ``reference``, which the caller settles from the objective
-      (:func:`ptlight.model.reference.auto_reference`).
+      there grows with every padded token).
     """
     out: dict = {}
-    if cfg.model.get("compile") == "auto":
-        out["model"] = {"compile": cuda and single_process(cfg.trainer)}
     if cfg.data.get("num_workers") == "auto":
         out["data"] = {"num_workers": CUDA_NUM_WORKERS if cuda else 0}
-    method: dict = {}
     if cfg.method.get("pack_multiple_of") == "auto":
-        method["pack_multiple_of"] = CUDA_PACK_MULTIPLE_OF if cuda else 1
+        out["method"] = {"pack_multiple_of": CUDA_PACK_MULTIPLE_OF if cuda else 1}
+    return out
+
+
+def covers_an_epoch(trainer_cfg: DictConfig, batch_size: int, train_rows: int) -> bool:
+    """Whether a one-process run's steps reach every train row at least once (a run bounded
+    by epochs, ``trainer.max_steps=-1``, does)."""
+    steps = int(trainer_cfg.get("max_steps", -1))
+    if steps < 0:
+        return True
+    return steps * batch_size * int(trainer_cfg.get("accumulate_grad_batches", 1) or 1) \
+        >= train_rows
+
+
+def data_defaults(cfg: DictConfig, cuda: bool, reference: str) -> dict:
+    """The values of the ``auto`` keys that depend on the data too, as a config to merge:
+
+    - ``method.reference``: ``reference``, settled by the caller from the objective and the
+      run (:func:`ptlight.model.reference.auto_reference`);
+    - ``method.pack``: on the CPU, on; on CUDA, on with a precomputed reference in one process
+      (measured 1.46x the padded step on an H200, docs/performance.md), else off (the padded
+      step was the faster with a live reference there).
+    """
+    method: dict = {}
     if cfg.method.get("reference") == "auto":
         method["reference"] = reference
-    if method:
-        out["method"] = method
-    return out
+    if cfg.method.get("pack") == "auto":
+        mode = method.get("reference", cfg.method.get("reference"))
+        method["pack"] = not cuda or (mode == "precompute" and single_process(cfg.trainer))
+    return {"method": method} if method else {}

@@ -160,9 +160,9 @@ def check_pack(pack: Any, max_tokens: Any, multiple_of: Any) -> None:
 
 def check_model(model: DictConfig) -> None:
     compile_ = model.get("compile", False)
-    if not isinstance(compile_, bool) and compile_ != "auto":
-        raise ConfigError(f"model.compile={compile_!r}: use auto (on for CUDA GPUs), true "
-                          "(torch.compile the decoder layers) or false")
+    if not isinstance(compile_, bool):
+        raise ConfigError(f"model.compile={compile_!r}: use model.compile=true (torch.compile "
+                          "the norms and MLPs of every decoder layer) or false")
 
 
 def override_keys(overrides: list[str]) -> set[str]:
