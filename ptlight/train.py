@@ -80,6 +80,7 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
     datamodule = PtlDataModule(cfg.data, tokenizer, method_cls.data_kind_for(cfg.method, objective))
     datamodule.setup()
     cfg = _settle_with_data(cfg, run_dir, objective, method_cls, len(datamodule.train))
+    datamodule.num_workers = int(cfg.data.get("num_workers", 0) or 0)
     ref_mode = _check_method(cfg, method_cls, objective)
     extra = method_cls.extra_args(cfg, tokenizer)
 
@@ -157,8 +158,9 @@ def _save_config(cfg: DictConfig, run_dir: Path) -> None:
 
 def _settle_with_data(cfg: DictConfig, run_dir: Path, objective: Objective,
                       method_cls: type[Method], train_rows: int) -> DictConfig:
-    """``method.reference`` and ``method.pack`` left at ``auto``, settled now that the train
-    split's size is known, before any weights load (config.yaml records them)."""
+    """``method.reference``, ``method.pack`` and ``data.num_workers`` left at ``auto``, settled
+    now that the train split's size is known, before any weights load (config.yaml records
+    them)."""
     cuda = uses_cuda(cfg.trainer)
     covers = covers_an_epoch(cfg.trainer, int(cfg.data.batch_size), train_rows)
     reference = auto_reference(objective, method_cls.reference_modes, cuda,

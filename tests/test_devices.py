@@ -131,8 +131,9 @@ def _settled(compose_cfg, tmp_path, *overrides, train_rows=100):
 def test_auto_settings_follow_the_device(compose_cfg, monkeypatch, tmp_path):
     """On one CUDA GPU the DPO step measured fastest without compiling (docs/performance.md) is
     the default: a precomputed reference, packed rows in widths of steps of 128, 2 collate
-    workers; on the CPU the CPU's settings; under several GPU processes what those runs were
-    tested with. config.yaml records the resolved values."""
+    workers; on the CPU the CPU's settings; under several GPU processes, or for a run shorter
+    than an epoch, the padded GPU step those were measured and tested with. config.yaml
+    records the resolved values."""
     monkeypatch.setattr("ptlight.train.configure_cuda", lambda *a: None)
     _gpus(monkeypatch, 1)
     cfg, saved = _settled(compose_cfg, tmp_path / "gpu", "method=dpo")
@@ -146,10 +147,10 @@ def test_auto_settings_follow_the_device(compose_cfg, monkeypatch, tmp_path):
     assert "pack: true" in saved and "num_workers: 0" in saved
     _gpus(monkeypatch, 2)  # several processes: packing and precompute were measured on one GPU
     cfg, _ = _settled(compose_cfg, tmp_path / "fsdp", "method=dpo", "trainer=fsdp")
-    assert (cfg.method.reference, cfg.method.pack, cfg.data.num_workers) == ("copy", False, 2)
+    assert (cfg.method.reference, cfg.method.pack, cfg.data.num_workers) == ("copy", False, 0)
     _gpus(monkeypatch, 1)  # a run shorter than an epoch: precompute would score unused rows
     cfg, saved = _settled(compose_cfg, tmp_path / "short", "method=dpo", train_rows=801)
-    assert (cfg.method.reference, cfg.method.pack) == ("copy", False)
+    assert (cfg.method.reference, cfg.method.pack, cfg.data.num_workers) == ("copy", False, 0)
     assert "reference: copy" in saved and "pack: false" in saved
     cfg, _ = _settled(compose_cfg, tmp_path / "epochs", "method=dpo", "trainer.max_steps=-1",
                       "trainer.max_epochs=1", train_rows=10**6)

@@ -328,6 +328,10 @@ class PtlDataModule(L.LightningDataModule):
                 "with plain-string data."
             )
         self.cfg, self.tokenizer, self.kind = cfg, tokenizer, kind
+        # data.num_workers; auto (0 here) is settled by a training stage once it knows whether
+        # the step packs (ptlight.runtime.devices.data_defaults)
+        workers = cfg.get("num_workers", 0) or 0
+        self.num_workers = 0 if workers == "auto" else int(workers)
         self.train: list[Item] = []
         self.val: list[Item] = []
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -495,10 +499,8 @@ class PtlDataModule(L.LightningDataModule):
 
     def _workers(self) -> dict[str, Any]:
         """``data.num_workers``: collate (padding, and packing when the method packs) in that
-        many worker processes, ahead of the step, instead of in the main process (``auto``,
-        left unresolved outside a training stage's device settings, is the main process)."""
-        n = self.cfg.get("num_workers", 0) or 0
-        n = 0 if n == "auto" else int(n)
+        many worker processes, ahead of the step, instead of in the main process."""
+        n = self.num_workers
         return {"num_workers": n, "persistent_workers": n > 0}
 
     def _loader(self, data: list[Item], shuffle: bool) -> DataLoader:

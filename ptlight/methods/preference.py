@@ -30,12 +30,13 @@ The reference log-probs come from, by ``method.reference``:
 
 Fast path (docs/performance.md), each equal to the plain path within fp tolerance:
 
-- ``method.pack`` (default ``auto``: on, except under several GPU processes): every prompt runs once with its completions
-  as branches, packed without padding into rows of ``method.pack_max_tokens`` tokens, for the
-  policy and the reference alike (:mod:`ptlight.engine.packing`; LFM2's short convolutions never see
-  another branch or sequence). Models it does not support take the plain path. The layout is
-  built by the data module's collate, on the host; ``method.pack_multiple_of`` rounds the
-  packed width up so that batches repeat a few shapes.
+- ``method.pack`` (default ``auto``: on the CPU; on one CUDA GPU with a precomputed
+  reference): every prompt runs once with its completions as branches, packed without
+  padding into rows of ``method.pack_max_tokens`` tokens, for the policy and the reference
+  alike (:mod:`ptlight.engine.packing`; LFM2's short convolutions never see another branch or
+  sequence). Models it does not support take the plain path. The layout is built by the data
+  module's collate, on the host; ``method.pack_multiple_of`` rounds the packed width up so
+  that batches repeat a few shapes.
 - ``method.reference_cache``: with ``precompute``, the reference log-probs are saved to disk
   under a key of everything they depend on (:mod:`ptlight.engine.refcache`); a later run with the same
   reference, data and precision (say, a sweep over ``beta`` or objectives) loads them and never
@@ -131,11 +132,11 @@ class PreferenceMethod(ObjectiveSteps, Method):
 
     @property
     def packs(self) -> bool:
-        """``method.pack``; ``auto`` (the default; a training stage settles it per device
-        first: :func:`ptlight.runtime.devices.device_defaults`) packs: each prompt runs once,
-        and no padding is computed (5x the padded step's pairs/s on the CPU; on an H200, with
-        the layout built by the collate, 1.46x with a precomputed reference:
-        docs/performance.md). Models without a packed forward run padded either way."""
+        """``method.pack``. A training stage settles ``auto`` first
+        (:func:`ptlight.runtime.devices.data_defaults`: on the CPU, 5x the padded step's
+        pairs/s; on one CUDA GPU with a precomputed reference, 1.46x on an H200;
+        docs/performance.md); left unsettled it packs. Models without a packed forward run
+        padded either way."""
         return self.pack == "auto" or bool(self.pack)
 
     def setup(self, stage: str) -> None:

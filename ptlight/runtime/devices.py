@@ -102,17 +102,11 @@ def single_process(trainer_cfg: DictConfig) -> bool:
 
 def device_defaults(cfg: DictConfig, cuda: bool) -> dict:
     """The values of the ``auto`` keys that depend on the machine alone, as a config to merge:
-
-    - ``data.num_workers``: :data:`CUDA_NUM_WORKERS` on CUDA, 0 on the CPU (its cores train);
-    - ``method.pack_multiple_of``: :data:`CUDA_PACK_MULTIPLE_OF` on CUDA, 1 on the CPU (compute
-      there grows with every padded token).
-    """
-    out: dict = {}
-    if cfg.data.get("num_workers") == "auto":
-        out["data"] = {"num_workers": CUDA_NUM_WORKERS if cuda else 0}
+    ``method.pack_multiple_of`` is :data:`CUDA_PACK_MULTIPLE_OF` on CUDA, 1 on the CPU (compute
+    there grows with every padded token)."""
     if cfg.method.get("pack_multiple_of") == "auto":
-        out["method"] = {"pack_multiple_of": CUDA_PACK_MULTIPLE_OF if cuda else 1}
-    return out
+        return {"method": {"pack_multiple_of": CUDA_PACK_MULTIPLE_OF if cuda else 1}}
+    return {}
 
 
 def covers_an_epoch(trainer_cfg: DictConfig, batch_size: int, train_rows: int) -> bool:
@@ -132,12 +126,21 @@ def data_defaults(cfg: DictConfig, cuda: bool, reference: str) -> dict:
       run (:func:`ptlight.model.reference.auto_reference`);
     - ``method.pack``: on the CPU, on; on CUDA, on with a precomputed reference in one process
       (measured 1.46x the padded step on an H200, docs/performance.md), else off (the padded
-      step was the faster with a live reference there).
+      step was the faster with a live reference there);
+    - ``data.num_workers``: :data:`CUDA_NUM_WORKERS` where a CUDA step packs (the layouts are
+      built off the thread that launches the kernels; measured so), else 0 (the CPU's cores
+      train; the padded GPU step was measured in the main process).
     """
+    out: dict = {}
     method: dict = {}
     if cfg.method.get("reference") == "auto":
         method["reference"] = reference
-    if cfg.method.get("pack") == "auto":
+    packs = cfg.method.get("pack", False)
+    if packs == "auto":
         mode = method.get("reference", cfg.method.get("reference"))
-        method["pack"] = not cuda or (mode == "precompute" and single_process(cfg.trainer))
-    return {"method": method} if method else {}
+        packs = method["pack"] = not cuda or (mode == "precompute" and single_process(cfg.trainer))
+    if method:
+        out["method"] = method
+    if cfg.data.get("num_workers") == "auto":
+        out["data"] = {"num_workers": CUDA_NUM_WORKERS if cuda and packs is True else 0}
+    return out
