@@ -271,8 +271,8 @@ CONFIG_CASES = [
     ("data.val_size=0", r"data\.val_size=0: rows held out for validation \(or set "
                         r"data\.val_path=<file>\)"),
     ("data.num_workers=-1", r"data\.num_workers=-1: DataLoader worker processes \(0: collate in "
-                            r"the main process; auto: 2 on CUDA, 0 on the CPU\); write a whole "
-                            r"number >= 0"),
+                            r"the main process; auto: 2 where a CUDA step packs, else 0\); write "
+                            r"a whole number >= 0"),
     ("model.compile=yes", r"model\.compile='yes': use model\.compile=true"),
     ("method.pack_multiple_of=0", r"method\.pack_multiple_of=0: use auto, or 1 \(no rounding\) "
                                   r"up to method\.pack_max_tokens=2048"),

@@ -97,8 +97,8 @@ def check_data(data: DictConfig) -> None:
              "rows held out for validation (or set data.val_path=<file>)")
     if data.get("num_workers", 0) != "auto":
         _int(data.get("num_workers", 0), "data.num_workers", 0,
-             "DataLoader worker processes (0: collate in the main process; auto: 2 on CUDA, "
-             "0 on the CPU)")
+             "DataLoader worker processes (0: collate in the main process; auto: 2 where a "
+             "CUDA step packs, else 0)")
 
 
 def check_optim(optim: DictConfig) -> None:
