@@ -23,6 +23,11 @@ row, which the ``auto`` defaults are settled for; the process exits after its ti
 :data:`TRL_CONFIGS`. Same data, batch, max length, optimiser (AdamW lr 5e-5, betas 0.9/0.95,
 cosine, clip 1.0), beta 0.1, bf16-mixed on the GPU (fp32 on the CPU).
 
+``--profile N`` profiles N more steps of every ptlight run after its timed ones
+(torch.profiler) into ``<out>/profile_<fixture>_<config>.txt``: GPU kernel time per step
+against the wall time (how long the GPU waited on the host), kernel launches per step, and
+the ops with the most self time.
+
 Measured per run: the median time between optimiser-step ends (a CUDA synchronize at each)
 after ``--warmup`` steps; pairs/s, tokens/s (real tokens of the batch, padding not counted);
 peak allocated and reserved CUDA memory of the process (``torch.cuda.max_memory_*``); MFU =
@@ -118,7 +123,8 @@ class _Clock:
 
     def __init__(self, device: str) -> None:
         self.device, self.start, self.ends, self.batches = device, None, [], []
-        self.total: int | None = None
+        self.total: int | None = None  # steps to run before finishing
+        self.timed: int | None = None  # of those, the first this many are timed (default all)
         self.finish = None
 
     def maybe_finish(self) -> None:
@@ -146,11 +152,12 @@ class _Clock:
     def result(self, warmup: int, pairs: int, live_reference: bool) -> dict:
         import torch
 
-        marks = [self.start, *self.ends]
+        timed = self.timed or len(self.ends)
+        marks = [self.start, *self.ends[:timed]]
         steps = [b - a for a, b in zip(marks, marks[1:])][warmup:]
-        med = lambda k: statistics.median(b[k] for b in self.batches)  # noqa: E731
+        med = lambda k: statistics.median(b[k] for b in self.batches[:timed])  # noqa: E731
         cuda = self.device == "cuda"
-        return {"steps": len(self.ends), "step_s": statistics.median(steps),
+        return {"steps": timed, "step_s": statistics.median(steps),
                 "step_times": steps, "pairs": pairs, "tokens": med("tokens"),
                 "tokens_run": med("tokens_run"), "scored": med("scored"),
                 "live_reference": live_reference, "setup_s": self.start - T0,
@@ -171,6 +178,12 @@ def child_ptlight(args) -> dict:
         counted(self, outputs, batch, batch_idx)
         settled["packed"] = self.packs  # what the run's auto keys settled to
         settled["live"] = self.reference.mode in ("copy", "adapter")
+        if args.profile and len(clock.ends) == clock.timed:  # after the timed steps
+            profiler.start()
+        elif args.profile and len(clock.ends) == clock.total:
+            profiler.stop()
+            write_profile(profiler, Path(args.profile_out), args.device, args.profile,
+                          clock.ends[clock.timed - 1:])
         clock.maybe_finish()
 
     PreferenceMethod.on_train_batch_end = on_train_batch_end
@@ -187,10 +200,41 @@ def child_ptlight(args) -> dict:
         bench_dpo.count_tokens(clock.batches, settled["packed"])
         return clock.result(args.warmup, spec["batch"], live_reference=settled["live"])
 
-    clock.total, clock.finish = args.warmup + args.steps, finish
+    clock.timed = args.warmup + args.steps
+    clock.total, clock.finish = clock.timed + args.profile, finish
+    if args.profile:
+        import torch.profiler as tp
+
+        activities = [tp.ProfilerActivity.CPU]
+        if args.device == "cuda":
+            activities.append(tp.ProfilerActivity.CUDA)
+        profiler = tp.profile(activities=activities)
     with tempfile.TemporaryDirectory() as run_dir:
         train_stage(cfg, Path(run_dir))
     return finish()  # only if the run ended before its steps were timed
+
+
+def write_profile(profiler, path: Path, device: str, steps: int, ends: list[float]) -> None:
+    """``--profile``: where ``steps`` steps after the timed ones spent their time. A summary
+    (wall time per step; with CUDA, the kernels' summed time per step, hence how long the GPU
+    waited on the host, and kernel launches per step), then torch.profiler's table of the ops
+    with the most self time."""
+    import torch
+
+    events = profiler.key_averages()
+    wall = (ends[-1] - ends[0]) / steps
+    lines = [f"profiled steps: {steps}; wall per step: {wall * 1e3:.1f} ms"]
+    sort = "self_cpu_time_total"
+    if device == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6 / steps
+        launches = sum(e.count for e in kernels) / steps
+        lines.append(f"GPU kernel time per step: {busy * 1e3:.1f} ms ({busy / wall:.0%} of the "
+                     f"wall time); kernels per step: {launches:.0f}")
+        sort = "self_device_time_total"
+    lines.append(events.table(sort_by=sort, row_limit=40, max_name_column_width=60))
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:2]), flush=True)
 
 
 def child_trl(args) -> dict:
@@ -234,6 +278,9 @@ def run_child(framework: str, config: str, fixture: str, fx: Path, args) -> dict
            "--fixture", fixture, "--fixture-dir", str(fx), "--device", args.device,
            "--steps", str(args.steps_for(fixture)), "--warmup", str(args.warmup),
            "--seed", str(args.seed)]
+    if args.profile and framework == "ptlight":
+        cmd += ["--profile", str(args.profile),
+                "--profile-out", str(Path(args.out) / f"profile_{fixture}_{config}.txt")]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -267,7 +314,8 @@ def summarize(fixture: str, runs: list[dict], peak_tflops: float) -> dict:
         flops = bench_dpo._flops(r, fixture)
         stats[f"{r['framework']} {r['config']}"] = {
             "pairs_per_s": r["pairs"] / r["step_s"], "tokens_per_s": r["tokens"] / r["step_s"],
-            "step_s": r["step_s"], "peak_allocated_gb": r["peak_allocated_gb"],
+            "step_s": r["step_s"], "steps": r["steps"], "step_times": r["step_times"],
+            "peak_allocated_gb": r["peak_allocated_gb"],
             "peak_reserved_gb": r["peak_reserved_gb"], "setup_s": r["setup_s"],
             "wall_s": r["wall_s"], "flops_per_step": flops,
             "mfu": flops / r["step_s"] / (peak_tflops * 1e12)}
@@ -337,6 +385,10 @@ def main() -> None:
     p.add_argument("--run-timeout", type=int, default=150)
     p.add_argument("--budget", type=float, default=420.0,
                    help="seconds after which no further run starts")
+    p.add_argument("--profile", type=int, default=0,
+                   help="ptlight runs: profile this many steps after the timed ones into "
+                        "<out>/profile_<fixture>_<config>.txt (torch.profiler)")
+    p.add_argument("--profile-out")
     p.add_argument("--child", choices=["ptlight", "trl"])
     p.add_argument("--config")
     p.add_argument("--fixture-dir")
@@ -384,7 +436,7 @@ def main() -> None:
         else:
             if fixture not in fixture_dirs:
                 spec = bench_dpo.FIXTURES[fixture]
-                rows = (args.warmup + args.steps) * spec["batch"] + 2 * spec["batch"]
+                rows = (args.warmup + args.steps + args.profile + 2) * spec["batch"]
                 fixture_dirs[fixture] = bench_dpo.build_fixture(fixture, out / "fixtures", rows,
                                                                 args.seed)
                 print(f"== {fixture} ({time.perf_counter() - T0:.0f} s)", flush=True)

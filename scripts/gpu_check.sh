@@ -41,7 +41,8 @@ default_job() {  # whole process, shipped defaults; its run dir stays out of OUT
 }
 bench() {  # fixtures and per-run files stay in /tmp; the tables and the log come back in OUT
     python3 scripts/bench_gpu.py --out /tmp/gpu_check_bench "$@" 2>&1 | tee "$out/bench.log"
-    cp /tmp/gpu_check_bench/bench_gpu.json /tmp/gpu_check_bench/bench_gpu.md "$out/" 2>/dev/null
+    cp /tmp/gpu_check_bench/bench_gpu.json /tmp/gpu_check_bench/bench_gpu.md \
+        /tmp/gpu_check_bench/profile_*.txt "$out/" 2>/dev/null
 }
 case "$part" in
     tests)  # the default job first: its wall time is the headline whole-process figure

@@ -185,3 +185,11 @@ def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
     out = bench(tmp_path / "none", "--ptlight", "default", "--trl", "", "--budget", "0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| tiny | ptlight default | skipped |" in (tmp_path / "none" / "bench_gpu.md").read_text()
+    # --profile: more steps after the timed ones, profiled into a table; the timing is unchanged
+    out = bench(tmp_path / "prof", "--ptlight", "default", "--trl", "", "--profile", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = json.loads((tmp_path / "prof" / "bench_gpu.json").read_text()
+                     )["records"][0]["runs"]["ptlight default"]
+    assert run["steps"] == 3 and len(run["step_times"]) == 2  # 1 warm-up + 2 timed
+    profile = (tmp_path / "prof" / "profile_tiny_default.txt").read_text()
+    assert profile.startswith("profiled steps: 2; wall per step:") and "aten::mm" in profile
