@@ -70,6 +70,7 @@ PADDED = ["method.pack=false", "data.num_workers=0"]
 PTLIGHT_CONFIGS = {
     "default": [],                                               # as shipped
     "copy": ["method.reference=copy"],                            # live reference: padded on GPUs
+    "copy_pack": ["method.reference=copy", *PACK],                # live reference, packed
     "precompute": ["method.reference=precompute", *PADDED],
     "precompute_pack": ["method.reference=precompute", *PACK],    # the defaults, spelled out
     "precompute_compile": ["method.reference=precompute", *PADDED, "model.compile=true"],
