@@ -143,7 +143,7 @@ def _settle(cfg: DictConfig, run_dir: Path, overrides: list[str] | None
     cfg = OmegaConf.merge(cfg, device_defaults(cfg, cuda))
     if cuda:
         configure_cuda(cfg.get("cudnn_attention", False))
-    if cfg.get("optimizer_offload") and uses_cuda(cfg.trainer):
+    if cfg.get("optimizer_offload") and cuda:
         raise ConfigError("optimizer_offload streams CPU parameters' AdamW state through a "
                           "file; this run trains on a CUDA GPU: set optimizer_offload=null")
     _save_config(cfg, run_dir)

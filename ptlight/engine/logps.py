@@ -85,6 +85,25 @@ def _score_rows(
     return logps, correct, entropy, mean_logp
 
 
+def _score_chunk(
+    h: torch.Tensor, local: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+    with_mean_logp: bool, with_diagnostics: bool,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`_score_rows` for targets whose hidden states are ``h[local]``: the head and
+    log-softmax run once per row of ``h``."""
+    logp_all = torch.log_softmax(F.linear(h, head.weight, head.bias).float(), dim=-1)
+    logps = logp_all[local, targets]
+    mean_logp = logp_all.mean(-1)[local] if with_mean_logp else None
+    if not with_diagnostics:
+        empty = logps.new_zeros(0)
+        return logps, empty.bool(), empty, mean_logp
+    with torch.no_grad():
+        lp = logp_all.detach()
+        entropy = -(lp.exp() * lp).sum(-1)[local]
+        correct = lp.argmax(-1)[local] == targets
+    return logps, correct, entropy, mean_logp
+
+
 def _score_shared(
     h: torch.Tensor, inverse: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
     chunk_size: int, with_mean_logp: bool, with_diagnostics: bool,
@@ -94,36 +113,13 @@ def _score_shared(
     order. With one chunk (U <= chunk_size) no index is computed from the data, so nothing
     waits on the device."""
     if h.shape[0] <= chunk_size:
-        logp_all = torch.log_softmax(F.linear(h, head.weight, head.bias).float(), dim=-1)
-        logps = logp_all[inverse, targets]
-        mean_logp = logp_all.mean(-1)[inverse] if with_mean_logp else None
-        if not with_diagnostics:
-            empty = logps.new_zeros(0)
-            return [(logps, empty.bool(), empty, mean_logp)]
-        with torch.no_grad():
-            lp = logp_all.detach()
-            entropy = -(lp.exp() * lp).sum(-1)[inverse]
-            correct = lp.argmax(-1)[inverse] == targets
-        return [(logps, correct, entropy, mean_logp)]
+        return [_score_chunk(h, inverse, targets, head, with_mean_logp, with_diagnostics)]
     order, parts = [], []
     for i in range(0, h.shape[0], chunk_size):
         sel = ((inverse >= i) & (inverse < i + chunk_size)).nonzero().squeeze(1)
-        local = inverse[sel] - i
-        logp_all = torch.log_softmax(
-            F.linear(h[i : i + chunk_size], head.weight, head.bias).float(), dim=-1)
-        logps = logp_all[local, targets[sel]]
-        mean_logp = logp_all.mean(-1)[local] if with_mean_logp else None
-        if with_diagnostics:
-            with torch.no_grad():
-                lp = logp_all.detach()
-                entropy = -(lp.exp() * lp).sum(-1)[local]
-                correct = lp.argmax(-1)[local] == targets[sel]
-        else:
-            entropy = correct = logps.new_zeros(0)
+        parts.append(_score_chunk(h[i : i + chunk_size], inverse[sel] - i, targets[sel], head,
+                                  with_mean_logp, with_diagnostics))
         order.append(sel)
-        parts.append((logps, correct.bool(), entropy, mean_logp))
-    if not parts:
-        return []
     perm = torch.cat(order)
     back = torch.empty_like(perm)
     back[perm] = torch.arange(perm.numel(), device=perm.device)

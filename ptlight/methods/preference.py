@@ -69,7 +69,7 @@ from ptlight.model.reference import NoReference, Precomputed, Reference
 from ptlight.objectives import Logps, Objective, ObjectiveOutput
 from ptlight.objectives.tokens import REFERENCE_TERMS
 from ptlight.runtime.progress import MANY_ITEMS, track
-from ptlight.runtime.devices import CUDA_PACK_MULTIPLE_OF
+from ptlight.runtime.devices import auto_pack_multiple_of
 from ptlight.runtime.validate import check_pack
 
 
@@ -148,8 +148,7 @@ class PreferenceMethod(ObjectiveSteps, Method):
                 and hasattr(datamodule, "pack_rows")):
             multiple = self.pack_multiple_of
             if multiple == "auto":  # a training stage resolves it first (runtime.devices)
-                cuda = self.trainer.strategy.root_device.type == "cuda"
-                multiple = CUDA_PACK_MULTIPLE_OF if cuda else 1
+                multiple = auto_pack_multiple_of(self.trainer.strategy.root_device.type == "cuda")
             datamodule.pack_rows = {"max_tokens": self.pack_max_tokens,
                                     "multiple_of": int(multiple)}
 

@@ -100,12 +100,17 @@ def single_process(trainer_cfg: DictConfig) -> bool:
             and int(trainer_cfg.get("num_nodes", 1) or 1) == 1)
 
 
+def auto_pack_multiple_of(cuda: bool) -> int:
+    """``method.pack_multiple_of=auto``: :data:`CUDA_PACK_MULTIPLE_OF` on CUDA, 1 on the CPU
+    (compute there grows with every padded token)."""
+    return CUDA_PACK_MULTIPLE_OF if cuda else 1
+
+
 def device_defaults(cfg: DictConfig, cuda: bool) -> dict:
-    """The values of the ``auto`` keys that depend on the machine alone, as a config to merge:
-    ``method.pack_multiple_of`` is :data:`CUDA_PACK_MULTIPLE_OF` on CUDA, 1 on the CPU (compute
-    there grows with every padded token)."""
+    """The values of the ``auto`` keys that depend on the machine alone, as a config to merge
+    (``method.pack_multiple_of``: :func:`auto_pack_multiple_of`)."""
     if cfg.method.get("pack_multiple_of") == "auto":
-        return {"method": {"pack_multiple_of": CUDA_PACK_MULTIPLE_OF if cuda else 1}}
+        return {"method": {"pack_multiple_of": auto_pack_multiple_of(cuda)}}
     return {}
 
 
