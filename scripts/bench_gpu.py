@@ -28,6 +28,12 @@ cosine, clip 1.0), beta 0.1, bf16-mixed on the GPU (fp32 on the CPU).
 against the wall time (how long the GPU waited on the host), kernel launches per step, and
 the ops with the most self time.
 
+GEMM-bound MFU (per run): the run's FLOPs over the time its matmuls alone take on this device
+at the run's own shapes (:func:`gemm_bound_s`: each decoder weight and the LM head, forward and
+both backward products, over the tokens the run's body computes). Small models at small
+batches run matmuls far from the 8192³ peak; this column says how much of an MFU target the
+matmul shapes themselves allow, apart from everything the framework adds.
+
 Measured per run: the median time between optimiser-step ends (a CUDA synchronize at each)
 after ``--warmup`` steps; pairs/s, tokens/s (real tokens of the batch, padding not counted);
 peak allocated and reserved CUDA memory of the process (``torch.cuda.max_memory_*``); MFU =
@@ -274,6 +280,65 @@ def matmul_peak_tflops(device: str) -> float:
     return best
 
 
+def linear_shapes(fixture: str) -> list[tuple[int, int, int]]:
+    """``(in, out, count)`` of the matmul weights of a fixture's decoder layers (the FLOPs of
+    :func:`bench_dpo.param_counts`' body, shape by shape)."""
+    a = bench_dpo.FIXTURES[fixture]["arch"]
+    h, f = a["hidden_size"], a["intermediate_size"]
+    kv = h // a["num_attention_heads"] * a["num_key_value_heads"]
+    n_attn = sum(t == "full_attention" for t in a["layer_types"])
+    n_conv = len(a["layer_types"]) - n_attn
+    shapes = {(h, 3 * h): n_conv, (h, h): n_conv + 2 * n_attn, (h, kv): 2 * n_attn,
+              (h, f): 2 * len(a["layer_types"]), (f, h): len(a["layer_types"])}
+    return [(i, o, c) for (i, o), c in shapes.items() if c]
+
+
+def gemm_bound_s(fixture: str, tokens_run: float, scored: float, live: bool, device: str,
+                 cache: dict) -> float:
+    """Seconds one step's matmuls take alone on this device at the step's own shapes: each
+    decoder weight's forward ``[T, in]·[in, out]`` and its two backward products (input and
+    weight gradients) over the T tokens the body runs, the LM head's three over the M scored
+    positions, and a forward more of each when the reference runs live. No attention scores,
+    no elementwise work, no launch gaps: the step's FLOPs over this time is the highest MFU
+    that step can reach with these matmul shapes on this card (bf16 on CUDA, fp32 on CPU)."""
+    import torch
+
+    def mm(m: int, k: int, n: int) -> float:
+        if (m, k, n) not in cache:
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            a = torch.randn(m, k, device=device, dtype=dtype)
+            b = torch.randn(k, n, device=device, dtype=dtype)
+            reps = 20 if device == "cuda" else 3
+            for _ in range(3):
+                a @ b
+            times = []
+            for _ in range(5):
+                if device == "cuda":
+                    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                    start.record()
+                    for _ in range(reps):
+                        a @ b
+                    end.record()
+                    torch.cuda.synchronize()
+                    times.append(start.elapsed_time(end) / 1e3 / reps)
+                else:
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        a @ b
+                    times.append((time.perf_counter() - t0) / reps)
+            cache[(m, k, n)] = statistics.median(times)
+        return cache[(m, k, n)]
+
+    def linear(rows: int, i: int, o: int) -> float:
+        forward = mm(rows, i, o)
+        return forward * (2 if live else 1) + mm(rows, o, i) + mm(o, rows, i)
+
+    t, m = max(int(tokens_run), 1), max(int(scored), 1)
+    a = bench_dpo.FIXTURES[fixture]["arch"]
+    body = sum(c * linear(t, i, o) for i, o, c in linear_shapes(fixture))
+    return body + linear(m, a["hidden_size"], a["vocab_size"])
+
+
 def run_child(framework: str, config: str, fixture: str, fx: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", framework, "--config", config,
            "--fixture", fixture, "--fixture-dir", str(fx), "--device", args.device,
@@ -306,7 +371,9 @@ def run_child(framework: str, config: str, fixture: str, fx: Path, args) -> dict
     return out
 
 
-def summarize(fixture: str, runs: list[dict], peak_tflops: float) -> dict:
+def summarize(fixture: str, runs: list[dict], peak_tflops: float,
+              gemm_s: dict | None = None) -> dict:
+    """Per-run figures of one fixture; ``gemm_s``: run name -> :func:`gemm_bound_s`."""
     stats = {}
     for r in runs:
         if "error" in r:
@@ -320,6 +387,10 @@ def summarize(fixture: str, runs: list[dict], peak_tflops: float) -> dict:
             "peak_reserved_gb": r["peak_reserved_gb"], "setup_s": r["setup_s"],
             "wall_s": r["wall_s"], "flops_per_step": flops,
             "mfu": flops / r["step_s"] / (peak_tflops * 1e12)}
+        name = f"{r['framework']} {r['config']}"
+        if gemm_s and name in gemm_s:
+            stats[name].update(gemm_bound_s=gemm_s[name],
+                               gemm_bound_mfu=flops / gemm_s[name] / (peak_tflops * 1e12))
     rec = {"fixture": fixture, "matmul_peak_tflops": peak_tflops, "runs": stats}
     trl = {k: v for k, v in stats.items() if k.startswith("trl") and "error" not in v}
     if not trl:
@@ -344,18 +415,19 @@ def markdown(records: list[dict], meta: dict) -> str:
              f"transformers {meta['transformers']}, lightning {meta['lightning']}, "
              f"TRL {meta['trl']}); `python scripts/bench_gpu.py`.", "",
              "| fixture | run | pairs/s | tokens/s | ms/step | peak alloc GB | peak reserved GB "
-             "| MFU |", "|---|---|---|---|---|---|---|---|"]
+             "| MFU | GEMM-bound MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         for name, s in rec["runs"].items():
             if "error" in s:
                 what = "skipped" if s["error"].startswith("skipped") else "failed"
-                lines.append(f"| {rec['fixture']} | {name} | {what} | | | | | |")
+                lines.append(f"| {rec['fixture']} | {name} | {what} | | | | | | |")
                 continue
             gb = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
             lines.append(
                 f"| {rec['fixture']} | {name} | {s['pairs_per_s']:.1f} | {s['tokens_per_s']:.0f} "
                 f"| {s['step_s'] * 1e3:.0f} | {gb(s['peak_allocated_gb'])} | "
-                f"{gb(s['peak_reserved_gb'])} | {100 * s['mfu']:.0f}% |")
+                f"{gb(s['peak_reserved_gb'])} | {100 * s['mfu']:.0f}% | "
+                + (f"{100 * s['gemm_bound_mfu']:.0f}% |" if "gemm_bound_mfu" in s else " |"))
         fastest = max(rec.get("vs_trl_best", {}).items(), key=lambda kv: kv[1]["speedup"],
                       default=None)
         for name in dict.fromkeys(["ptlight default", fastest[0] if fastest else None]):
@@ -364,12 +436,15 @@ def markdown(records: list[dict], meta: dict) -> str:
                 continue
             mem = f", memory {r['memory_ratio']:.2f}×" if "memory_ratio" in r else ""
             lines.append(f"| {rec['fixture']} | **{name} ÷ {rec['trl_best']}** | "
-                         f"**{r['speedup']:.2f}×**{mem} | | | | | |")
+                         f"**{r['speedup']:.2f}×**{mem} | | | | | | |")
     lines.append("")
     if records:
         kind = "bf16 (8192³)" if meta["device_name"] != "CPU" else "fp32"
         lines.append(f"MFU is of the {kind} matmul peak measured in the same run: "
-                     f"{records[0]['matmul_peak_tflops']:.2f} TFLOP/s.")
+                     f"{records[0]['matmul_peak_tflops']:.2f} TFLOP/s. GEMM-bound MFU: the "
+                     "same FLOPs over the time the step's matmuls take alone at the step's "
+                     "own shapes (T tokens × each weight, forward and both backward "
+                     "products), i.e. the MFU of a step that were nothing but its matmuls.")
     return "\n".join(lines) + "\n"
 
 
@@ -427,6 +502,8 @@ def main() -> None:
         print("TRL is not installed: ptlight runs only (pip install -e '.[bench]')")
         plan = [r for r in plan if r[1] != "trl"]
     runs: dict[str, list[dict]] = {f: [] for f in fixtures}
+    gemm_s: dict[str, dict[str, float]] = {f: {} for f in fixtures}
+    gemm_cache: dict = {}
     fixture_dirs: dict[str, Path] = {}
     for fixture, fw, cfg in plan:
         if time.perf_counter() - T0 > args.budget:
@@ -441,8 +518,13 @@ def main() -> None:
                 fixture_dirs[fixture] = bench_dpo.build_fixture(fixture, out / "fixtures", rows,
                                                                 args.seed)
                 print(f"== {fixture} ({time.perf_counter() - T0:.0f} s)", flush=True)
-            runs[fixture].append(run_child(fw, cfg, fixture, fixture_dirs[fixture], args))
-        records = [summarize(f, runs[f], peak) for f in fixtures if runs[f]]
+            result = run_child(fw, cfg, fixture, fixture_dirs[fixture], args)
+            runs[fixture].append(result)
+            if "error" not in result:
+                gemm_s[fixture][f"{fw} {cfg}"] = gemm_bound_s(
+                    fixture, result["tokens_run"], result["scored"], result["live_reference"],
+                    args.device, gemm_cache)
+        records = [summarize(f, runs[f], peak, gemm_s[f]) for f in fixtures if runs[f]]
         (out / "bench_gpu.json").write_text(json.dumps({"meta": meta, "records": records},
                                                        indent=2))
         (out / "bench_gpu.md").write_text(markdown(records, meta))

@@ -175,10 +175,32 @@ def test_sharing_runs_each_prompt_once_and_drops_padding():
 
 def test_tree_conv_equals_conv1d_on_plain_sequences():
     torch.manual_seed(0)
-    x, w, bias = torch.randn(2, 5, 7), torch.randn(5, 3), torch.randn(5)
+    x, w, bias = torch.randn(2, 7, 5), torch.randn(5, 3), torch.randn(5)
     prev = torch.arange(-1, 6).expand(2, 7)
-    want = F.conv1d(x, w[:, None], bias, padding=2, groups=5)[..., :7]
-    torch.testing.assert_close(packing.tree_conv(x, prev, w, bias), want)
+    want = F.conv1d(x.mT, w[:, None], bias, padding=2, groups=5)[..., :7].mT
+    got = packing.tree_conv(x, packing.chain_taps(prev, 3), w, bias)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_tree_conv_follows_each_tokens_predecessor_chain(k):
+    """Out of row order, across branches and group starts: token t's output is
+    w[K-1]·x[t] + w[K-2]·x[prev(t)] + w[K-3]·x[prev(prev(t))] + … + bias, zero past a start."""
+    torch.manual_seed(0)
+    # row 0: prompt 0-2, branch A 3-4, branch B 5-6 (from 2); row 1: a group of 2, then one of 3
+    prev = torch.tensor([[-1, 0, 1, 2, 3, 2, 5], [-1, 0, -1, 2, 3, -1, -1]])
+    x, w, bias = torch.randn(2, 7, 4), torch.randn(4, k), torch.randn(4)
+    want = torch.empty_like(x)
+    for r in range(2):
+        for t in range(7):
+            acc, node = bias + w[:, k - 1] * x[r, t], t
+            for j in range(k - 2, -1, -1):
+                node = int(prev[r, node]) if node >= 0 else -1
+                if node >= 0:
+                    acc = acc + w[:, j] * x[r, node]
+            want[r, t] = acc
+    got = packing.tree_conv(x, packing.chain_taps(prev, k), w, bias)
+    torch.testing.assert_close(got, want)
 
 
 def test_dpo_training_with_and_without_packing_gives_the_same_losses(compose_cfg, tmp_path):

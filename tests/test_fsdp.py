@@ -177,6 +177,10 @@ def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
     rec = json.loads((tmp_path / "all" / "bench_gpu.json").read_text())["records"][0]
     run = rec["runs"]["ptlight default"]
     assert run["pairs_per_s"] > 0 and 0 < run["mfu"] < 1 and run["flops_per_step"] > 0
+    # the step's matmuls alone take part of its time: their MFU bounds the step's from above
+    for name in ("ptlight default", "trl best"):
+        r = rec["runs"][name]
+        assert 0 < r["gemm_bound_s"] < r["step_s"] and r["gemm_bound_mfu"] > r["mfu"]
     assert rec["trl_best"] == "trl best"
     assert set(rec["vs_trl_best"]) == {"ptlight default", "ptlight precompute_pack_compile"}
     assert rec["speedup"] == rec["vs_trl_best"]["ptlight default"]["speedup"] > 0

@@ -273,54 +273,70 @@ def pack_checked(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return packed
 
 
-def tree_conv(x: torch.Tensor, prev: torch.Tensor, weight: torch.Tensor,
+def chain_taps(prev: torch.Tensor, k: int) -> torch.Tensor:
+    """``[K−1, R·N]`` flat source row of each token's 1st … (K−1)-th predecessor along its chain
+    (``prev``: ``[R, N]``, −1: none), farthest first, for :func:`tree_conv`; a missing
+    predecessor points at row ``R·N``, the zero row :func:`tree_conv` appends. Index work
+    only, done once per packed forward and shared by every convolution layer."""
+    r, n = prev.shape
+    base = torch.arange(r, device=prev.device)[:, None] * n
+    near = torch.where(prev >= 0, prev + base, r * n).reshape(-1)
+    step = torch.cat([near, near.new_full((1,), r * n)])  # the zero row's predecessor: itself
+    taps = [near]
+    for _ in range(k - 2):
+        taps.append(step.index_select(0, taps[-1]))
+    return torch.stack(taps[::-1]) if taps else near.new_empty(0, r * n)
+
+
+def tree_conv(x: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
     """Causal depthwise convolution along each token's predecessor chain.
 
-    x: ``[R, D, N]``; prev: ``[R, N]`` (−1: none); weight: ``[D, K]`` (``nn.Conv1d`` taps,
-    the last one on the token itself). Equals ``F.conv1d(x, w, padding=K−1)[..., :N]`` when
-    ``prev[t] = t−1`` with −1 at sequence starts, i.e. zero padding before each sequence.
+    x: ``[R, N, D]`` (tokens in rows, channels last, as the layer's projections produce and
+    consume them); taps: :func:`chain_taps` of the rows' ``prev``; weight: ``[D, K]``
+    (``nn.Conv1d`` taps, the last one on the token itself). Equals
+    ``F.conv1d(x.mT, w, padding=K−1)[..., :N].mT`` when ``prev[t] = t−1`` with −1 at sequence
+    starts, i.e. zero padding before each sequence. Each tap is one row gather
+    (``index_select`` of whole channel vectors) and one fused multiply-add.
     """
-    r, d, n = x.shape
+    r, n, d = x.shape
     k = weight.shape[-1]
-    padded = torch.cat([x, x.new_zeros(r, d, 1)], dim=-1)  # column n is the zero "no token"
-    out = x * weight[:, k - 1, None].to(x.dtype)
-    chain = prev.masked_fill(prev < 0, n)
-    prev_ext = torch.cat([chain, chain.new_full((r, 1), n)], dim=-1)  # n -> n
-    idx = chain
-    for tap in range(k - 2, -1, -1):
-        gathered = padded.gather(-1, idx[:, None, :].expand(r, d, n))
-        out = out + gathered * weight[:, tap, None].to(x.dtype)
-        idx = prev_ext.gather(-1, idx)
-    if bias is not None:
-        out = out + bias[:, None].to(x.dtype)
+    flat = torch.cat([x.reshape(r * n, d), x.new_zeros(1, d)])  # row r·n: "no token"
+    w = weight.to(x.dtype)
+    out = (x * w[:, k - 1] if bias is None
+           else torch.addcmul(bias.to(x.dtype), x, w[:, k - 1]))
+    for j in range(k - 1):
+        out = torch.addcmul(out, flat.index_select(0, taps[j]).view(r, n, d), w[:, j])
     return out
 
 
 @dataclass(frozen=True)
 class ConvChain:
     """What a packed forward hands LFM2's conv layers in place of their padding mask: each
-    token's predecessor column (``prev``, ``[R, N]``). Passed as the ``"conv"`` entry of the
-    model's per-layer-type mask mapping, it travels with the layer's arguments, so a
-    recomputation under gradient checkpointing (which replays those arguments in the backward)
-    convolves along the same chains as the forward did."""
+    token's predecessor column (``prev``, ``[R, N]``) and its :func:`chain_taps` for the
+    model's kernel size. Passed as the ``"conv"`` entry of the model's per-layer-type mask
+    mapping, it travels with the layer's arguments, so a recomputation under gradient
+    checkpointing (which replays those arguments in the backward) convolves along the same
+    chains as the forward did."""
 
     prev: torch.Tensor
+    taps: torch.Tensor
 
 
-def _short_conv_forward(self, hidden_states, past_key_values=None, attention_mask=None,
-                        **kwargs):
+def _short_conv_forward(self, hidden_states, *args, attention_mask=None, **kwargs):
     """``Lfm2ShortConv.forward``, convolving along the predecessor chains of a
     :class:`ConvChain` mask (no cache: packed rows are scored, not generated); any other
     mask takes the stock forward."""
     if not isinstance(attention_mask, ConvChain):
-        return type(self).forward(self, hidden_states, past_key_values=past_key_values,
-                                  attention_mask=attention_mask, **kwargs)
-    bcx = self.in_proj(hidden_states).transpose(-1, -2)
-    b, c, x = bcx.chunk(3, dim=-2)
-    conv = tree_conv(b * x, attention_mask.prev, self.conv.weight.squeeze(1), self.conv.bias)
-    y = (c * conv.to(c.dtype)).transpose(-1, -2).contiguous()
-    return self.out_proj(y)
+        return type(self).forward(self, hidden_states, *args, attention_mask=attention_mask,
+                                  **kwargs)
+    weight = self.conv.weight.squeeze(1)
+    if attention_mask.taps.shape[0] != weight.shape[-1] - 1:
+        raise ValueError(f"ConvChain has {attention_mask.taps.shape[0]} taps for a kernel of "
+                         f"{weight.shape[-1]}")
+    b, c, x = self.in_proj(hidden_states).chunk(3, dim=-1)
+    conv = tree_conv(b * x, attention_mask.taps, weight, self.conv.bias)
+    return self.out_proj(c * conv.to(c.dtype))
 
 
 def install_tree_convs(model) -> None:
@@ -347,7 +363,8 @@ def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = N
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
     install_tree_convs(base)
-    masks = {"full_attention": allowed, "conv": ConvChain(packed.prev)}
+    chain = ConvChain(packed.prev, chain_taps(packed.prev, base.config.conv_L_cache))
+    masks = {"full_attention": allowed, "conv": chain}
     # a compiled model (model.compile) runs its layers compiled whole for this call
     extra = {PACKED_CALL: True} if is_compiled(model) else {}
     out = base_forward(model, input_ids=packed.input_ids, attention_mask=masks,
