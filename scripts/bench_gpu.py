@@ -239,7 +239,13 @@ def write_profile(profiler, path: Path, device: str, steps: int, ends: list[floa
         lines.append(f"GPU kernel time per step: {busy * 1e3:.1f} ms ({busy / wall:.0%} of the "
                      f"wall time); kernels per step: {launches:.0f}")
         sort = "self_device_time_total"
+    ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU
+           and e.key.startswith("aten::")]
+    lines.append(f"aten ops dispatched per step (host work, one launch or more each on a GPU): "
+                 f"{sum(e.count for e in ops) / steps:.0f}")
     lines.append(events.table(sort_by=sort, row_limit=40, max_name_column_width=60))
+    lines.append("most frequent ops (calls over all profiled steps):")
+    lines.append(events.table(sort_by="count", row_limit=30, max_name_column_width=60))
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:2]), flush=True)
 

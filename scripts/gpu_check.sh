@@ -3,7 +3,8 @@
 #
 #   scripts/gpu_check.sh tests [OUT]   # the default job, then the gpu-marked tests (FSDP for
 #                                      # every method, compiled kernels' parity on CUDA) (~3 min)
-#   scripts/gpu_check.sh bench [OUT] [bench_gpu.py args]  # its full plan (< 8 min) by default
+#   scripts/gpu_check.sh bench [OUT] [bench_gpu.py args]  # the packed-conv timings, then
+#                                      # bench_gpu.py's full plan (< 8 min) by default
 #   scripts/gpu_check.sh all [OUT]     # tests, then as much of the bench plan as fits, then the
 #                                      # default job, inside GPU_CHECK_SECONDS (570) in all
 #
@@ -40,6 +41,9 @@ default_job() {  # whole process, shipped defaults; its run dir stays out of OUT
     grep -E -A7 "gold metric|Error" "$out/default_job.log" | tail -24
 }
 bench() {  # fixtures and per-run files stay in /tmp; the tables and the log come back in OUT
+    timeout 60 python3 scripts/bench_packed_conv.py --device cuda \
+        --shapes 3x2048x1024,3x2048x2048 >"$out/packed_conv.txt" 2>&1
+    cat "$out/packed_conv.txt"
     python3 scripts/bench_gpu.py --out /tmp/gpu_check_bench "$@" 2>&1 | tee "$out/bench.log"
     cp /tmp/gpu_check_bench/bench_gpu.json /tmp/gpu_check_bench/bench_gpu.md \
         /tmp/gpu_check_bench/profile_*.txt "$out/" 2>/dev/null

@@ -2,7 +2,10 @@
 vs separate rows, and a training run with and without packing (ISSUE 5)."""
 
 import copy
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,3 +438,12 @@ def test_every_collated_batch_carries_its_completion_index(compose_cfg):
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert torch.equal(batch["completion_index"], completion_index(batch["loss_mask"]))
+
+
+def test_bench_packed_conv_script_checks_and_times_the_chain_convolution():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_packed_conv.py"
+    out = subprocess.run([sys.executable, str(script), "--shapes", "2x600x8", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| 2x600x8 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["float32", "bfloat16"]
