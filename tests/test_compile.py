@@ -80,9 +80,44 @@ def test_a_frozen_copy_of_a_compiled_model_runs_its_own_blocks(pack):
 @pytest.mark.slow
 def test_dpo_training_with_compiled_blocks_matches_eager(compose_cfg, tmp_path):
     runs = {flag: dpo_losses(compose_cfg, tmp_path / flag, f"model.compile={flag}")
-            for flag in ("false", "true")}
-    assert len(runs["true"]) == 3
+            for flag in ("false", "true", "packed")}
+    assert len(runs["true"]) == len(runs["packed"]) == 3
     assert runs["true"] == pytest.approx(runs["false"], abs=1e-4)
+    assert runs["packed"] == pytest.approx(runs["false"], abs=1e-4)
+
+
+def test_compile_packed_compiles_packed_scoring_only_and_matches_eager():
+    """``model.compile=packed``: the packed step runs compiled whole layers (equal to eager);
+    padded scoring and generation run eager and compile nothing."""
+    eager, _ = _models()
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg(compile="packed")
+    packed_only = build_policy(cfg, load_tokenizer(cfg))
+    assert is_compiled(packed_only)
+    assert not any(getattr(m, "_compiled_call_impl", None) is not None
+                   for m in packed_only.modules())  # no block compiled in place
+    batch = _batch(30, 0)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    torch._dynamo.reset()
+    counters.clear()
+    assert_same_scores_and_grads(scores_and_grads(packed_only, args, pack=None),
+                                 scores_and_grads(eager, args, pack=None), 1e-6, 1e-5)
+    with torch.no_grad():
+        packed_only.eval()
+        packed_only.generate(batch["input_ids"][:1], max_new_tokens=3, do_sample=False)
+        packed_only.train()
+    assert counters["stats"]["unique_graphs"] == 0  # padded scoring and generation: eager
+    assert_same_scores_and_grads(scores_and_grads(packed_only, args, pack=2),
+                                 scores_and_grads(eager, args, pack=2), 1e-5, 1e-4)
+    assert counters["stats"]["unique_graphs"] > 0  # packed scoring: compiled
+
+
+def test_compile_packed_with_gradient_checkpointing_is_refused(compose_cfg, tmp_path):
+    cfg = compose_cfg("method=dpo", "model.compile=packed",
+                      "model.gradient_checkpointing=true", *TINY)
+    with pytest.raises(ConfigError, match="model.compile=packed compiles whole layers"):
+        train_stage(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_model_compile_takes_a_boolean(compose_cfg, tmp_path):

@@ -21,6 +21,10 @@ layer kind and grad mode; a new packed width does not recompile. With gradient c
 the layers keep the blocks-only compile: the recompute's ``context_fn`` (ptlight's CPU bf16
 re-entry) is not one dynamo can trace.
 
+``model.compile=packed`` compiles the packed scoring calls' whole layers only: the training
+step of a packed preference run is the same compiled step, while generation (evaluation,
+sampling) and padded scoring stay eager and never wait on a compile.
+
 Compiled blocks compute what the eager ones do, within floating-point tolerance (inductor
 fuses and reorders reductions; tests/test_compile.py checks log-probs and gradients). The
 state dict is unchanged (``nn.Module.compile`` compiles in place), so checkpoints and exports
@@ -71,19 +75,22 @@ def _layer_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     return compiled(*args, **kwargs)
 
 
-def compile_blocks(model: torch.nn.Module) -> int:
+def compile_blocks(model: torch.nn.Module, blocks: bool = True) -> int:
     """Compile the one-tensor children of every decoder layer of ``model`` in place, and the
     whole layer for packed scoring calls (not under gradient checkpointing); returns how many
-    blocks were compiled (0: no decoder layer found, the model runs eager). Idempotent."""
+    blocks and packed layers were set to compile (0: no decoder layer found, the model runs
+    eager). ``blocks=False`` (``model.compile=packed``): packed scoring calls only, so every
+    other call — padded scoring, generation — runs eager and compiles nothing. Idempotent."""
     count = 0
     for layer in decoder_layers(model):
-        for block in layer.children():
+        for block in layer.children() if blocks else ():
             if _one_tensor_forward(block):
                 if getattr(block, "_compiled_call_impl", None) is None:
                     block.compile(dynamic=True)
                 count += 1
         if not getattr(layer, "gradient_checkpointing", False):
             layer.forward = types.MethodType(_layer_forward, layer)
+            count += not blocks
     model._ptl_compiled = count > 0
     return count
 

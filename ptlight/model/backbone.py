@@ -216,7 +216,7 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     if model_cfg.get("compile"):
-        compile_blocks(model)
+        compile_blocks(model, blocks=model_cfg.get("compile") != "packed")
     return model
 
 

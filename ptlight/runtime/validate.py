@@ -160,9 +160,15 @@ def check_pack(pack: Any, max_tokens: Any, multiple_of: Any) -> None:
 
 def check_model(model: DictConfig) -> None:
     compile_ = model.get("compile", False)
-    if not isinstance(compile_, bool):
+    if not isinstance(compile_, bool) and compile_ != "packed":
         raise ConfigError(f"model.compile={compile_!r}: use model.compile=true (torch.compile "
-                          "the norms and MLPs of every decoder layer) or false")
+                          "the norms and MLPs of every decoder layer), packed (only whole layers "
+                          "in the preference methods' packed scoring) or false")
+    if compile_ == "packed" and model.get("gradient_checkpointing"):
+        raise ConfigError("model.compile=packed compiles whole layers in packed scoring, which "
+                          "gradient checkpointing's recomputation cannot run, so nothing would "
+                          "compile: use model.compile=true (the norms and MLPs) with "
+                          "model.gradient_checkpointing=true, or turn checkpointing off")
 
 
 def override_keys(overrides: list[str]) -> set[str]:
