@@ -92,7 +92,8 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
                               "task": None if task is None else task.name,
                               "data": datamodule.report()}
     start_samples: list = []  # the start model's gold-scored generations (eval.before)
-    if task is not None and cfg.eval.before and generates and rank_zero_only.rank == 0:
+    gold = task is not None and cfg.eval.num_prompts > 0  # eval.num_prompts=0: no gold eval
+    if gold and cfg.eval.before and generates and rank_zero_only.rank == 0:
         report["before"] = gold_eval(policy, tokenizer, task, cfg.eval, keep=start_samples)
 
     optim = cfg.method.optim if not offload else OmegaConf.create(  # AdamW's moments in a file
@@ -302,12 +303,12 @@ def _export_and_evaluate(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, mod
         policy = load_export(export_dir, cfg.model)
         module = module.unsharded(policy, export_dir)
     log.info("rank %d of %d wrote %s", trainer.global_rank, trainer.world_size, export_dir)
-    if task is not None and module.generates:
+    if task is not None and module.generates and cfg.eval.num_prompts > 0:
         after_samples: list = []
         report["after"] = gold_eval(policy, tokenizer, task, cfg.eval, keep=after_samples)
         if start_samples:  # the trained model vs the one it started from, prompt by prompt
             report["win_rate_vs_start"] = win_rate(after_samples, start_samples)
-    elif task is not None:
+    elif task is not None and not module.generates:
         heldout = module.evaluate(tokenizer, task, cfg.eval)  # rm: held-out pairwise accuracy
         if heldout is not None:
             report["heldout"] = heldout

@@ -295,6 +295,19 @@ CONFIG_CASES = [
                              r"number >= 1 .*or trainer\.max_steps=-1 together with "
                              r"trainer\.max_epochs=<N>"),
     ("trainer.max_steps=0", r"trainer\.max_steps=0: the number of optimiser steps"),
+    ("eval.num_prompts=-1", r"eval\.num_prompts=-1: held-out prompts the gold evaluation "
+                            r"generates for \(0: no gold evaluation\); write a whole number >= 0"),
+    ("eval.num_prompts=abc", r"eval\.num_prompts='abc': held-out prompts"),
+    ("eval.batch_size=0", r"eval\.batch_size=0: prompts generated for at once; write a whole "
+                          r"number >= 1"),
+    ("eval.max_new_tokens=0", r"eval\.max_new_tokens=0: tokens generated per prompt at most"),
+    ("eval.num_samples=-1", r"eval\.num_samples=-1: generations kept in eval\.json"),
+    ("eval.val_samples=-2", r"eval\.val_samples=-2: held-out prompts generated at every "
+                            r"validation \(0: off\)"),
+    ("eval.num_pairs=-1", r"eval\.num_pairs=-1: held-out pairs for preference accuracy"),
+    ("eval.before=yes", r"eval\.before='yes': whether the starting model is evaluated too; "
+                        r"write eval\.before=true or eval\.before=false \(unquoted\)"),
+    ("eval.do_sample=1", r"eval\.do_sample=1: greedy \(false\) or sampled \(true\) generation"),
 ]
 
 
@@ -304,6 +317,15 @@ def test_bad_values_fail_before_anything_loads(compose_cfg, tmp_path, nothing_lo
     with pytest.raises(ConfigError, match=message):
         _stage(compose_cfg, tmp_path, "dpo", override)
     assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_sampling_at_temperature_zero_fails_before_anything_loads(compose_cfg, tmp_path,
+                                                                  nothing_loads):
+    with pytest.raises(ConfigError, match=r"eval\.temperature=0: the sampling temperature "
+                                          r"\(eval\.do_sample=true\) must be a finite number > 0"):
+        _stage(compose_cfg, tmp_path, "dpo", "eval.do_sample=true", "eval.temperature=0")
+    with pytest.raises(pytest.fail.Exception, match="load_tokenizer ran"):  # greedy: ignored
+        _stage(compose_cfg, tmp_path, "dpo", "eval.temperature=0")
 
 
 def test_max_steps_minus_one_runs_max_epochs(compose_cfg, tmp_path, nothing_loads):

@@ -78,3 +78,16 @@ def test_a_stage_reports_its_win_rate_against_the_model_it_started_from(compose_
     assert json.loads((tmp_path / "eval.json").read_text())["win_rate_vs_start"] == wins
     cfg = compose_cfg("method=sft", "eval.before=false", "eval.val_samples=0", *TINY)
     assert "win_rate_vs_start" not in train_stage(cfg, tmp_path / "no_before")
+
+
+def test_eval_num_prompts_zero_trains_and_exports_without_a_gold_evaluation(compose_cfg,
+                                                                           tmp_path):
+    cfg = compose_cfg("method=dpo", "eval.before=true", "eval.val_samples=0", *TINY,
+                      "eval.num_prompts=0")
+    report = train_stage(cfg, tmp_path)
+    assert report["global_step"] == 3
+    assert not {"before", "after", "win_rate_vs_start"} & set(report)
+    assert (tmp_path / "export" / "config.json").is_file()
+    assert "after" not in json.loads((tmp_path / "eval.json").read_text())
+    cfg = compose_cfg("method=rm", "eval.num_pairs=0", *TINY)  # no held-out pair accuracy
+    assert "heldout" not in train_stage(cfg, tmp_path / "rm")

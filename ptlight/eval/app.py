@@ -50,6 +50,7 @@ from rich.table import Table
 
 from ptlight.config import config_dir, register_resolvers, resolve_device
 from ptlight.errors import ConfigError, DataError
+from ptlight.runtime.validate import check_eval
 from ptlight.report import md_table, plot_gold, samples_table
 from ptlight.runtime.app import or_exit, run_dir, user_overrides
 from ptlight.tasks import Task
@@ -205,9 +206,15 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
     from ptlight.train import drop_unchosen_task
 
     cfg = drop_unchosen_task(cfg, overrides)
+    check_eval(cfg.eval, training=False)
     acc = cfg.eval.acceptance
     task = resolve_task(cfg.data.task, args=cfg.data.get("task_args"))  # a task file's rewards are built (and checked) here
     how = "data.task=<a task name, or a task file: held-out prompts + reward plugins>"
+    if task is not None and cfg.eval.num_prompts == 0:
+        raise ConfigError(f"eval.num_prompts=0 with task {task.name!r}: the evaluation "
+                          "generates for the task's held-out prompts; write eval.num_prompts=200 "
+                          "(or another count >= 1), or data.task=null for preference accuracy "
+                          "alone")
     if task is None and cfg.eval.num_pairs <= 0 and not acc.path:
         raise ConfigError(f"nothing to evaluate: no task (set {how}) and eval.num_pairs=0 (no "
                           "preference accuracy)")

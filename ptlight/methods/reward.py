@@ -113,11 +113,12 @@ class RewardMethod(ObjectiveSteps, Method):
     @torch.no_grad()
     def evaluate(self, tokenizer, task: Any, eval_cfg: DictConfig) -> dict[str, Any] | None:
         """Pairwise accuracy and mean margin on ``eval.num_pairs`` held-out pairs of ``task``
-        (a :class:`ptlight.tasks.Task`); None when the task makes no pairs."""
+        (a :class:`ptlight.tasks.Task`); None when the task makes no pairs or
+        ``eval.num_pairs=0``."""
         from ptlight.data.shapes import parse_row
         from ptlight.data.tokenize import encode
 
-        if "pairwise" not in task.kinds:
+        if "pairwise" not in task.kinds or eval_cfg.num_pairs == 0:
             return None
         rows = task.make_rows("pairwise", eval_cfg.num_pairs, eval_cfg.seed, "heldout")
         encs = [encode(tokenizer, parse_row(r, "pairwise"), 10**6, "error") for r in rows]

@@ -9,7 +9,8 @@ string is truthy) only after the weights have loaded.
 
 Checked here: security flags (real booleans only), ``data.batch_size``, ``data.max_length``,
 ``data.val_size``, ``method.optim`` (``lr``, ``weight_decay``, ``betas``, ``warmup_ratio``,
-``scheduler``) and ``trainer.max_steps``. ``trainer.precision``/``accelerator``/``devices`` are
+``scheduler``), ``trainer.max_steps``, ``model.compile``, the packing keys and the ``eval`` counts and
+generation settings. ``trainer.precision``/``accelerator``/``devices`` are
 checked where the trainer is set up (:mod:`ptlight.runtime.strategy`, :mod:`ptlight.engine.cpu_bf16`).
 """
 
@@ -101,6 +102,31 @@ def check_data(data: DictConfig) -> None:
              "CUDA step packs, else 0)")
 
 
+def _bool(value: Any, key: str, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: {what}; write {key}=true or {key}=false (unquoted)")
+    return value
+
+
+def check_eval(ev: DictConfig, training: bool = True) -> None:
+    """The ``eval`` keys a training run (``training``) or ``python -m ptlight.eval`` reads:
+    counts, generation settings. ``eval.num_prompts=0`` skips the gold evaluation."""
+    _int(ev.num_prompts, "eval.num_prompts", 0,
+         "held-out prompts the gold evaluation generates for (0: no gold evaluation)")
+    _int(ev.batch_size, "eval.batch_size", 1, "prompts generated for at once")
+    _int(ev.max_new_tokens, "eval.max_new_tokens", 1, "tokens generated per prompt at most")
+    _int(ev.num_samples, "eval.num_samples", 0, "generations kept in eval.json and samples.jsonl")
+    _int(ev.num_pairs, "eval.num_pairs", 0, "held-out pairs for preference accuracy (0: none)")
+    _int(ev.seed, "eval.seed", 0, "the seed of the held-out prompts and of sampling")
+    if _bool(ev.do_sample, "eval.do_sample", "greedy (false) or sampled (true) generation"):
+        _number(ev.temperature, "eval.temperature", 0.0, None, True,
+                "the sampling temperature (eval.do_sample=true)", "1.0")
+    if training:
+        _bool(ev.before, "eval.before", "whether the starting model is evaluated too")
+        _int(ev.val_samples, "eval.val_samples", 0,
+             "held-out prompts generated at every validation (0: off)")
+
+
 def check_optim(optim: DictConfig) -> None:
     _number(optim.lr, "method.optim.lr", 0.0, None, True, "the learning rate", "5e-5")
     _number(optim.weight_decay, "method.optim.weight_decay", 0.0, None, False,
@@ -141,6 +167,7 @@ def check_config(cfg: DictConfig) -> None:
     check_optim(cfg.method.optim)
     check_trainer(cfg.trainer)
     check_model(cfg.model)
+    check_eval(cfg.eval)
     if "pack" in cfg.method:  # the preference methods' packing keys
         check_pack(cfg.method.pack, cfg.method.get("pack_max_tokens", 2048),
                    cfg.method.get("pack_multiple_of", 1))
