@@ -295,6 +295,16 @@ CONFIG_CASES = [
                              r"number >= 1 .*or trainer\.max_steps=-1 together with "
                              r"trainer\.max_epochs=<N>"),
     ("trainer.max_steps=0", r"trainer\.max_steps=0: the number of optimiser steps"),
+    ("trainer.accumulate_grad_batches=0", r"trainer\.accumulate_grad_batches=0: batches whose "
+                                          r"gradients make one optimiser step; write a whole "
+                                          r"number >= 1"),
+    ("trainer.gradient_clip_val=-1", r"trainer\.gradient_clip_val=-1: the gradient clipping "
+                                     r"threshold \(0 or null: no clipping\) must be a finite "
+                                     r"number >= 0\.0"),
+    ("trainer.val_check_interval=0", r"trainer\.val_check_interval=0: validate every N training "
+                                     r"steps \(a whole number >= 1"),
+    ("trainer.val_check_interval=1.5", r"trainer\.val_check_interval=1\.5: validate every N"),
+    ("seed=abc", r"seed='abc': the run's random seed; write a whole number >= 0"),
     ("eval.num_prompts=-1", r"eval\.num_prompts=-1: held-out prompts the gold evaluation "
                             r"generates for \(0: no gold evaluation\); write a whole number >= 0"),
     ("eval.num_prompts=abc", r"eval\.num_prompts='abc': held-out prompts"),

@@ -9,7 +9,8 @@ string is truthy) only after the weights have loaded.
 
 Checked here: security flags (real booleans only), ``data.batch_size``, ``data.max_length``,
 ``data.val_size``, ``method.optim`` (``lr``, ``weight_decay``, ``betas``, ``warmup_ratio``,
-``scheduler``), ``trainer.max_steps``, ``model.compile``, the packing keys and the ``eval`` counts and
+``scheduler``), ``seed``, ``trainer.max_steps``, ``accumulate_grad_batches``,
+``gradient_clip_val`` and ``val_check_interval``, ``model.compile``, the packing keys and the ``eval`` counts and
 generation settings. ``trainer.precision``/``accelerator``/``devices`` are
 checked where the trainer is set up (:mod:`ptlight.runtime.strategy`, :mod:`ptlight.engine.cpu_bf16`).
 """
@@ -148,6 +149,19 @@ def check_optim(optim: DictConfig) -> None:
 
 
 def check_trainer(trainer: DictConfig) -> None:
+    _int(trainer.get("accumulate_grad_batches", 1), "trainer.accumulate_grad_batches", 1,
+         "batches whose gradients make one optimiser step")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None:  # Lightning skips clipping at <= 0: a negative value would look set
+        _number(clip, "trainer.gradient_clip_val", 0.0, None, False,
+                "the gradient clipping threshold (0 or null: no clipping)", "1.0")
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not (
+            isinstance(interval, int) and not isinstance(interval, bool) and interval >= 1
+            or isinstance(interval, float) and 0.0 < interval <= 1.0):
+        raise ConfigError(f"trainer.val_check_interval={interval!r}: validate every N training "
+                          "steps (a whole number >= 1, e.g. trainer.val_check_interval=50) or at "
+                          "a fraction of each epoch (a number in (0, 1], e.g. 0.25)")
     steps = trainer.get("max_steps")
     epochs = trainer.get("max_epochs")
     if steps == -1 and isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1:
@@ -163,6 +177,7 @@ def check_trainer(trainer: DictConfig) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Every check above, on one stage's composed config (``method`` set)."""
     check_security_flags(cfg)
+    _int(cfg.get("seed", 0), "seed", 0, "the run's random seed")
     check_data(cfg.data)
     check_optim(cfg.method.optim)
     check_trainer(cfg.trainer)
