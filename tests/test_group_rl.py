@@ -171,6 +171,12 @@ def test_rollout_engines_are_a_plugin_group():
     (["method=grpo", "method.rollout.num_generations=1"], r"num_generations=1.*at least 2"),
     (["method=online_dpo", "method.rollout.num_generations=4"], r"online_dpo judges a pair"),
     (["method=grpo", "method.rollout.num_mini_batches=3"], r"num_mini_batches=3 must divide"),
+    (["method=grpo", "method.rollout.top_p=0"],
+     r"method\.rollout\.top_p=0: nucleus sampling .* a number in \(0, 1\]"),
+    (["method=rloo", "method.rollout.top_k=-1"],
+     r"method\.rollout\.top_k=-1: sample from the k most likely tokens, a whole number >= 1; "
+     r"method\.rollout\.top_k=0 turns the filter off"),
+    (["method=grpo", "trainer.gradient_clip_val=-1"], r"trainer\.gradient_clip_val=-1"),
     (["method=grpo", "method.objective.beta=0.1", "method.reference=precompute"],
      r"nothing to precompute"),
     (["method=grpo", "method.objective.loss_type=nope"], r"loss_type"),

@@ -174,7 +174,8 @@ class RolloutSteps:
     @staticmethod
     def check_rollout(settings: DictConfig, key: str, batch_size: int, batch: str) -> None:
         """``<key>.num_mini_batches`` divides the rollout batch (``batch`` says what a
-        minibatch holds) and ``<key>.temperature`` samples."""
+        minibatch holds), ``<key>.temperature`` samples, and the ``top_p`` / ``top_k``
+        filters (where the method has them) keep at least one token."""
         from ptlight.errors import ConfigError
 
         if settings.num_mini_batches < 1 or batch_size % settings.num_mini_batches:
@@ -182,6 +183,15 @@ class RolloutSteps:
                               f"data.batch_size={batch_size} ({batch})")
         if settings.temperature <= 0:
             raise ConfigError(f"{key}.temperature must be > 0 (rollouts sample)")
+        top_p = settings.get("top_p", 1.0)
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ConfigError(f"{key}.top_p={top_p!r}: nucleus sampling keeps the smallest set of "
+                              f"tokens whose probability reaches top_p, a number in (0, 1]; "
+                              f"{key}.top_p=1.0 turns the filter off")
+        top_k = settings.get("top_k", 0)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ConfigError(f"{key}.top_k={top_k!r}: sample from the k most likely tokens, a "
+                              f"whole number >= 1; {key}.top_k=0 turns the filter off")
 
     @classmethod
     def trainer_overrides(cls, cfg: DictConfig) -> dict:
