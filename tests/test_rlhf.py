@@ -305,6 +305,33 @@ def test_ppo_refuses_bad_settings_before_loading_weights(tmp_path):
     assert proc.returncode == 2 and "reward.name: unknown reward 'nope'" in proc.stderr
 
 
+@pytest.mark.parametrize("override,message", [
+    ("method.ppo.max_new_tokens=0", r"method\.ppo\.max_new_tokens=0: the response length cap; "
+                                    r"write a whole number >= 1"),
+    ("method.ppo.num_ppo_epochs=0", r"method\.ppo\.num_ppo_epochs=0: optimisation passes"),
+    ("method.ppo.gamma=2", r"method\.ppo\.gamma=2: the discount must be a finite number >= 0\.0 "
+                           r"and <= 1\.0"),
+    ("method.ppo.lam=-1", r"method\.ppo\.lam=-1: GAE's lambda must be"),
+    ("method.ppo.kl_coef=-1", r"method\.ppo\.kl_coef=-1: the KL penalty's coefficient must be "
+                              r"a finite number >= 0\.0"),
+    ("method.ppo.ptx_coef=-1", r"method\.ppo\.ptx_coef=-1: the weight of the SFT loss"),
+    ("method.ppo.missing_eos_penalty=-1", r"method\.ppo\.missing_eos_penalty=-1: the amount"),
+    ("method.ppo.adaptive_kl=yes", r"method\.ppo\.adaptive_kl='yes': the adaptive KL "
+                                   r"controller on or off; write method\.ppo\.adaptive_kl=true"),
+    ("method.ppo.kl_horizon=0", r"method\.ppo\.kl_horizon=0: the adaptive KL controller's "
+                                r"horizon must be a finite number > 0\.0"),
+])
+def test_ppo_settings_out_of_range_fail_before_weights_load(compose_cfg, tmp_path, monkeypatch,
+                                                           override, message):
+    import ptlight.train as train
+    from ptlight.errors import ConfigError
+
+    monkeypatch.setattr(train, "build_policy", lambda *a, **k: pytest.fail("weights loaded"))
+    extra = ["method.ppo.adaptive_kl=true"] if "kl_horizon" in override else []
+    with pytest.raises(ConfigError, match=message):
+        train.train_stage(compose_cfg("method=ppo", *TINY, *extra, override), tmp_path)
+
+
 # ---- pipelines --------------------------------------------------------------------------------
 def test_stage_overrides_resolve_model_from_and_export_references():
     from omegaconf import OmegaConf

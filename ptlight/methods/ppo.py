@@ -38,6 +38,7 @@ same way and logs ``val/objective/scores``, ``val/objective/kl`` and
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from ptlight.rewards import Reward, build_reward
 from ptlight.methods.rl import (AdaptiveKLController, FixedKLController, gae, kl_penalty,
                         masked_mean, masked_whiten, token_rewards)
 from ptlight.runtime.strategy import is_sharded, submodule_state
+from ptlight.runtime.validate import boolean, finite_number, whole_number
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -87,6 +89,31 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     return logps, entropy, values
 
 
+def check_ppo_settings(s: DictConfig) -> None:
+    """``method.ppo`` numbers a PPO run needs in range (before any weights load)."""
+    key = "method.ppo"
+    whole_number(s.max_new_tokens, f"{key}.max_new_tokens", 1, "the response length cap")
+    whole_number(s.num_ppo_epochs, f"{key}.num_ppo_epochs", 1,
+                 "optimisation passes over each rollout batch")
+    finite_number(s.gamma, f"{key}.gamma", 0.0, 1.0, False, "the discount", "1.0")
+    finite_number(s.lam, f"{key}.lam", 0.0, 1.0, False, "GAE's lambda", "0.95")
+    finite_number(s.kl_coef, f"{key}.kl_coef", 0.0, None, False, "the KL penalty's coefficient",
+                  "0.05")
+    finite_number(s.ptx_coef, f"{key}.ptx_coef", 0.0, None, False,
+                  "the weight of the SFT loss (PPO-ptx)", "0.0")
+    finite_number(s.penalty_reward_value, f"{key}.penalty_reward_value", -math.inf, None, True,
+                  "the score of a response with no EOS", "-1.0")
+    if s.missing_eos_penalty is not None:
+        finite_number(s.missing_eos_penalty, f"{key}.missing_eos_penalty", 0.0, None, False,
+                      "the amount taken off a response with no EOS (null: use penalty_reward_value)",
+                      "1.0")
+    if boolean(s.adaptive_kl, f"{key}.adaptive_kl", "the adaptive KL controller on or off"):
+        finite_number(s.kl_target, f"{key}.kl_target", 0.0, None, True,
+                      "the adaptive KL controller's target KL", "6.0")
+        finite_number(s.kl_horizon, f"{key}.kl_horizon", 0.0, None, True,
+                      "the adaptive KL controller's horizon", "10000")
+
+
 class PPOMethod(RolloutSteps, Method):
     """Policy + value head + reference + reward plugin, trained with a ``rollout`` objective."""
 
@@ -100,6 +127,7 @@ class PPOMethod(RolloutSteps, Method):
         cls.check_rollout(settings, "method.ppo", cfg.data.batch_size, "the rollout batch")
         if settings.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"method.ppo.kl_estimator={settings.kl_estimator!r}; use k1, k2 or k3")
+        check_ppo_settings(settings)
         if cfg.data.batch_size < 8:
             raise ConfigError(
                 f"data.batch_size={cfg.data.batch_size}: PPO whitens advantages over the rollout "

@@ -7,12 +7,14 @@ reach the code as they are. :func:`check_config` runs first in
 :func:`ptlight.train.train_stage`; without it they would fail (or, worse, pass: any non-empty
 string is truthy) only after the weights have loaded.
 
-Checked here: security flags (real booleans only), ``data.batch_size``, ``data.max_length``,
-``data.val_size``, ``method.optim`` (``lr``, ``weight_decay``, ``betas``, ``warmup_ratio``,
-``scheduler``), ``seed``, ``trainer.max_steps``, ``accumulate_grad_batches``,
-``gradient_clip_val`` and ``val_check_interval``, ``model.compile``, the packing keys and the ``eval`` counts and
-generation settings. ``trainer.precision``/``accelerator``/``devices`` are
-checked where the trainer is set up (:mod:`ptlight.runtime.strategy`, :mod:`ptlight.engine.cpu_bf16`).
+Checked here: security flags (real booleans only), ``seed``, ``data.batch_size``,
+``data.max_length``, ``data.val_size``, ``data.num_workers``, ``method.optim`` (``lr``,
+``weight_decay``, ``betas``, ``warmup_ratio``, ``scheduler``), ``trainer.max_steps``,
+``accumulate_grad_batches``, ``gradient_clip_val`` and ``val_check_interval``,
+``model.compile``, the packing keys, and the ``eval`` counts and generation settings.
+``trainer.precision``/``accelerator``/``devices`` are checked where the trainer is set up
+(:mod:`ptlight.runtime.strategy`, :mod:`ptlight.engine.cpu_bf16`); each method checks its
+own keys in its ``extra_args``.
 """
 
 from __future__ import annotations
@@ -71,15 +73,18 @@ def check_security_flags(cfg: DictConfig) -> None:
             )
 
 
-def _int(value: Any, key: str, least: int, what: str) -> int:
+def whole_number(value: Any, key: str, least: int, what: str) -> int:
+    """``value`` as an int >= ``least``, or a ConfigError naming ``key``, saying ``what`` it
+    is and giving an example."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ConfigError(f"{key}={value!r}: {what}; write a whole number >= {least}, "
                           f"e.g. {key}={max(least, 8)}")
     return value
 
 
-def _number(value: Any, key: str, low: float, high: float | None, low_open: bool,
-            what: str, example: str) -> float:
+def finite_number(value: Any, key: str, low: float, high: float | None, low_open: bool,
+                  what: str, example: str) -> float:
+    """``value`` as a finite float in ``(low|[low, high]``, or a ConfigError naming ``key``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
     if not ok:
@@ -91,19 +96,20 @@ def _number(value: Any, key: str, low: float, high: float | None, low_open: bool
 
 
 def check_data(data: DictConfig) -> None:
-    _int(data.batch_size, "data.batch_size", 1, "examples per device per step")
-    _int(data.max_length, "data.max_length", MIN_MAX_LENGTH,
-         "tokens of prompt + completion; a row needs at least one of each")
+    whole_number(data.batch_size, "data.batch_size", 1, "examples per device per step")
+    whole_number(data.max_length, "data.max_length", MIN_MAX_LENGTH,
+                 "tokens of prompt + completion; a row needs at least one of each")
     if data.get("val_path") is None:
-        _int(data.val_size, "data.val_size", 1,
-             "rows held out for validation (or set data.val_path=<file>)")
+        whole_number(data.val_size, "data.val_size", 1,
+                     "rows held out for validation (or set data.val_path=<file>)")
     if data.get("num_workers", 0) != "auto":
-        _int(data.get("num_workers", 0), "data.num_workers", 0,
-             "DataLoader worker processes (0: collate in the main process; auto: 2 where a "
-             "CUDA step packs, else 0)")
+        whole_number(data.get("num_workers", 0), "data.num_workers", 0,
+                     "DataLoader worker processes (0: collate in the main process; auto: 2 where a "
+                     "CUDA step packs, else 0)")
 
 
-def _bool(value: Any, key: str, what: str) -> bool:
+def boolean(value: Any, key: str, what: str) -> bool:
+    """``value`` when it is a real boolean, else a ConfigError naming ``key``."""
     if not isinstance(value, bool):
         raise ConfigError(f"{key}={value!r}: {what}; write {key}=true or {key}=false (unquoted)")
     return value
@@ -112,34 +118,37 @@ def _bool(value: Any, key: str, what: str) -> bool:
 def check_eval(ev: DictConfig, training: bool = True) -> None:
     """The ``eval`` keys a training run (``training``) or ``python -m ptlight.eval`` reads:
     counts, generation settings. ``eval.num_prompts=0`` skips the gold evaluation."""
-    _int(ev.num_prompts, "eval.num_prompts", 0,
-         "held-out prompts the gold evaluation generates for (0: no gold evaluation)")
-    _int(ev.batch_size, "eval.batch_size", 1, "prompts generated for at once")
-    _int(ev.max_new_tokens, "eval.max_new_tokens", 1, "tokens generated per prompt at most")
-    _int(ev.num_samples, "eval.num_samples", 0, "generations kept in eval.json and samples.jsonl")
-    _int(ev.num_pairs, "eval.num_pairs", 0, "held-out pairs for preference accuracy (0: none)")
-    _int(ev.seed, "eval.seed", 0, "the seed of the held-out prompts and of sampling")
-    if _bool(ev.do_sample, "eval.do_sample", "greedy (false) or sampled (true) generation"):
-        _number(ev.temperature, "eval.temperature", 0.0, None, True,
-                "the sampling temperature (eval.do_sample=true)", "1.0")
+    whole_number(ev.num_prompts, "eval.num_prompts", 0,
+                 "held-out prompts the gold evaluation generates for (0: no gold evaluation)")
+    whole_number(ev.batch_size, "eval.batch_size", 1, "prompts generated for at once")
+    whole_number(ev.max_new_tokens, "eval.max_new_tokens", 1,
+                 "tokens generated per prompt at most")
+    whole_number(ev.num_samples, "eval.num_samples", 0,
+                 "generations kept in eval.json and samples.jsonl")
+    whole_number(ev.num_pairs, "eval.num_pairs", 0,
+                 "held-out pairs for preference accuracy (0: none)")
+    whole_number(ev.seed, "eval.seed", 0, "the seed of the held-out prompts and of sampling")
+    if boolean(ev.do_sample, "eval.do_sample", "greedy (false) or sampled (true) generation"):
+        finite_number(ev.temperature, "eval.temperature", 0.0, None, True,
+                      "the sampling temperature (eval.do_sample=true)", "1.0")
     if training:
-        _bool(ev.before, "eval.before", "whether the starting model is evaluated too")
-        _int(ev.val_samples, "eval.val_samples", 0,
-             "held-out prompts generated at every validation (0: off)")
+        boolean(ev.before, "eval.before", "whether the starting model is evaluated too")
+        whole_number(ev.val_samples, "eval.val_samples", 0,
+                     "held-out prompts generated at every validation (0: off)")
 
 
 def check_optim(optim: DictConfig) -> None:
-    _number(optim.lr, "method.optim.lr", 0.0, None, True, "the learning rate", "5e-5")
-    _number(optim.weight_decay, "method.optim.weight_decay", 0.0, None, False,
-            "the weight decay", "0.0")
-    _number(optim.warmup_ratio, "method.optim.warmup_ratio", 0.0, 1.0, False,
-            "the share of steps spent warming up", "0.1")
+    finite_number(optim.lr, "method.optim.lr", 0.0, None, True, "the learning rate", "5e-5")
+    finite_number(optim.weight_decay, "method.optim.weight_decay", 0.0, None, False,
+                  "the weight decay", "0.0")
+    finite_number(optim.warmup_ratio, "method.optim.warmup_ratio", 0.0, 1.0, False,
+                  "the share of steps spent warming up", "0.1")
     betas = optim.betas
     if not isinstance(betas, ListConfig) or len(betas) != 2:
         raise ConfigError(f"method.optim.betas={betas!r}: AdamW takes two numbers, "
                           "e.g. method.optim.betas=[0.9,0.95]")
     for i, beta in enumerate(betas):
-        _number(beta, f"method.optim.betas[{i}]", 0.0, 1.0, False, "an AdamW beta", "0.9")
+        finite_number(beta, f"method.optim.betas[{i}]", 0.0, 1.0, False, "an AdamW beta", "0.9")
         if beta == 1.0:
             raise ConfigError(f"method.optim.betas[{i}]=1.0: an AdamW beta must be below 1, "
                               "e.g. method.optim.betas=[0.9,0.95]")
@@ -149,12 +158,12 @@ def check_optim(optim: DictConfig) -> None:
 
 
 def check_trainer(trainer: DictConfig) -> None:
-    _int(trainer.get("accumulate_grad_batches", 1), "trainer.accumulate_grad_batches", 1,
-         "batches whose gradients make one optimiser step")
+    whole_number(trainer.get("accumulate_grad_batches", 1), "trainer.accumulate_grad_batches", 1,
+                 "batches whose gradients make one optimiser step")
     clip = trainer.get("gradient_clip_val")
     if clip is not None:  # Lightning skips clipping at <= 0: a negative value would look set
-        _number(clip, "trainer.gradient_clip_val", 0.0, None, False,
-                "the gradient clipping threshold (0 or null: no clipping)", "1.0")
+        finite_number(clip, "trainer.gradient_clip_val", 0.0, None, False,
+                      "the gradient clipping threshold (0 or null: no clipping)", "1.0")
     interval = trainer.get("val_check_interval")
     if interval is not None and not (
             isinstance(interval, int) and not isinstance(interval, bool) and interval >= 1
@@ -177,7 +186,7 @@ def check_trainer(trainer: DictConfig) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Every check above, on one stage's composed config (``method`` set)."""
     check_security_flags(cfg)
-    _int(cfg.get("seed", 0), "seed", 0, "the run's random seed")
+    whole_number(cfg.get("seed", 0), "seed", 0, "the run's random seed")
     check_data(cfg.data)
     check_optim(cfg.method.optim)
     check_trainer(cfg.trainer)
@@ -191,7 +200,7 @@ def check_config(cfg: DictConfig) -> None:
 def check_pack(pack: Any, max_tokens: Any, multiple_of: Any) -> None:
     if pack not in (True, False, "auto"):
         raise ConfigError(f"method.pack={pack!r}; use auto, true or false")
-    _int(max_tokens, "method.pack_max_tokens", 2, "tokens per packed row")
+    whole_number(max_tokens, "method.pack_max_tokens", 2, "tokens per packed row")
     if multiple_of == "auto":
         return
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or not (
