@@ -228,7 +228,7 @@ def read_log(path: str, cfg: DictConfig) -> Log:
     from ptlight.data.module import load_rows
 
     log = Log(path, cfg.on_bad_row)
-    rows = load_rows(path)
+    rows = load_rows(path, key="feedback.path")
     if not rows:
         raise DataError(f"{path}: the feedback log has no rows")
     for i, row in enumerate(rows):

@@ -561,3 +561,33 @@ def test_wandb_run_without_network_finishes_offline(tmp_path):
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert "offline: true" in (tmp_path / "run" / "config.yaml").read_text()
     print(f"run took {time.monotonic() - started:.0f} s")
+
+
+# ---- python -m ptlight.eval: its keys, named in its errors, before any weights load -------------
+@pytest.mark.parametrize("override,message", [
+    ("eval.baseline=./no/such/model", r"eval\.baseline='\./no/such/model' does not exist \(relative "
+                                      r"to .*\); a hub id looks like org/name\. Pass "
+                                      r"eval\.baseline=<local directory"),
+    ("eval.reference=/no/such/model", r"eval\.reference='/no/such/model' does not exist"),
+    ("eval.acceptance.path=./no/such.jsonl", r"'\./no/such\.jsonl': no such file or directory "
+                                             r"\(relative to .*\); fix eval\.acceptance\.path"),
+    ("eval.acceptance.threshold=abc", r"eval\.acceptance\.threshold='abc': the score at or above "
+                                      r"which a generation counts as accepted must be a finite "
+                                      r"number; e\.g\. eval\.acceptance\.threshold=1\.0"),
+    ("eval.num_prompts=0", r"eval\.num_prompts=0 with task 'sort': the evaluation generates for "
+                           r"the task's held-out prompts"),
+])
+def test_eval_app_names_its_own_keys_before_anything_loads(compose_cfg, tmp_path, monkeypatch,
+                                                          override, message):
+    import ptlight.eval.app as app
+
+    monkeypatch.setattr(app, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises((ConfigError, ModelLoadError, DataError), match=message):
+        app.run_eval(compose_cfg(*TINY, "eval.num_prompts=4", override), tmp_path / "eval")
+
+
+def test_a_missing_validation_file_names_data_val_path(compose_cfg, tmp_path):
+    path = _jsonl(tmp_path, [GOOD_SFT] * 5)
+    with pytest.raises(DataError, match=r"'\./no/val\.jsonl': no such file or directory .*fix "
+                                        r"data\.val_path"):
+        _data(compose_cfg, "sft", f"data.path={path}", "data.val_path=./no/val.jsonl")

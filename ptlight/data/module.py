@@ -49,7 +49,7 @@ _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 _FILE_SUFFIXES = {*_FORMATS, ".txt", ".tsv", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip"}
 
 
-def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
+def load_rows(path: str, split: str = "train", key: str = "data.path") -> list[dict[str, Any]]:
     """Rows of a local file or directory, or of a hub data set.
 
     A local ``.jsonl``/``.json``/``.csv`` file is read here with explicit types, so one odd row
@@ -57,7 +57,8 @@ def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
     numeric strings into ints and blames a valid row): JSON values stay as JSON gives them, CSV
     cells are strings except ``label`` (true/false/1/0 -> bool) and ``margin`` (a number); an
     empty ``label``/``margin`` cell is a missing value. ``.parquet`` files (typed already),
-    directories and hub ids go through ``datasets.load_dataset``.
+    directories and hub ids go through ``datasets.load_dataset``. ``key``: the config key
+    that gave ``path``, named in the error when it does not exist.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -65,7 +66,7 @@ def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
         if (path.startswith((".", "/", "~")) or path.count("/") >= 2
                 or p.suffix.lower() in _FILE_SUFFIXES or (head != path and Path(head).is_dir())):
             raise DataError(f"{path!r}: no such file or directory (relative to {Path.cwd()}); "
-                            "fix data.path (a hub data set id looks like org/name)")
+                            f"fix {key} (a hub data set id looks like org/name)")
         return _load_dataset(path, path, split=split)
     if p.is_dir():
         _check_data_dir(p, path)
@@ -356,7 +357,8 @@ class PtlDataModule(L.LightningDataModule):
             )
         rows = load_rows(cfg.path)
         if cfg.val_path is not None:
-            return (cfg.path, rows), (cfg.val_path, load_rows(cfg.val_path))
+            return (cfg.path, rows), (cfg.val_path,
+                                      load_rows(cfg.val_path, key="data.val_path"))
         if len(rows) < 2:
             raise DataError(
                 f"{cfg.path}: 1 row; a file needs at least 2 (one to train on, one held out for "

@@ -75,7 +75,7 @@ def read_heldout(path: str, limit: int) -> tuple[list[Any], list[str | None]]:
 
     prompts: list[Any] = []
     references: list[str | None] = []
-    for i, row in enumerate(load_rows(path)[:limit]):
+    for i, row in enumerate(load_rows(path, key="eval.acceptance.path")[:limit]):
         prompt, ref = row.get("prompt"), row.get("reference")
         if not prompt or not isinstance(prompt, (str, list)):
             raise DataError(f"{path}, row {i}: needs a 'prompt' (a string or a message list)")

@@ -133,18 +133,20 @@ def _judge(cfg: DictConfig, runs: dict[str, list]) -> dict[str, Any]:
     return out
 
 
-def _acceptance(cfg: DictConfig, task: Task | None, model, tokenizer) -> dict[str, Any]:
+def _acceptance(cfg: DictConfig, task: Task | None, model, tokenizer,
+                heldout: tuple[list, list] | None = None) -> dict[str, Any]:
     """Acceptance on ``eval.acceptance.path``'s prompts (else the task's held-out prompts),
     scored by ``eval.acceptance.judge`` (else the task's gold reward): the model's and the
     baseline's rate and edit distance to the references, and the model's win rate vs the
-    baseline under the same scores."""
-    from ptlight.eval.acceptance import acceptance_summary, read_heldout
+    baseline under the same scores. ``heldout``: ``eval.acceptance.path``'s prompts and
+    references, read before any weights loaded."""
+    from ptlight.eval.acceptance import acceptance_summary
     from ptlight.eval.gold import Sample, generate, win_rate
     from ptlight.rewards import build_reward, user_text
 
     acc, e = cfg.eval.acceptance, cfg.eval
-    if acc.path:
-        prompts, refs = read_heldout(acc.path, acc.num_prompts)
+    if heldout is not None:
+        prompts, refs = heldout
     else:
         assert task is not None
         prompts = [r["prompt"] for r in task.make_rows("prompt", acc.num_prompts, e.seed,
@@ -202,6 +204,8 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
     samples.jsonl and report.md to ``run_dir``. ``overrides``: the command line's, which
     decide whether the data config's bundled task was chosen (as in training)."""
     from ptlight.eval.gold import write_jsonl
+    from ptlight.eval.acceptance import read_heldout
+    from ptlight.model.backbone import check_model_source
     from ptlight.tasks import resolve_task
     from ptlight.train import drop_unchosen_task
 
@@ -228,6 +232,10 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
         raise ConfigError(f"eval.judge scores generations on the task's held-out prompts, and "
                           f"there is no task: set {how}")
     _device(cfg.eval.device)  # a bad device fails before any weights load
+    for key in ("baseline", "reference"):  # so do missing model dirs, named by their key
+        if cfg.eval.get(key):
+            check_model_source(cfg.eval[key], f"eval.{key}")
+    heldout = read_heldout(acc.path, acc.num_prompts) if acc.path else None  # bad rows, too
     model, tokenizer = _load(cfg, cfg.model.path)
     if task is not None:
         task.to(_device(cfg.eval.device))
@@ -239,7 +247,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
         gold, rows = _gold(cfg, task, model, tokenizer, cfg.eval.baseline)
         result.update(gold)
     if acc.path or acc.judge:
-        result["acceptance"] = _acceptance(cfg, task, model, tokenizer)
+        result["acceptance"] = _acceptance(cfg, task, model, tokenizer, heldout)
     pairs = cfg.data.path or (task is not None and "pairwise" in task.kinds)
     if cfg.eval.num_pairs > 0 and pairs:
         result["preference"] = _preference(cfg, model, tokenizer)

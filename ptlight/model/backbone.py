@@ -46,25 +46,35 @@ _WAYS_OUT = (
 )
 
 
+def _ways_out(key: str) -> str:
+    if key == "model.path":
+        return _WAYS_OUT
+    return (f"Pass {key}=<local directory with config.json and weights> (for example a copy "
+            "made with `huggingface-cli download` on a machine with internet, or a previous "
+            "ptlight export).")
+
+
 # Any one of these makes a directory loadable by AutoTokenizer (fast, BPE or SentencePiece).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                     "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
-def _check_local_dir(path: str) -> None:
+def check_model_source(path: str, key: str = "model.path") -> None:
+    """A local-looking ``path`` (the value of config key ``key``) is an existing model or
+    adapter directory; hub ids (``org/name``) pass. Errors name ``key``."""
     p = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or path.count("/") >= 2  # hub ids: org/name
     if looks_local and not p.exists():
         raise ModelLoadError(
-            f"model.path={path!r} does not exist (relative to {Path.cwd()}); a hub id looks "
-            f"like org/name. {_WAYS_OUT}"
+            f"{key}={path!r} does not exist (relative to {Path.cwd()}); a hub id looks "
+            f"like org/name. {_ways_out(key)}"
         )
     if p.exists() and not p.is_dir():
-        raise ModelLoadError(f"model.path={path!r} is a file, not a model directory. {_WAYS_OUT}")
+        raise ModelLoadError(f"{key}={path!r} is a file, not a model directory. {_ways_out(key)}")
     if p.is_dir() and not any((p / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise ModelLoadError(
-            f"model.path={path!r} is a directory without config.json (or adapter_config.json), so "
-            f"it is not a transformers model (or PEFT adapter) directory. {_WAYS_OUT}"
+            f"{key}={path!r} is a directory without config.json (or adapter_config.json), so "
+            f"it is not a transformers model (or PEFT adapter) directory. {_ways_out(key)}"
         )
 
 
@@ -117,7 +127,7 @@ def load_tokenizer(model_cfg: DictConfig):
     base's) or the bundled one (in that order)."""
     source = model_cfg.tokenizer or model_cfg.path or str(BUNDLED_TOKENIZER)
     if source == model_cfg.path:
-        _check_local_dir(source)
+        check_model_source(source)
         adapter = _adapter_dir(source)
         if adapter is not None and not (adapter / "tokenizer_config.json").is_file():
             source = _adapter_base(adapter)  # an adapter saved without its tokenizer
@@ -155,7 +165,7 @@ def _base_model(model_cfg: DictConfig, tokenizer, source: str | None,
     """Pretrained weights from ``source`` (a hub id or local dir), or fresh from ``model.arch``."""
     dtype = _dtype(model_cfg.dtype)
     if source:
-        _check_local_dir(source)
+        check_model_source(source)
         return _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype,
                                 trust_remote_code=model_cfg.trust_remote_code, **load_kwargs)
     if model_cfg.arch is None:

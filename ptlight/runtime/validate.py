@@ -84,13 +84,15 @@ def whole_number(value: Any, key: str, least: int, what: str) -> int:
 
 def finite_number(value: Any, key: str, low: float, high: float | None, low_open: bool,
                   what: str, example: str) -> float:
-    """``value`` as a finite float in ``(low|[low, high]``, or a ConfigError naming ``key``."""
+    """``value`` as a finite float above ``low`` (``low_open``) or from ``low``, up to
+    ``high`` (None: unbounded; ``low=-math.inf``: any finite number), or a ConfigError naming
+    ``key``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
     if not ok:
-        bound = f"> {low}" if low_open else f">= {low}"
+        bound = "" if math.isinf(low) else (f" > {low}" if low_open else f" >= {low}")
         bound += f" and <= {high}" if high is not None else ""
-        raise ConfigError(f"{key}={value!r}: {what} must be a finite number {bound}; "
+        raise ConfigError(f"{key}={value!r}: {what} must be a finite number{bound}; "
                           f"e.g. {key}={example}")
     return float(value)
 
@@ -131,6 +133,13 @@ def check_eval(ev: DictConfig, training: bool = True) -> None:
     if boolean(ev.do_sample, "eval.do_sample", "greedy (false) or sampled (true) generation"):
         finite_number(ev.temperature, "eval.temperature", 0.0, None, True,
                       "the sampling temperature (eval.do_sample=true)", "1.0")
+    acc = ev.get("acceptance") or {}
+    if "threshold" in acc:
+        finite_number(acc.threshold, "eval.acceptance.threshold", -math.inf, None, True,
+                      "the score at or above which a generation counts as accepted", "1.0")
+    if not training and acc.get("path"):
+        whole_number(acc.num_prompts, "eval.acceptance.num_prompts", 1,
+                     "rows of eval.acceptance.path to evaluate")
     if training:
         boolean(ev.before, "eval.before", "whether the starting model is evaluated too")
         whole_number(ev.val_samples, "eval.val_samples", 0,
