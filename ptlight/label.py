@@ -66,6 +66,7 @@ from omegaconf import DictConfig, OmegaConf
 from ptlight.config import config_dir, register_resolvers, resolve_device
 from ptlight.errors import ConfigError, DataError
 from ptlight.runtime.app import or_exit, run_dir
+from ptlight.runtime.validate import whole_number
 from ptlight.tasks import task_label
 
 register_resolvers()
@@ -152,6 +153,10 @@ def label_preferences(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                           "at least 2 completions per prompt")
     if lab.temperature <= 0:
         raise ConfigError("label.temperature must be > 0 (completions are sampled)")
+    whole_number(lab.num_prompts, "label.num_prompts", 1, "prompts to label")
+    whole_number(lab.max_new_tokens, "label.max_new_tokens", 1,
+                 "tokens generated per completion at most")
+    whole_number(lab.batch_size, "label.batch_size", 1, "prompts generated for at once")
     started = time.time()
     device = _device(lab.device)
     prompts = load_prompts(cfg, lab.num_prompts)
@@ -261,6 +266,9 @@ def grow_prompts(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise ConfigError("self_instruct.examples_per_query, num_new and batch_size must be >= 1")
     if not 0 < si.similarity <= 1:
         raise ConfigError(f"self_instruct.similarity={si.similarity}: use a value in (0, 1]")
+    whole_number(lab.max_new_tokens, "label.max_new_tokens", 1,
+                 "tokens generated per request at most")
+    whole_number(lab.batch_size, "label.batch_size", 1, "requests generated for at once")
     started = time.time()
     if si.seeds:
         seeds = [str(s).strip() for s in si.seeds]

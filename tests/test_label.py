@@ -338,3 +338,20 @@ def test_cli_self_instruct_with_a_real_policy_accounts_for_every_candidate(tmp_p
     rows = datasets.load_dataset("json", data_files=str(run / "prompts.jsonl"),
                                  split="train").to_list()
     assert len(rows) == 4 + meta["num_new"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["label.num_prompts=0"], r"label\.num_prompts=0: prompts to label; write a whole number >= 1"),
+    (["label.max_new_tokens=0"], r"label\.max_new_tokens=0: tokens generated per completion"),
+    (["label.batch_size=0"], r"label\.batch_size=0: prompts generated for at once"),
+    (["label.mode=prompts", "label.batch_size=0"],
+     r"label\.batch_size=0: requests generated for at once"),
+])
+def test_label_counts_are_checked_before_the_policy_loads(compose_label, monkeypatch, tmp_path,
+                                                         overrides, message):
+    import ptlight.model.backbone as backbone
+    from ptlight.label import run_label
+
+    monkeypatch.setattr(backbone, "build_policy", lambda *a, **k: pytest.fail("policy loaded"))
+    with pytest.raises(ConfigError, match=message):
+        run_label(_label_cfg(compose_label, *overrides), tmp_path)

@@ -281,11 +281,13 @@ def chain_taps(prev: torch.Tensor, k: int) -> torch.Tensor:
     r, n = prev.shape
     base = torch.arange(r, device=prev.device)[:, None] * n
     near = torch.where(prev >= 0, prev + base, r * n).reshape(-1)
+    if k < 2:  # a one-tap kernel reads the token alone
+        return near.new_empty(0, r * n)
     step = torch.cat([near, near.new_full((1,), r * n)])  # the zero row's predecessor: itself
     taps = [near]
     for _ in range(k - 2):
         taps.append(step.index_select(0, taps[-1]))
-    return torch.stack(taps[::-1]) if taps else near.new_empty(0, r * n)
+    return torch.stack(taps[::-1])
 
 
 def tree_conv(x: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor,
@@ -312,14 +314,12 @@ def tree_conv(x: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor,
 
 @dataclass(frozen=True)
 class ConvChain:
-    """What a packed forward hands LFM2's conv layers in place of their padding mask: each
-    token's predecessor column (``prev``, ``[R, N]``) and its :func:`chain_taps` for the
-    model's kernel size. Passed as the ``"conv"`` entry of the model's per-layer-type mask
-    mapping, it travels with the layer's arguments, so a recomputation under gradient
-    checkpointing (which replays those arguments in the backward) convolves along the same
-    chains as the forward did."""
+    """What a packed forward hands LFM2's conv layers in place of their padding mask: the
+    :func:`chain_taps` of the rows' predecessor columns for the model's kernel size. Passed
+    as the ``"conv"`` entry of the model's per-layer-type mask mapping, it travels with the
+    layer's arguments, so a recomputation under gradient checkpointing (which replays those
+    arguments in the backward) convolves along the same chains as the forward did."""
 
-    prev: torch.Tensor
     taps: torch.Tensor
 
 
@@ -363,7 +363,7 @@ def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = N
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
     install_tree_convs(base)
-    chain = ConvChain(packed.prev, chain_taps(packed.prev, base.config.conv_L_cache))
+    chain = ConvChain(chain_taps(packed.prev, base.config.conv_L_cache))
     masks = {"full_attention": allowed, "conv": chain}
     # a compiled model (model.compile) runs its layers compiled whole for this call
     extra = {PACKED_CALL: True} if is_compiled(model) else {}
