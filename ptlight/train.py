@@ -80,6 +80,7 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
     datamodule = PtlDataModule(cfg.data, tokenizer, method_cls.data_kind_for(cfg.method, objective))
     datamodule.setup()
     cfg = _settle_with_data(cfg, run_dir, objective, method_cls, len(datamodule.train))
+    _check_compile_packed(cfg)
     datamodule.num_workers = int(cfg.data.get("num_workers", 0) or 0)
     ref_mode = _check_method(cfg, method_cls, objective)
     extra = method_cls.extra_args(cfg, tokenizer)
@@ -150,6 +151,20 @@ def _settle(cfg: DictConfig, run_dir: Path, overrides: list[str] | None
     _save_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return cfg, objective
+
+
+def _check_compile_packed(cfg: DictConfig) -> None:
+    """``model.compile=packed`` compiles packed scoring only: refused, before any weights
+    load, for a run that never packs (it would run eager without a word)."""
+    if cfg.model.get("compile") != "packed" or cfg.method.get("pack") is True:
+        return
+    why = ("this method has no packed scoring" if "pack" not in cfg.method else
+           "method.pack is false" + (" (auto settles packing on CUDA only with a precomputed "
+                                     "reference, i.e. a run over every train row)"
+                                     if uses_cuda(cfg.trainer) else ""))
+    raise ConfigError(f"model.compile=packed compiles the preference methods' packed scoring, "
+                      f"and this run does not pack: {why}. Use model.compile=true (norms and "
+                      f"MLPs in every call), or set method.pack=true")
 
 
 def _save_config(cfg: DictConfig, run_dir: Path) -> None:

@@ -112,6 +112,22 @@ def test_compile_packed_compiles_packed_scoring_only_and_matches_eager():
     assert counters["stats"]["unique_graphs"] > 0  # packed scoring: compiled
 
 
+@pytest.mark.parametrize("overrides,why", [
+    (["method=sft"], "this method has no packed scoring"),
+    (["method=dpo", "method.pack=false"], "method.pack is false"),
+])
+def test_compile_packed_on_a_run_that_never_packs_is_refused(compose_cfg, tmp_path, monkeypatch,
+                                                             overrides, why):
+    import ptlight.train
+
+    monkeypatch.setattr(ptlight.train, "build_policy", lambda *a, **k: pytest.fail("loaded"))
+    cfg = compose_cfg(*overrides, "model.compile=packed", *TINY)
+    with pytest.raises(ConfigError, match=f"model.compile=packed compiles the preference "
+                                          f"methods' packed scoring, and this run does not "
+                                          f"pack: {why}"):
+        train_stage(cfg, tmp_path / "run")
+
+
 def test_compile_packed_with_gradient_checkpointing_is_refused(compose_cfg, tmp_path):
     cfg = compose_cfg("method=dpo", "model.compile=packed",
                       "model.gradient_checkpointing=true", *TINY)
