@@ -75,6 +75,7 @@ from ptlight.config import config_dir
 from ptlight.errors import ConfigError, DataError
 from ptlight.data.feedback_rows import balance, downsample, heldout_rows, listwise, pairs, unpaired
 from ptlight.runtime.app import or_exit, run_dir
+from ptlight.runtime.validate import boolean, finite_number, whole_number
 
 FEEDBACK_COLUMNS = ("rating", "edited", "choice")
 
@@ -367,6 +368,21 @@ def _warnings(report: dict[str, Any], cfg: DictConfig) -> list[str]:
     return out
 
 
+def check_settings(fb: DictConfig) -> None:
+    """The switches and thresholds of ``feedback`` in range (a string "no" would be truthy)."""
+    boolean(fb.unpaired_from_pairs, "feedback.unpaired_from_pairs",
+            "whether edits and choices also give KTO rows")
+    boolean(fb.pairs_from_ratings, "feedback.pairs_from_ratings",
+            "whether up- and down-rated responses to one prompt give pairs")
+    boolean(fb.dedupe, "feedback.dedupe", "whether repeated events are dropped")
+    finite_number(fb.min_edit, "feedback.min_edit", 0.0, 1.0, False,
+                  "the normalised edit distance from which an edit is a preference", "0.1")
+    finite_number(fb.skew_warn, "feedback.skew_warn", 0.0, 1.0, True,
+                  "the share of events one user may hold before a warning", "0.2")
+    whole_number(fb.listwise_min, "feedback.listwise_min", 2,
+                 "distinct rated responses a prompt needs for a listwise row")
+
+
 def convert(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Read ``cfg.feedback.path``, write the data files into ``out_dir``; returns the report
     (also written to ``feedback.json``)."""
@@ -375,6 +391,7 @@ def convert(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         raise ConfigError("feedback.path is not set: pass feedback.path=<log .jsonl/.parquet>")
     if fb.balance not in ("none", "downsample"):
         raise ConfigError(f"feedback.balance={fb.balance!r}; use none or downsample")
+    check_settings(fb)
     rng = random.Random(f"feedback-{cfg.seed}")
     log = read_log(fb.path, fb)
     total = len(log.events) + log.dropped.total()

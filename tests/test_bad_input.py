@@ -268,6 +268,8 @@ CONFIG_CASES = [
     ("data.max_length=0", r"data\.max_length=0: tokens of prompt \+ completion; a row needs at "
                           r"least one of each; write a whole number >= 2"),
     ("data.max_length=1", r"data\.max_length=1: tokens of prompt"),
+    ("data.num_train=-5", r"data\.num_train=-5: training rows the task generates; write a "
+                          r"whole number >= 1"),
     ("data.val_size=0", r"data\.val_size=0: rows held out for validation \(or set "
                         r"data\.val_path=<file>\)"),
     ("data.num_workers=-1", r"data\.num_workers=-1: DataLoader worker processes \(0: collate in "

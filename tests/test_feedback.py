@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from helpers import TINY
 from ptlight.eval.acceptance import acceptance_summary, edit_distance, read_heldout
 from ptlight.config import config_dir
-from ptlight.errors import DataError
+from ptlight.errors import ConfigError, DataError
 from ptlight.feedback import convert
 
 P1 = [{"role": "user", "content": "Sort these words alphabetically: b a"}]
@@ -261,3 +261,24 @@ def test_acceptance_reaches_the_training_report_and_the_eval_app(tmp_path):
     assert acc["win_rate"]["tie_rate"] == 1.0 and acc["judge"] == "gold (sort)"
     assert "model acceptance rate" in (tmp_path / "eval" / "report.md").read_text()
     assert "acceptance/rate" in result["gold"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("feedback.pairs_from_ratings=no", r"feedback\.pairs_from_ratings='no': whether up- and "
+                                       r"down-rated responses to one prompt give pairs; write "
+                                       r"feedback\.pairs_from_ratings=true or "
+                                       r"feedback\.pairs_from_ratings=false \(unquoted\)"),
+    ("feedback.unpaired_from_pairs=off", r"feedback\.unpaired_from_pairs='off'"),
+    ("feedback.dedupe=maybe", r"feedback\.dedupe='maybe'"),
+    ("feedback.min_edit=2", r"feedback\.min_edit=2: the normalised edit distance from which an "
+                            r"edit is a preference must be a finite number >= 0\.0 and <= 1\.0"),
+    ("feedback.skew_warn=-1", r"feedback\.skew_warn=-1: the share of events one user may hold"),
+    ("feedback.listwise_min=1", r"feedback\.listwise_min=1: distinct rated responses a prompt "
+                                r"needs for a listwise row; write a whole number >= 2"),
+])
+def test_switches_and_thresholds_out_of_range_are_refused_before_the_log_is_read(
+        tmp_path, override, message):
+    """A string "no" is truthy: pairs_from_ratings=no turned the pairs on."""
+    with pytest.raises(ConfigError, match=message):
+        _convert(tmp_path, GOOD, override)
+    assert not (tmp_path / "out").exists()

@@ -101,6 +101,9 @@ def check_data(data: DictConfig) -> None:
     whole_number(data.batch_size, "data.batch_size", 1, "examples per device per step")
     whole_number(data.max_length, "data.max_length", MIN_MAX_LENGTH,
                  "tokens of prompt + completion; a row needs at least one of each")
+    if data.get("task") is not None and data.get("path") is None:
+        whole_number(data.get("num_train"), "data.num_train", 1,
+                     "training rows the task generates")
     if data.get("val_path") is None:
         whole_number(data.val_size, "data.val_size", 1,
                      "rows held out for validation (or set data.val_path=<file>)")
