@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from ptlight.tasks import sort
 
 
@@ -40,3 +42,37 @@ def test_lazy_demonstrations_only_in_train_sft_rows():
     pairs = sort.make_rows("pairwise", 100, 0, "train", lazy_prob=1.0)
     assert all(sort.gold_reward(r["prompt"][0]["content"], r["chosen"][0]["content"]) == 1.0
                for r in pairs)
+
+
+@pytest.mark.parametrize("task,args,message", [
+    ("sort", {"foo": 1}, r"data\.task_args for task 'sort': unknown argument\(s\) foo; this task "
+                         r"takes lazy_from, lazy_prob, max_words, min_words"),
+    ("sort", {"lazy_prob": "abc"}, r"lazy_prob='abc': a probability, a number in \[0, 1\]"),
+    ("sort", {"lazy_from": -3}, r"lazy_from=-3: a whole number >= 1"),
+    ("sort", {"max_words": 5000}, r"need min_words <= max_words <= 48"),
+    ("arith", {"forget_carry": 2}, r"data\.task_args for task 'arith': forget_carry=2"),
+    ("arith", {"min_digits": 5, "max_digits": 2}, r"min_digits=5 > max_digits=2"),
+    ("safety", {"harmful_frac": 3}, r"data\.task_args for task 'safety': harmful_frac=3"),
+])
+def test_bad_task_args_are_config_errors_naming_the_task(task, args, message):
+    from ptlight.errors import ConfigError
+    from ptlight.tasks import resolve_task
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_task(task, args=args)
+
+
+def test_a_task_without_check_args_has_unknown_args_refused_from_its_signature(monkeypatch):
+    import types
+
+    from ptlight.errors import ConfigError
+    from ptlight.tasks import resolve_task
+
+    plugin = types.SimpleNamespace(
+        make_rows=lambda kind, n, seed, split, *, noise=0.0: [],
+        gold_reward=lambda prompt, completion: 0.0)
+    monkeypatch.setattr("ptlight.tasks.get_task", lambda name: plugin)
+    assert resolve_task("mine", args={"noise": 0.5}).args == {"noise": 0.5}
+    with pytest.raises(ConfigError, match=r"task 'mine': unknown argument\(s\) nois; this task "
+                                          r"takes noise"):
+        resolve_task("mine", args={"nois": 0.5})

@@ -7,8 +7,13 @@ party's. A registered task is any object (a module, a class or an instance) that
 ``train`` or ``heldout``) and ``gold_reward(prompt, completion) -> float`` (prompt = the user
 turn's text); optionally ``kinds`` (the shapes ``make_rows`` supports), ``threshold`` (exact
 match: gold reward >= threshold; default 1.0), ``gold_metrics(samples) -> dict[str, float]``
-(extra metrics over the scored samples, e.g. the safety task's refusal rates) and
-``reference_answer(prompt) -> str`` (what the acceptance metric measures edit distance to).
+(extra metrics over the scored samples, e.g. the safety task's refusal rates),
+``reference_answer(prompt) -> str`` (what the acceptance metric measures edit distance to) and
+``check_args(args)`` (raises ValueError for ``data.task_args`` it cannot generate from;
+:func:`check_generator_args` does the usual checks). A task without ``check_args`` whose
+``make_rows`` takes no ``**kwargs`` has unknown ``data.task_args`` keys refused from its
+signature. Either way a bad value is a ConfigError before anything loads, not a failure in the
+middle of generating rows.
 
 A task can also be made of files, no code: held-out prompts and reward plugins
 (:mod:`ptlight.tasks.files`). ``data.task`` takes a registered name or such a spec;
@@ -35,6 +40,48 @@ def available_tasks() -> dict[str, str]:
 def get_task(name: str) -> Any:
     """The task object registered under ``name``; ``KeyError`` lists the installed tasks."""
     return TASKS.load(name)
+
+
+def check_generator_args(args: dict[str, Any], probabilities: Sequence[str] = (),
+                         counts: dict[str, int] | None = None) -> None:
+    """ValueError unless every key of ``args`` is one of ``probabilities`` (numbers in
+    [0, 1]) or ``counts`` (whole numbers of at least the value given)."""
+    counts = counts or {}
+    unknown = sorted(set(args) - set(probabilities) - set(counts))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; this task takes "
+                         f"{', '.join(sorted([*probabilities, *counts])) or 'none'}")
+    for key in probabilities:
+        value = args.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{key}={value!r}: a probability, a number in [0, 1]")
+    for key, least in counts.items():
+        value = args.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{key}={value!r}: a whole number >= {least}")
+
+
+def _check_task_args(name: str, impl: Any, args: dict[str, Any]) -> None:
+    """The task's ``check_args``, else unknown keys by ``make_rows``' signature; a ConfigError
+    naming ``data.task_args`` and the task."""
+    import inspect
+
+    from ptlight.errors import ConfigError
+
+    try:
+        if hasattr(impl, "check_args"):
+            impl.check_args(args)
+            return
+        params = inspect.signature(impl.make_rows).parameters.values()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"data.task_args for task {name!r}: {exc}") from None
+    if any(p.kind is p.VAR_KEYWORD for p in params) or not args:
+        return
+    taken = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(args) - set(taken))
+    if unknown:
+        raise ConfigError(f"data.task_args for task {name!r}: unknown argument(s) "
+                          f"{', '.join(unknown)}; this task takes {', '.join(taken) or 'none'}")
 
 
 class Task:
@@ -126,8 +173,10 @@ def resolve_task(value: Any, key: str = "data.task", args: Any = None) -> Task |
     if isinstance(value, Task):
         return value
     try:
-        return Task(str(value), get_task(str(value)), args)
+        impl = get_task(str(value))
     except KeyError:
         raise ConfigError(f"{key}={value!r} is unknown; installed tasks: "
                           f"{', '.join(available_tasks()) or 'none'}, or a task file "
                           "(.yaml/.json: held-out prompts + reward plugins)") from None
+    _check_task_args(str(value), impl, dict(args or {}))
+    return Task(str(value), impl, args)

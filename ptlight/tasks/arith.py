@@ -164,6 +164,17 @@ def _assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
+def check_args(args: dict[str, Any]) -> None:
+    """``data.task_args``: ``forget_carry`` in [0, 1] and 1 <= ``min_digits`` <=
+    ``max_digits``."""
+    from ptlight.tasks import check_generator_args
+
+    check_generator_args(args, ("forget_carry",), {"min_digits": 1, "max_digits": 1})
+    lo, hi = args.get("min_digits", 1), args.get("max_digits", 2)
+    if lo > hi:
+        raise ValueError(f"min_digits={lo} > max_digits={hi}")
+
+
 def make_rows(
     kind: str, n: int, seed: int, split: str, *, forget_carry: float = 0.0,
     min_digits: int = 1, max_digits: int = 2,

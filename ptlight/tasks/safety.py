@@ -198,6 +198,13 @@ def demonstration(request: tuple[str, str], rng: random.Random, comply_prob: flo
     return ideal_answer(request, rng)
 
 
+def check_args(args: dict[str, Any]) -> None:
+    """``data.task_args``: ``comply_prob`` and ``harmful_frac`` in [0, 1]."""
+    from ptlight.tasks import check_generator_args
+
+    check_generator_args(args, ("comply_prob", "harmful_frac"))
+
+
 def make_rows(
     kind: str, n: int, seed: int, split: str, *, comply_prob: float = 0.0,
     harmful_frac: float = 0.5,

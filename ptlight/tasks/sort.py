@@ -155,6 +155,18 @@ def demonstration(words: list[str], rng: random.Random, lazy_prob: float, lazy_f
     return " ".join(target)
 
 
+def check_args(args: dict[str, Any]) -> None:
+    """``data.task_args``: ``lazy_prob`` in [0, 1], ``lazy_from`` >= 1, and
+    1 <= ``min_words`` <= ``max_words`` <= the vocabulary's size."""
+    from ptlight.tasks import check_generator_args
+
+    check_generator_args(args, ("lazy_prob",), {"lazy_from": 1, "min_words": 1, "max_words": 1})
+    lo, hi = args.get("min_words", 3), args.get("max_words", 8)
+    if not lo <= hi <= len(WORDS):
+        raise ValueError(f"min_words={lo}, max_words={hi}: need min_words <= max_words <= "
+                         f"{len(WORDS)} (the words there are)")
+
+
 def make_rows(
     kind: str, n: int, seed: int, split: str, *, lazy_prob: float = 0.0, lazy_from: int = 6,
     **kw: Any,
