@@ -128,6 +128,11 @@ def test_judge_config_mistakes_name_the_key(tiny_dir):
                     tiny_model_cfg())
     with pytest.raises(ConfigError, match="judge.name"):
         build_judge({"name": "no_such_reward"}, cpu)
+    for key, least in (("batch_size", 1), ("max_length", 2)):
+        with pytest.raises(ConfigError, match=rf"judge\.{key}=0: .*write a whole number >= "
+                                              rf"{least}"):
+            build_judge({"name": "constitution", "path": tiny_dir, key: 0}, cpu,
+                        tiny_model_cfg())
 
 
 # ---- preference labelling ---------------------------------------------------------------------

@@ -211,6 +211,12 @@ def test_reward_config_errors_name_the_key():
         build_reward({"name": "gold", "temperature": 1})
     with pytest.raises(ConfigError, match="reward_model needs path"):
         build_reward({"name": "reward_model"})
+    # checked before the reward model loads (the path is never read)
+    for extra, message in [({"batch_size": 0}, r"batch_size=0: write a whole number >= 1"),
+                           ({"max_length": 0}, r"max_length=0: write a whole number >= 2"),
+                           ({"dtype": "float64x"}, r"dtype='float64x' is not a torch dtype")]:
+        with pytest.raises(ConfigError, match=r"reward 'reward_model'\): " + message):
+            build_reward({"name": "reward_model", "path": "/no/such/export", **extra})
 
 
 # ---- rm and ppo through the CLI ------------------------------------------------------------------

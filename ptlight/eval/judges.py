@@ -141,7 +141,10 @@ class ConstitutionJudge(Judge):
         from omegaconf import OmegaConf
 
         from ptlight.model.backbone import build_policy, load_tokenizer
+        from ptlight.runtime.validate import whole_number
 
+        whole_number(batch_size, "judge.batch_size", 1, "judge prompts scored at once")
+        whole_number(max_length, "judge.max_length", 2, "judge prompt tokens at most")
         self.constitution = load_constitution(constitution or default_constitution_path())
         self.path, self.batch_size, self.max_length = path, batch_size, max_length
         # the policy's model settings (dtype, trust_remote_code) with the judge's weights

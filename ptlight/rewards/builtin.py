@@ -51,6 +51,11 @@ class ModelReward(Reward):
                  max_length: int = 512, dtype: str = "float32") -> None:
         if not path:
             raise ValueError("reward_model needs path=<a `method=rm` run's export dir>")
+        for key, value, least in (("batch_size", batch_size, 1), ("max_length", max_length, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{key}={value!r}: write a whole number >= {least}")
+        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype (float32, bfloat16, ...)")
         from ptlight.model.reward_model import load_reward_model
 
         self.path, self.batch_size, self.max_length = path, batch_size, max_length
