@@ -306,6 +306,12 @@ CONFIG_CASES = [
     ("trainer.val_check_interval=0", r"trainer\.val_check_interval=0: validate every N training "
                                      r"steps \(a whole number >= 1"),
     ("trainer.val_check_interval=1.5", r"trainer\.val_check_interval=1\.5: validate every N"),
+    ("checkpoint.every_n_train_steps=-1", r"checkpoint\.every_n_train_steps=-1: optimiser "
+                                          r"steps between checkpoints \(0: at each epoch's end "
+                                          r"only\); write a whole number >= 0"),
+    ("checkpoint.every_n_train_steps=abc", r"checkpoint\.every_n_train_steps='abc'"),
+    ("trainer.log_every_n_steps=-1", r"trainer\.log_every_n_steps=-1: optimiser steps between "
+                                     r"logged training metrics \(0: none\)"),
     ("seed=abc", r"seed='abc': the run's random seed; write a whole number >= 0"),
     ("eval.num_prompts=-1", r"eval\.num_prompts=-1: held-out prompts the gold evaluation "
                             r"generates for \(0: no gold evaluation\); write a whole number >= 0"),

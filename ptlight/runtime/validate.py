@@ -10,7 +10,8 @@ string is truthy) only after the weights have loaded.
 Checked here: security flags (real booleans only), ``seed``, ``data.batch_size``,
 ``data.max_length``, ``data.val_size``, ``data.num_workers``, ``method.optim`` (``lr``,
 ``weight_decay``, ``betas``, ``warmup_ratio``, ``scheduler``), ``trainer.max_steps``,
-``accumulate_grad_batches``, ``gradient_clip_val`` and ``val_check_interval``,
+``accumulate_grad_batches``, ``gradient_clip_val``, ``val_check_interval`` and
+``log_every_n_steps``, ``checkpoint.every_n_train_steps``,
 ``model.compile``, the packing keys, and the ``eval`` counts and generation settings.
 ``trainer.precision``/``accelerator``/``devices`` are checked where the trainer is set up
 (:mod:`ptlight.runtime.strategy`, :mod:`ptlight.engine.cpu_bf16`); each method checks its
@@ -176,6 +177,8 @@ def check_trainer(trainer: DictConfig) -> None:
     if clip is not None:  # Lightning skips clipping at <= 0: a negative value would look set
         finite_number(clip, "trainer.gradient_clip_val", 0.0, None, False,
                       "the gradient clipping threshold (0 or null: no clipping)", "1.0")
+    whole_number(trainer.get("log_every_n_steps", 50), "trainer.log_every_n_steps", 0,
+                 "optimiser steps between logged training metrics (0: none)")
     interval = trainer.get("val_check_interval")
     if interval is not None and not (
             isinstance(interval, int) and not isinstance(interval, bool) and interval >= 1
@@ -204,6 +207,10 @@ def check_config(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     check_model(cfg.model)
     check_eval(cfg.eval)
+    if "checkpoint" in cfg:
+        whole_number(cfg.checkpoint.get("every_n_train_steps", 0),
+                     "checkpoint.every_n_train_steps", 0,
+                     "optimiser steps between checkpoints (0: at each epoch's end only)")
     if "pack" in cfg.method:  # the preference methods' packing keys
         check_pack(cfg.method.pack, cfg.method.get("pack_max_tokens", 2048),
                    cfg.method.get("pack_multiple_of", 1))
