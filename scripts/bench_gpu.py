@@ -342,7 +342,10 @@ def gemm_bound_s(fixture: str, tokens_run: float, scored: float, live: bool, dev
     t, m = max(int(tokens_run), 1), max(int(scored), 1)
     a = bench_dpo.FIXTURES[fixture]["arch"]
     body = sum(c * linear(t, i, o) for i, o, c in linear_shapes(fixture))
-    return body + linear(m, a["hidden_size"], a["vocab_size"])
+    total = body + linear(m, a["hidden_size"], a["vocab_size"])
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the next run's process gets the card back
+    return total
 
 
 def run_child(framework: str, config: str, fixture: str, fx: Path, args) -> dict:
