@@ -50,9 +50,9 @@ from rich.table import Table
 
 from ptlight.config import config_dir, register_resolvers, resolve_device
 from ptlight.errors import ConfigError, DataError
-from ptlight.runtime.validate import check_eval
 from ptlight.report import md_table, plot_gold, samples_table
 from ptlight.runtime.app import or_exit, run_dir, user_overrides
+from ptlight.runtime.validate import check_eval
 from ptlight.tasks import Task
 
 register_resolvers()
@@ -203,8 +203,8 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
     """Evaluate ``model.path`` (null: the configured architecture at init); writes eval.json,
     samples.jsonl and report.md to ``run_dir``. ``overrides``: the command line's, which
     decide whether the data config's bundled task was chosen (as in training)."""
-    from ptlight.eval.gold import write_jsonl
     from ptlight.eval.acceptance import read_heldout
+    from ptlight.eval.gold import write_jsonl
     from ptlight.model.backbone import check_model_source
     from ptlight.tasks import resolve_task
     from ptlight.train import drop_unchosen_task
