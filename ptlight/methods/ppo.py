@@ -105,8 +105,8 @@ def check_ppo_settings(s: DictConfig) -> None:
                   "the score of a response with no EOS", "-1.0")
     if s.missing_eos_penalty is not None:
         finite_number(s.missing_eos_penalty, f"{key}.missing_eos_penalty", 0.0, None, False,
-                      "the amount taken off a response with no EOS (null: use penalty_reward_value)",
-                      "1.0")
+                      "the amount taken off a response with no EOS "
+                      "(null: use penalty_reward_value)", "1.0")
     if boolean(s.adaptive_kl, f"{key}.adaptive_kl", "the adaptive KL controller on or off"):
         finite_number(s.kl_target, f"{key}.kl_target", 0.0, None, True,
                       "the adaptive KL controller's target KL", "6.0")

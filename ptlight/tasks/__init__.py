@@ -68,13 +68,16 @@ def _check_task_args(name: str, impl: Any, args: dict[str, Any]) -> None:
 
     from ptlight.errors import ConfigError
 
-    try:
-        if hasattr(impl, "check_args"):
+    if hasattr(impl, "check_args"):
+        try:
             impl.check_args(args)
-            return
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"data.task_args for task {name!r}: {exc}") from None
+        return
+    try:
         params = inspect.signature(impl.make_rows).parameters.values()
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"data.task_args for task {name!r}: {exc}") from None
+    except (TypeError, ValueError):  # no signature to read (a builtin, a C extension)
+        return
     if any(p.kind is p.VAR_KEYWORD for p in params) or not args:
         return
     taken = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
