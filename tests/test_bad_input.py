@@ -313,6 +313,8 @@ CONFIG_CASES = [
     ("trainer.log_every_n_steps=-1", r"trainer\.log_every_n_steps=-1: optimiser steps between "
                                      r"logged training metrics \(0: none\)"),
     ("seed=abc", r"seed='abc': the run's random seed; write a whole number >= 0"),
+    ("seed=5000000000", r"seed=5000000000: numpy's random generator takes seeds up to "
+                        r"4294967295; write a smaller whole number, e\.g\. seed=0"),
     ("eval.num_prompts=-1", r"eval\.num_prompts=-1: held-out prompts the gold evaluation "
                             r"generates for \(0: no gold evaluation\); write a whole number >= 0"),
     ("eval.num_prompts=abc", r"eval\.num_prompts='abc': held-out prompts"),

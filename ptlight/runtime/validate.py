@@ -40,6 +40,9 @@ SECURITY_FLAG = re.compile(r"^(trust_remote_code|allow_\w+)$")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
               "constant_with_warmup", "inverse_sqrt")
 
+# The largest seed every generator Lightning seeds takes (numpy's: 32 bits).
+MAX_SEED = 2**32 - 1
+
 # One prompt token plus one completion token: the least a row can be cut down to.
 MIN_MAX_LENGTH = 2
 
@@ -201,7 +204,10 @@ def check_trainer(trainer: DictConfig) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Every check above, on one stage's composed config (``method`` set)."""
     check_security_flags(cfg)
-    whole_number(cfg.get("seed", 0), "seed", 0, "the run's random seed")
+    seed = whole_number(cfg.get("seed", 0), "seed", 0, "the run's random seed")
+    if seed > MAX_SEED:
+        raise ConfigError(f"seed={seed}: numpy's random generator takes seeds up to {MAX_SEED}; "
+                          "write a smaller whole number, e.g. seed=0")
     check_data(cfg.data)
     check_optim(cfg.method.optim)
     check_trainer(cfg.trainer)
