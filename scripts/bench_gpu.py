@@ -263,27 +263,40 @@ def child_trl(args) -> dict:
 
 
 # ---- parent ------------------------------------------------------------------------------
-def matmul_peak_tflops(device: str) -> float:
-    """Best bf16 (CUDA) / fp32 (CPU) matmul TFLOP/s measured here."""
+def matmul_seconds(m: int, k: int, n: int, device: str, reps: int) -> list[float]:
+    """Seconds per ``[m, k]·[k, n]`` product (bf16 on CUDA, fp32 on CPU), in each of 5 trials
+    of ``reps`` products after 3 warm-up ones (CUDA events on the GPU)."""
     import torch
 
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(5):
+        if device == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            for _ in range(reps):
+                a @ b
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / reps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            times.append((time.perf_counter() - t0) / reps)
+    return times
+
+
+def matmul_peak_tflops(device: str) -> float:
+    """Best bf16 (CUDA) / fp32 (CPU) matmul TFLOP/s measured here."""
     if device != "cuda":
         return bench_dpo.matmul_peak("32-true") / 1e3
     n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = 0.0
-    for _ in range(5):
-        start.record()
-        for _ in range(10):
-            a @ b
-        end.record()
-        torch.cuda.synchronize()
-        best = max(best, 10 * 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e12)
-    return best
+    return 2 * n**3 / min(matmul_seconds(n, n, n, device, reps=10)) / 1e12
 
 
 def linear_shapes(fixture: str) -> list[tuple[int, int, int]]:
@@ -311,28 +324,8 @@ def gemm_bound_s(fixture: str, tokens_run: float, scored: float, live: bool, dev
 
     def mm(m: int, k: int, n: int) -> float:
         if (m, k, n) not in cache:
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            a = torch.randn(m, k, device=device, dtype=dtype)
-            b = torch.randn(k, n, device=device, dtype=dtype)
             reps = 20 if device == "cuda" else 3
-            for _ in range(3):
-                a @ b
-            times = []
-            for _ in range(5):
-                if device == "cuda":
-                    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                    start.record()
-                    for _ in range(reps):
-                        a @ b
-                    end.record()
-                    torch.cuda.synchronize()
-                    times.append(start.elapsed_time(end) / 1e3 / reps)
-                else:
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        a @ b
-                    times.append((time.perf_counter() - t0) / reps)
-            cache[(m, k, n)] = statistics.median(times)
+            cache[(m, k, n)] = statistics.median(matmul_seconds(m, k, n, device, reps))
         return cache[(m, k, n)]
 
     def linear(rows: int, i: int, o: int) -> float:

@@ -27,3 +27,13 @@ def compose_cfg():
     yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
     ctx.__exit__(None, None, None)
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if a training stage builds a model: checks that must come before the
+    heavy work."""
+    import ptlight.train
+
+    monkeypatch.setattr(ptlight.train, "build_policy",
+                        lambda *a, **k: pytest.fail("weights loaded"))

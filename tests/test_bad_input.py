@@ -39,14 +39,6 @@ def _stage(compose_cfg, tmp_path, method, *overrides):
     return train_stage(cfg, tmp_path / "run")
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Fail the test if a model is built: every check below comes before the heavy work."""
-    import ptlight.train
-
-    monkeypatch.setattr(ptlight.train, "build_policy", lambda *a: pytest.fail("weights loaded"))
-
-
 def _with(rows, at, row):
     rows = list(rows)
     rows[at] = row

@@ -116,11 +116,8 @@ def test_compile_packed_compiles_packed_scoring_only_and_matches_eager():
     (["method=sft"], "this method has no packed scoring"),
     (["method=dpo", "method.pack=false"], "method.pack is false"),
 ])
-def test_compile_packed_on_a_run_that_never_packs_is_refused(compose_cfg, tmp_path, monkeypatch,
+def test_compile_packed_on_a_run_that_never_packs_is_refused(compose_cfg, tmp_path, no_weights,
                                                              overrides, why):
-    import ptlight.train
-
-    monkeypatch.setattr(ptlight.train, "build_policy", lambda *a, **k: pytest.fail("loaded"))
     cfg = compose_cfg(*overrides, "model.compile=packed", *TINY)
     with pytest.raises(ConfigError, match=f"model.compile=packed compiles the preference "
                                           f"methods' packed scoring, and this run does not "

@@ -327,12 +327,11 @@ def test_ppo_refuses_bad_settings_before_loading_weights(tmp_path):
     ("method.ppo.kl_horizon=0", r"method\.ppo\.kl_horizon=0: the adaptive KL controller's "
                                 r"horizon must be a finite number > 0\.0"),
 ])
-def test_ppo_settings_out_of_range_fail_before_weights_load(compose_cfg, tmp_path, monkeypatch,
+def test_ppo_settings_out_of_range_fail_before_weights_load(compose_cfg, tmp_path, no_weights,
                                                            override, message):
     import ptlight.train as train
     from ptlight.errors import ConfigError
 
-    monkeypatch.setattr(train, "build_policy", lambda *a, **k: pytest.fail("weights loaded"))
     extra = ["method.ppo.adaptive_kl=true"] if "kl_horizon" in override else []
     with pytest.raises(ConfigError, match=message):
         train.train_stage(compose_cfg("method=ppo", *TINY, *extra, override), tmp_path)
