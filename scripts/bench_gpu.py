@@ -84,6 +84,7 @@ PTLIGHT_CONFIGS = {
     "pack_compile": ["method.reference=copy", *PACK, "model.compile=true"],
     "precompute_ckpt": ["method.reference=precompute", "model.gradient_checkpointing=true"],
     "cudnn_attention": ["cudnn_attention=true"],                  # SDPA may use cuDNN
+    "fused_norm": ["model.fused_norm=true"],                      # defaults + fused RMSNorm
 }
 TRL_CONFIGS = {
     "default": {},                                                # gradient checkpointing on
@@ -93,9 +94,9 @@ TRL_CONFIGS = {
 # defaults and the fastest opt-in at both shapes), then the variants that attribute the gain.
 PLAN = [
     ("gpu-350m", "trl", "best"), ("gpu-350m", "ptlight", "default"),
-    ("gpu-350m", "ptlight", "precompute_pack_compile"),
+    ("gpu-350m", "ptlight", "fused_norm"), ("gpu-350m", "ptlight", "precompute_pack_compile"),
     ("gpu-1.2b", "trl", "best"), ("gpu-1.2b", "ptlight", "default"),
-    ("gpu-1.2b", "ptlight", "precompute_pack_compile"),
+    ("gpu-1.2b", "ptlight", "fused_norm"), ("gpu-1.2b", "ptlight", "precompute_pack_compile"),
     ("gpu-350m", "ptlight", "copy"), ("gpu-350m", "ptlight", "precompute"),
     ("gpu-350m", "ptlight", "precompute_compile"),
 ]

@@ -17,6 +17,7 @@ by :func:`frozen_copy`, or with LoRA the policy itself with its adapters switche
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -34,11 +35,13 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
 
 from ptlight.engine.compile import compile_blocks
 from ptlight.engine.cpu_bf16 import checkpoint_contexts
+from ptlight.engine.norms import install_fused_norms
 from ptlight.errors import ConfigError, ModelLoadError
 from ptlight.model import masks
 from ptlight.runtime.rundir import atomic_dir
 
 BUNDLED_TOKENIZER = Path(__file__).parent.parent / "assets" / "lfm2-tiny-tokenizer"
+log = logging.getLogger(__name__)
 _WAYS_OUT = (
     "Pass model.path=<local directory with config.json and weights> (for example a copy made "
     "with `huggingface-cli download` on a machine with internet, or a previous ptlight export), "
@@ -225,6 +228,10 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it gets
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if model_cfg.get("fused_norm") and not install_fused_norms(model):
+        log.warning("model.fused_norm=true: %s has no RMSNorm of a form ptlight fuses "
+                    "(ptlight.engine.norms.RMSNORM_CLASSES); its norms run as they are",
+                    type(model).__name__)
     if model_cfg.get("compile"):
         compile_blocks(model, blocks=model_cfg.get("compile") != "packed")
     return model

@@ -235,6 +235,8 @@ def check_pack(pack: Any, max_tokens: Any, multiple_of: Any) -> None:
 
 
 def check_model(model: DictConfig) -> None:
+    boolean(model.get("fused_norm", False), "model.fused_norm",
+            "whether RMSNorm layers run as torch's fused F.rms_norm")
     compile_ = model.get("compile", False)
     if not isinstance(compile_, bool) and compile_ != "packed":
         raise ConfigError(f"model.compile={compile_!r}: use model.compile=true (torch.compile "

@@ -1,0 +1,64 @@
+"""``model.fused_norm``: RMSNorm layers as torch's ``F.rms_norm``, one kernel each way on CUDA.
+
+The transformers RMSNorm of LFM2 (and of Llama, Mistral, Qwen2/3, which share its definition)
+is written out in tensor ops: ``weight * (x32 * rsqrt(mean(x32²) + eps)).to(x.dtype)`` with
+``x32 = x.float()``. Eagerly that is six ops forward and about fourteen backward per norm, each
+a kernel on a GPU; LFM2-350M has 45 norms (two per layer, the q/k norms of its 6 attention
+layers, the final one). ``scripts/count_ops.py`` counts a packed bf16-mixed DPO step of that
+layout at 2,501 ops that compute; with every norm dispatching one op each way, as the fused
+kernels below do, 1,655 (34% fewer). Where a small model's step waits on the host rather than
+on its matmuls (the first GPU profile of issue 15), launches saved are step time.
+
+``F.rms_norm`` computes the same function. On CUDA it runs torch's fused kernels
+(``_fused_rms_norm`` forward, ``_fused_rms_norm_backward`` for both gradients) whenever the
+input and the weight share a dtype, which under CUDA autocast (``bf16-mixed``) they do, as
+autocast runs ``rms_norm`` in fp32. Elsewhere it decomposes into the same ops as the stock
+layer: on the CPU there is nothing to gain and nothing changes (fp32 results are bitwise the
+stock layer's; ``tests/test_norms.py``).
+
+Equal within floating-point tolerance, not bitwise, where the fused kernel runs: it reduces in
+its own order, and under autocast it multiplies the weight in fp32 where the stock layer first
+rounds the normalised value to bf16. Calls the fused path would not serve are left to the stock
+forward: mixed input/weight dtypes without CUDA autocast (QLoRA's fp32 norms on bf16 inputs,
+CPU autocast), where ``F.rms_norm`` would fall back to its decomposition and return the input's
+dtype instead of the stock layer's promoted one.
+
+Opt-in (``model.fused_norm=true``) until a GPU run measures it: ``scripts/bench_gpu.py``'s
+``fused_norm`` configuration.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+# transformers RMSNorm classes whose forward is exactly the stock definition above (weight
+# multiplied as is, not ``1 + weight`` as Gemma's is; epsilon in ``variance_epsilon``)
+RMSNORM_CLASSES = frozenset({
+    "Lfm2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
+})
+
+
+def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    weight = self.weight
+    if hidden_states.dtype == weight.dtype or (
+            hidden_states.is_cuda and torch.is_autocast_enabled("cuda")):
+        return F.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
+    return type(self).forward(self, hidden_states)
+
+
+def install_fused_norms(model: torch.nn.Module) -> int:
+    """Route every RMSNorm of a known form in ``model`` (:data:`RMSNORM_CLASSES`) through
+    ``F.rms_norm``; returns how many (0: none of a known form, the model is unchanged).
+    Idempotent; set on the instances, so other models in the process are untouched and a
+    ``deepcopy`` (the frozen reference) carries it."""
+    n = 0
+    for m in model.modules():
+        if type(m).__name__ in RMSNORM_CLASSES and hasattr(m, "variance_epsilon"):
+            if not getattr(m, "_ptl_fused_norm", False):
+                m.forward = types.MethodType(_fused_forward, m)
+                m._ptl_fused_norm = True
+            n += 1
+    return n

@@ -1,0 +1,162 @@
+"""``model.fused_norm``: RMSNorm layers as ``F.rms_norm`` compute what the stock layers do
+(bitwise in fp32 on the CPU, within bf16 rounding otherwise), through the padded and packed
+scoring paths, a frozen copy and a training run; calls the fused kernel would not serve keep
+the stock forward; on CUDA the fused kernels are the ones that run."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, scores_and_grads,
+                     tiny_model_cfg)
+from ptlight.data.module import pad_rows
+from ptlight.engine.norms import install_fused_norms
+from ptlight.errors import ConfigError
+from ptlight.model.backbone import build_policy, frozen_copy, load_tokenizer
+from ptlight.train import train_stage
+
+
+def _models(dtype: str = "float32"):
+    models = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny_model_cfg(fused_norm=fused)
+        cfg.dtype = dtype
+        models.append(build_policy(cfg, load_tokenizer(cfg)))
+    return models
+
+
+def _batch(length: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(5, 300, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(length - 6 - i) for i in range(3)]
+    seqs = [(p, ids(5 - i)) for i, p in enumerate(prompts)] + [(p, ids(3)) for p in prompts]
+    b = pad_rows(seqs, 0)
+    return b["input_ids"], b["attention_mask"], b["loss_mask"]
+
+
+class _Ops(TorchDispatchMode):
+    """Names of the aten ops dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_rmsnorm_of_the_model_is_routed_once_and_copies_keep_it():
+    stock, fused = _models()
+    norms = [m for m in fused.modules() if type(m).__name__ == "Lfm2RMSNorm"]
+    # 3 layers x (operator_norm, ffn_norm) + the attention layer's q/k norms + the final norm
+    assert len(norms) == 9 and all("forward" in vars(m) for m in norms)
+    assert not any("forward" in vars(m) for m in stock.modules())
+    assert install_fused_norms(fused) == 9  # idempotent: counted, not wrapped again
+    assert list(fused.state_dict()) == list(stock.state_dict())  # exports unchanged
+    ref = frozen_copy(fused)
+    for m in ref.modules():
+        if type(m).__name__ == "Lfm2RMSNorm":
+            assert m.forward.__self__ is m  # bound to the copy, not to the policy's layer
+
+
+@pytest.mark.parametrize("pack", [None, 2])
+def test_fused_norms_give_the_stock_logps_and_gradients_in_fp32(pack):
+    """On the CPU ``F.rms_norm`` decomposes into the stock layer's ops: log-probs and
+    gradients are bitwise the same."""
+    stock, fused = _models()
+    for seed, length in enumerate((24, 37)):
+        args = _batch(length, seed)
+        got, want = (scores_and_grads(m, args, pack=pack) for m in (fused, stock))
+        assert_same_scores_and_grads(got, want, 0, 0)
+
+
+def test_fused_norms_match_the_stock_model_in_bf16_weights(monkeypatch):
+    """``model.dtype=bfloat16``: input and weight share a dtype, so ``F.rms_norm`` runs (in
+    fp32 inside, one rounding where the stock layer has two)."""
+    stock, fused = _models("bfloat16")
+    for model in (stock, fused):  # norm weights away from 1, the same in both
+        g = torch.Generator().manual_seed(1)
+        for m in model.modules():
+            if type(m).__name__ == "Lfm2RMSNorm":
+                m.weight.data = (1 + 0.5 * torch.randn(m.weight.shape, generator=g)).bfloat16()
+    calls = []
+    rms_norm = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm",
+                        lambda *a, **k: calls.append(a[0].dtype) or rms_norm(*a, **k))
+    args = _batch(30, 0)
+    with torch.no_grad():
+        got = torch.stack([m(input_ids=args[0], attention_mask=args[1]).logits.float()
+                           for m in (fused, stock)])
+    assert calls == [torch.bfloat16] * 9  # every norm of the fused model, none of the stock
+    torch.testing.assert_close(got[0], got[1], atol=0.1, rtol=0.05)
+
+
+def test_mixed_dtypes_without_cuda_autocast_keep_the_stock_forward():
+    """QLoRA keeps fp32 norms on bf16 activations, and CPU autocast does not run rms_norm in
+    fp32: ``F.rms_norm`` would fall back and return the input's dtype, the stock layer
+    returns the promoted one. Such calls take the stock forward, bitwise."""
+    _, fused = _models()
+    norm = next(m for m in fused.modules() if type(m).__name__ == "Lfm2RMSNorm")
+    stock = copy.deepcopy(norm)
+    del stock.forward, stock._ptl_fused_norm
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    with _Ops() as ops:
+        out = norm(x)
+    assert out.dtype == torch.float32 and "aten.rsqrt" in ops.names
+    torch.testing.assert_close(out, stock(x), atol=0, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(norm(x), stock(x), atol=0, rtol=0)
+
+
+def test_a_dpo_run_with_fused_norms_trains_as_the_stock_one(compose_cfg, tmp_path,
+                                                           monkeypatch):
+    import ptlight.model.backbone as backbone
+
+    installed = []
+    monkeypatch.setattr(backbone, "install_fused_norms",
+                        lambda m: installed.append(install_fused_norms(m)) or installed[-1])
+    stock = dpo_losses(compose_cfg, tmp_path / "stock")
+    assert installed == []
+    fused = dpo_losses(compose_cfg, tmp_path / "fused", "model.fused_norm=true")
+    assert installed == [9] and len(fused) == len(stock) == 3
+    assert fused == stock  # fp32 on the CPU: bitwise
+
+
+def test_a_model_without_a_known_rmsnorm_is_left_as_it_is():
+    class GemmaStyleRMSNorm(torch.nn.Module):  # 1 + weight: not the function F.rms_norm is
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(8))
+            self.variance_epsilon = 1e-6
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), GemmaStyleRMSNorm())
+    assert install_fused_norms(model) == 0
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_model_fused_norm_takes_a_boolean(compose_cfg, tmp_path, no_weights):
+    cfg = compose_cfg("method=dpo", "model.fused_norm=yes", *TINY)
+    with pytest.raises(ConfigError, match="model.fused_norm='yes'"):
+        train_stage(cfg, tmp_path / "run")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pack", [None, 2])
+def test_fused_norms_run_cuda_fused_kernels_and_match_under_bf16_autocast(pack):
+    """What ``trainer.precision=bf16-mixed`` runs on a GPU: autocast casts the norm's input
+    to fp32, so input and weight share a dtype and torch's fused kernels run, forward and
+    backward; the result differs from the stock layer by its bf16 rounding only."""
+    stock, fused = (m.cuda() for m in _models())
+    args = tuple(t.cuda() for t in _batch(40, 0))
+    with torch.autocast("cuda", dtype=torch.bfloat16), _Ops() as ops:
+        got = scores_and_grads(fused, args, pack=pack)
+    assert {"aten._fused_rms_norm", "aten._fused_rms_norm_backward"} <= ops.names
+    assert "aten.rsqrt" not in ops.names  # no norm took the decomposed path
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = scores_and_grads(stock, args, pack=pack)
+    assert_same_scores_and_grads(got, want, 5e-2, 5e-2)
