@@ -439,3 +439,77 @@ def test_online_dpo_reports_the_reward_metrics_and_needs_pairs():
     assert metrics["frac_reward_zero_std"].item() == pytest.approx(0.5)  # the tied pair
     with pytest.raises(ValueError, match="exactly 2 completions"):
         OnlineDPO().advantages(torch.zeros(6), 3)
+
+
+# ---- advantages over every rank's generation batch (DDP / FSDP) ---------------------------
+def _rank_batches(seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Two ranks' rollouts (2 prompts x G=4 each) of different completion widths: rewards
+    (one unscorable), masks, rollout and reference log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for width in (5, 8):
+        rewards = torch.rand(8, generator=g)
+        if width == 8:
+            rewards[3] = float("nan")
+        lengths = torch.randint(1, width + 1, (8,), generator=g)
+        mask = torch.arange(width)[None] < lengths[:, None]
+        logps = -torch.rand(8, width, generator=g) * mask
+        ref = -torch.rand(8, width, generator=g) * mask
+        out.append((rewards, mask, logps, ref))
+    return out
+
+
+def _gathered_on_rank(rank: int, world: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from ptlight.methods.group import all_gather, gathered_advantages
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        rewards, mask, logps, ref = _rank_batches()[rank]
+        got = {}
+        for key, objective in _BATCH_WIDE.items():
+            adv, metrics = gathered_advantages(objective, rewards, 4, mask, logps, ref,
+                                               all_gather=all_gather, rank=rank)
+            got[key] = (adv, metrics["reward"])
+        results[rank] = got
+    finally:
+        dist.destroy_process_group()
+
+
+_BATCH_WIDE = {  # the advantages that span the batch, and one per group
+    "grpo_batch": GRPO(scale_rewards="batch"), "grpo_group": GRPO(),
+    "reinforce_pp_kl": ReinforcePP(beta=0.05), "reinforce_pp": ReinforcePP(beta=0.0),
+    "rloo_kl": RLOO(beta=0.05),
+}
+
+
+def test_advantages_under_ddp_are_those_of_the_whole_gathered_batch():
+    """Two gloo processes, each with its own rollouts of its own width: each gets its rows of
+    the advantages one process computes over both batches (as TRL gathers rewards before
+    computing them), so batch scaling and REINFORCE++'s whitening see every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_gathered_on_rank, args=(2, port, results), nprocs=2, join=True)
+    batches = _rank_batches()
+    width = max(b[1].shape[1] for b in batches)
+    pad = lambda x: torch.cat([x, x.new_zeros(x.shape[0], width - x.shape[1])], 1)  # noqa: E731
+    rewards = torch.cat([b[0] for b in batches])
+    mask, logps, ref = (torch.cat([pad(b[i]) for b in batches]) for i in (1, 2, 3))
+    for key, objective in _BATCH_WIDE.items():
+        want, metrics = objective.advantages(rewards, 4, mask=mask, logps=logps, ref_logps=ref)
+        for rank, (_, m, _, _) in enumerate(batches):
+            adv, reward = results[rank][key]
+            rows = want[rank * 8 : (rank + 1) * 8]
+            torch.testing.assert_close(adv, rows[:, : m.shape[1]] if rows.dim() == 2 else rows)
+            torch.testing.assert_close(reward, metrics["reward"])
+    # what the gather changes: rank 0 alone would scale by its own batch's std
+    alone, _ = _BATCH_WIDE["grpo_batch"].advantages(batches[0][0], 4)
+    assert not torch.allclose(alone, results[0]["grpo_batch"][0])

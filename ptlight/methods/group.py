@@ -14,7 +14,8 @@ One training batch = ``data.batch_size`` prompts, then:
    ``num_iterations`` > 1 or ``num_mini_batches`` > 1) and the reference (only when the
    objective needs one: β > 0, online DPO), from logits / T as the sampler drew them.
 4. **Advantages**: the objective's :meth:`advantages` over the whole rollout batch (group
-   statistics, batch scaling, REINFORCE++'s whitening).
+   statistics, batch scaling, REINFORCE++'s whitening); with several ranks, over every rank's
+   rollouts gathered (:func:`gathered_advantages`), as TRL does.
 5. **μ iterations** over the batch in ``num_mini_batches`` minibatches of whole groups, each an
    optimiser step: the objective's clipped surrogate (+ β·KL) on a
    :class:`~ptlight.objectives.GroupRollout`; gradient clipping at
@@ -29,9 +30,11 @@ greedily and logs ``val/reward`` and ``val/loss`` = −``val/reward`` (what a sw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
@@ -46,6 +49,52 @@ from ptlight.objectives import GroupRollout, Objective
 from ptlight.objectives.group import nanstd
 from ptlight.rewards import WeightedRewards, build_rewards
 from ptlight.runtime.strategy import is_sharded
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """``[world, *x.shape]``: ``x`` from every rank of the default process group (torch's
+    ``all_gather``; Lightning's own goes through a deprecated torch function that warns)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts)
+
+
+def gathered_advantages(
+    objective: Objective, rewards: torch.Tensor, group_size: int, mask: torch.Tensor,
+    logps: torch.Tensor | None, ref_logps: torch.Tensor | None, *,
+    all_gather: Callable[[torch.Tensor], torch.Tensor], rank: int,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The objective's :meth:`advantages` over the generation batches of every rank, as TRL
+    gathers rewards across processes before computing them: this rank's rows of the result.
+
+    Group statistics are the same either way (a group's completions are on one rank); what
+    spans the batch (grpo's ``scale_rewards=batch``, REINFORCE++'s whitening) and the reward
+    metrics then see every rank's completions. ``all_gather``: ``tensor -> [world, *shape]``
+    (:func:`all_gather`), the same shape on every rank, so the ``[B, T]`` tensors
+    are padded to the longest completion of any rank first (masked out: padding is outside
+    every statistic) and this rank's columns are cut back out of a ``[B, T]`` result.
+    """
+    b, t = mask.shape
+    sizes = all_gather(torch.tensor([b, t], device=mask.device))  # (world, 2)
+    if bool((sizes[:, 0] != b).any()):
+        raise RuntimeError(f"ranks hold generation batches of {sizes[:, 0].tolist()} "
+                           "completions; the gathered advantages need the same number on each")
+    width = int(sizes[:, 1].max())
+
+    def gather(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        if x.dim() == 2:
+            x = torch.cat([x, x.new_zeros(b, width - t)], dim=1)
+        return all_gather(x).flatten(0, 1)
+
+    full_mask = gather(mask.to(torch.uint8)).bool()  # gloo gathers no bool tensors
+    adv, metrics = objective.advantages(gather(rewards), group_size, mask=full_mask,
+                                        logps=gather(logps), ref_logps=gather(ref_logps))
+    if adv is not None:
+        adv = adv[rank * b : (rank + 1) * b]
+        adv = adv[:, :t] if adv.dim() == 2 else adv
+    return adv, metrics
 
 
 class GroupRLMethod(RolloutSteps, Method):
@@ -134,8 +183,13 @@ class GroupRLMethod(RolloutSteps, Method):
             with self.reference.scope() as ref:
                 ref_logps, _, _ = token_scores(ref, gen.sequences, gen.attention_mask,
                                                gen.n_prompt, s.temperature)
-        advantages, adv_metrics = self.objective.advantages(
-            rewards, G, mask=mask, logps=old_logps, ref_logps=ref_logps)
+        if self.trainer.world_size > 1:
+            advantages, adv_metrics = gathered_advantages(
+                self.objective, rewards, G, mask, old_logps, ref_logps,
+                all_gather=all_gather, rank=self.trainer.global_rank)
+        else:
+            advantages, adv_metrics = self.objective.advantages(
+                rewards, G, mask=mask, logps=old_logps, ref_logps=ref_logps)
         lengths = mask.sum(1).float()
         stats: dict[str, torch.Tensor] = {
             **{k: v.detach().float() for k, v in adv_metrics.items()},

@@ -196,6 +196,9 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     adapter directory: see :func:`_load_adapter`. Quantization is checked (and refused on CPU)
     before any weights load. SDPA never gets a query row that attends to nothing
     (:mod:`ptlight.model.masks`: left padding would otherwise turn to NaN on CUDA).
+    ``model.fused_norm`` routes the RMSNorm layers through ``F.rms_norm``
+    (:mod:`ptlight.engine.norms`) and ``model.compile`` compiles blocks
+    (:mod:`ptlight.engine.compile`), in that order.
     """
     masks.install()
     lora = lora_settings(model_cfg)
