@@ -24,21 +24,21 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ptlight.data.module import PtlDataModule
 from ptlight.engine.cpu_bf16 import precision_plugins
 from ptlight.engine.lean import install_lean_mlp
 from ptlight.engine.memory import pin_mmap_threshold
 from ptlight.engine.offload import offload_directory
-from ptlight.errors import ConfigError
+from ptlight.errors import ConfigError, PluginError
 from ptlight.eval.gold import ValidationSamples, gold_eval, log_samples, win_rate
 from ptlight.methods import get_method
 from ptlight.methods.base import Method
 from ptlight.model.backbone import build_policy, export_model, load_export, load_tokenizer
 from ptlight.model.reference import auto_reference, build_reference, reference_mode
 from ptlight.objectives import Objective
-from ptlight.registry import OBJECTIVES, settings_of
+from ptlight.registry import OBJECTIVES, REWARDS, settings_of
 from ptlight.report import write_model_card, write_run_report
 from ptlight.runtime.callbacks import AtomicCheckpointIO, NonFiniteGuard, Preemption, RngState
 from ptlight.runtime.devices import (configure_cuda, covers_an_epoch, data_defaults,
@@ -136,6 +136,7 @@ def _settle(cfg: DictConfig, run_dir: Path, overrides: list[str] | None
     check_config(cfg)  # before anything is written or loaded (ptlight.runtime.validate)
     check_overrides(cfg, overrides)
     cfg = drop_unchosen_task(cfg, overrides)  # never a bundled task's gold metric on your data
+    cfg = drop_unwritten_reward_defaults(cfg, overrides)  # reward.name=<plugin> alone works
     if cfg.get("malloc_mmap_threshold"):  # opt-in: lower peak RSS, slower steps
         pin_mmap_threshold(int(cfg.malloc_mmap_threshold))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +205,35 @@ def drop_unchosen_task(cfg: DictConfig, overrides: list[str] | None) -> DictConf
               "with data.task=<task name, or a task file: held-out prompts + reward plugins> "
               "(docs/tasks.md)")
     return OmegaConf.merge(cfg, {"data": {"task": None}})
+
+
+def drop_unwritten_reward_defaults(cfg: DictConfig, overrides: list[str] | None
+                                   ) -> DictConfig:
+    """``cfg`` without the ``reward`` settings that the reward plugin chosen by
+    ``reward.name`` does not take and that ``overrides`` do not name: defaults of the reward
+    config (``gold``'s ``task``) left behind by naming another plugin, dropped with one info
+    line, as :func:`build_stage_objective` does for ``method.objective``. A setting written on
+    the command line stays, and the reward's builder refuses it, naming it."""
+    spec = cfg.get("reward")
+    written = written_keys(overrides, "reward")
+    if written is None or not isinstance(spec, DictConfig) or not spec.get("name"):
+        return cfg
+    try:
+        valid, _, takes_any = settings_of(REWARDS.load(spec.name))
+    except (KeyError, PluginError):  # unknown or broken: the builder's error says which
+        return cfg
+    dropped = sorted(k for k in spec if k not in (*valid, "name", "weight")
+                     and k not in written and not takes_any)
+    if not dropped:
+        return cfg
+    log.info("reward: plugin %r takes no %s; dropped the reward config's default%s (settings "
+             "it takes: %s)", spec.name, ", ".join(dropped), "s" if len(dropped) > 1 else "",
+             ", ".join(valid) or "none")
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key in dropped:
+            del cfg.reward[key]
+    return cfg
 
 
 def build_stage_objective(cfg: DictConfig, overrides: list[str] | None = None) -> Objective:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY, chat_prompt_ids, run_cli, tiny_chat_policy, tiny_model_cfg
 
-from ptlight.errors import ConfigError
+from ptlight.errors import ConfigError, ModelLoadError
 from ptlight.engine.rollout import completion_mask
 from ptlight.methods.ppo import position_ids, token_scores
 from ptlight.objectives import Rewards, Rollout, build_objective, get_objective
@@ -428,3 +428,23 @@ def test_rollout_scores_responses_without_eos_by_the_configured_penalty(missing_
     # the KL-free first rollout: policy == reference, so every per-token KL is 0
     assert roll["kl_seq"].abs().max() < 1e-5
     assert torch.isfinite(roll["advantages"]).all() and torch.isfinite(roll["returns"]).all()
+
+
+def test_naming_another_reward_plugin_drops_the_gold_configs_task(compose_cfg, tmp_path,
+                                                                  no_weights):
+    """``reward.name=<plugin>`` alone: gold's ``task`` default is not a setting of that
+    plugin, and was not written, so it goes (one info line); a ``reward.task`` written on the
+    command line stays, and the plugin refuses it by name before any weights load."""
+    from ptlight.train import drop_unwritten_reward_defaults, train_stage
+
+    named = ["method=ppo", "reward.name=reward_model", f"+reward.path={tmp_path}"]
+    cfg = drop_unwritten_reward_defaults(compose_cfg(*named), named)
+    assert dict(cfg.reward) == {"name": "reward_model", "path": str(tmp_path)}
+    with pytest.raises(ModelLoadError, match="reward_head.safetensors"):  # past the settings
+        train_stage(compose_cfg(*named, *TINY), tmp_path / "named", [*named, *TINY])
+    default = ["method=ppo"]
+    assert dict(drop_unwritten_reward_defaults(compose_cfg(*default), default).reward) == {
+        "name": "gold", "task": "sort"}
+    written = [*named, "reward.task=sort", *TINY]
+    with pytest.raises(ConfigError, match=r"has no setting\(s\) reward\.task"):
+        train_stage(compose_cfg(*written), tmp_path / "run", written)
