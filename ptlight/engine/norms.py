@@ -12,9 +12,10 @@ on its matmuls (the first GPU profile of issue 15), launches saved are step time
 ``F.rms_norm`` computes the same function. On CUDA it runs torch's fused kernels
 (``_fused_rms_norm`` forward, ``_fused_rms_norm_backward`` for both gradients) whenever the
 input and the weight share a dtype, which under CUDA autocast (``bf16-mixed``) they do, as
-autocast runs ``rms_norm`` in fp32. Elsewhere it decomposes into the same ops as the stock
-layer: on the CPU there is nothing to gain and nothing changes (fp32 results are bitwise the
-stock layer's; ``tests/test_norms.py``).
+autocast runs ``rms_norm`` in fp32. Elsewhere it decomposes into ops like the stock layer's:
+on the CPU there is nothing to gain, and in fp32 nothing changes (log-probs and gradients are
+bitwise the stock layer's; ``tests/test_norms.py``); with bf16 weights it multiplies the
+weight before rounding to bf16, one rounding fewer than the stock layer.
 
 Equal within floating-point tolerance, not bitwise, where the fused kernel runs: it reduces in
 its own order, and under autocast it multiplies the weight in fp32 where the stock layer first
