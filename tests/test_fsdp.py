@@ -172,11 +172,16 @@ def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
              "--fixture", "tiny", "--steps", "2", "--warmup", "1", "--out", str(out_dir),
              *extra], capture_output=True, text=True, timeout=600)
 
-    out = bench(tmp_path / "all", "--ptlight", "default,precompute_pack_compile", "--trl", "best")
+    out = bench(tmp_path / "all", "--ptlight", "default,precompute_pack_compile", "--trl", "best",
+                "--profile", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     rec = json.loads((tmp_path / "all" / "bench_gpu.json").read_text())["records"][0]
     run = rec["runs"]["ptlight default"]
     assert run["pairs_per_s"] > 0 and 0 < run["mfu"] < 1 and run["flops_per_step"] > 0
+    # --profile: more steps after the timed ones, profiled into a table; the timing is unchanged
+    assert run["steps"] == 3 and len(run["step_times"]) == 2  # 1 warm-up + 2 timed
+    profile = (tmp_path / "all" / "profile_tiny_default.txt").read_text()
+    assert profile.startswith("profiled steps: 2; wall per step:") and "aten::mm" in profile
     # the step's matmuls alone take part of its time: their MFU bounds the step's from above
     for name in ("ptlight default", "trl best"):
         r = rec["runs"][name]
@@ -189,11 +194,3 @@ def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
     out = bench(tmp_path / "none", "--ptlight", "default", "--trl", "", "--budget", "0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| tiny | ptlight default | skipped |" in (tmp_path / "none" / "bench_gpu.md").read_text()
-    # --profile: more steps after the timed ones, profiled into a table; the timing is unchanged
-    out = bench(tmp_path / "prof", "--ptlight", "default", "--trl", "", "--profile", "2")
-    assert out.returncode == 0, out.stderr[-3000:]
-    run = json.loads((tmp_path / "prof" / "bench_gpu.json").read_text()
-                     )["records"][0]["runs"]["ptlight default"]
-    assert run["steps"] == 3 and len(run["step_times"]) == 2  # 1 warm-up + 2 timed
-    profile = (tmp_path / "prof" / "profile_tiny_default.txt").read_text()
-    assert profile.startswith("profiled steps: 2; wall per step:") and "aten::mm" in profile

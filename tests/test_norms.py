@@ -160,3 +160,23 @@ def test_fused_norms_run_cuda_fused_kernels_and_match_under_bf16_autocast(pack):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         want = scores_and_grads(stock, args, pack=pack)
     assert_same_scores_and_grads(got, want, 5e-2, 5e-2)
+
+
+def test_count_ops_script_counts_the_step_and_the_norms_share():
+    """``scripts/count_ops.py`` (the op counts in docs/performance.md) runs and says what a
+    norm costs (the tiny layout here: 9 norms), and fewer ops with one op each way."""
+    import re
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "count_ops.py"), "--top", "3",
+                          "--fixture", "tiny"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    total = int(re.search(r"ops that compute: (\d+)", text).group(1))
+    fused = int(re.search(r"\): \d+ ops, (\d+) that compute", text).group(1))
+    assert "RMSNorm layers: 9;" in text and 0 < fused < total
+    assert len(re.findall(r"^ +\d+  aten\.", text, re.M)) == 3
