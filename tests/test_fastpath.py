@@ -86,8 +86,8 @@ def test_packed_prefix_shared_equals_separate_rows_with_gradients(model, attn, m
 def _stock_convs(model):
     """Packing as if the tree convolution were missing: LFM2's own convolution, which reads
     the previous slots of the row, whatever the packed forward passes its conv layers."""
-    def stock(self, hidden_states, past_key_values=None, attention_mask=None, **kwargs):
-        return type(self).forward(self, hidden_states, past_key_values=past_key_values)
+    def stock(self, hidden_states, *args, attention_mask=None, **kwargs):
+        return type(self).forward(self, hidden_states)
 
     for m in model.modules():
         if type(m).__name__ == "Lfm2ShortConv":
