@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, scores_and_grads,
                      tiny_model_cfg)
 from ptlight.data.module import pad_rows
-from ptlight.engine.norms import install_fused_norms
+from ptlight.engine.norms import RMSNORM_CLASSES, install_fused_norms
 from ptlight.errors import ConfigError
 from ptlight.model.backbone import build_policy, frozen_copy, load_tokenizer
 from ptlight.train import train_stage
@@ -124,6 +124,23 @@ def test_a_dpo_run_with_fused_norms_trains_as_the_stock_one(compose_cfg, tmp_pat
     fused = dpo_losses(compose_cfg, tmp_path / "fused", "model.fused_norm=true")
     assert installed == [9] and len(fused) == len(stock) == 3
     assert fused == stock  # fp32 on the CPU: bitwise
+
+
+@pytest.mark.parametrize("name", sorted(RMSNORM_CLASSES))
+def test_every_listed_rmsnorm_class_is_the_function_f_rms_norm_computes(name):
+    """The allow-list holds: with a weight away from 1, each class's stock forward equals the
+    routed one bitwise in fp32 (a transformers release that changed one would fail here)."""
+    import importlib
+
+    module = importlib.import_module(
+        f"transformers.models.{name[:-len('RMSNorm')].lower()}.modeling_"
+        f"{name[:-len('RMSNorm')].lower()}")
+    norm = getattr(module, name)(32, eps=1e-5)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.5)
+    x = torch.randn(4, 7, 32) * 3
+    want = norm(x)
+    assert install_fused_norms(torch.nn.Sequential(norm)) == 1
+    torch.testing.assert_close(norm(x), want, atol=0, rtol=0)
 
 
 def test_a_model_without_a_known_rmsnorm_is_left_as_it_is():
