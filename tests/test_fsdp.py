@@ -158,6 +158,16 @@ def test_every_method_under_fsdp_on_gpu_in_bf16(tmp_path, method):
     assert report["world_size"] == torch.cuda.device_count()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_norms_train_under_fsdp_on_gpu_in_bf16(tmp_path):
+    """``model.fused_norm`` under FSDP2's bf16 mixed precision (norm weights gathered in bf16
+    inside their units) trains, clips, checkpoints, resumes and exports like the stock norms."""
+    report = _train_resume_export(tmp_path, "dpo", "trainer.precision=bf16-mixed",
+                                  "model.fused_norm=true")
+    assert report["world_size"] == torch.cuda.device_count()
+
+
 @pytest.mark.slow
 def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
     """``scripts/bench_gpu.py --device cpu --fixture tiny``: the GPU benchmark's own code path
