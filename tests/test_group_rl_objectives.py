@@ -462,7 +462,7 @@ def _rank_batches(seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
 def _gathered_on_rank(rank: int, world: int, port: int, results) -> None:
     import torch.distributed as dist
 
-    from ptlight.methods.group import all_gather, gathered_advantages
+    from ptlight.methods.group import all_gather, gathered_advantages, rollout_stats
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -473,9 +473,25 @@ def _gathered_on_rank(rank: int, world: int, port: int, results) -> None:
             adv, metrics = gathered_advantages(objective, rewards, 4, mask, logps, ref,
                                                all_gather=all_gather, rank=rank)
             got[key] = (adv, metrics["reward"])
+        every = lambda x: all_gather(x).flatten(0, 1)  # noqa: E731
+        got["stats"] = rollout_stats(metrics, mask, _has_eos(mask), rewards,
+                                     _parts(rewards), every)
         results[rank] = got
     finally:
         dist.destroy_process_group()
+
+
+def _has_eos(mask: torch.Tensor) -> torch.Tensor:
+    return mask.sum(1) % 2 == 0  # any fixed rule: which completions ended
+
+
+def _parts(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"a": rewards, "b": torch.nan_to_num(rewards * 2 - 1, nan=0.25)}
+
+
+def _rank_batch_stats(batch):
+    rewards, mask = batch[0], batch[1]
+    return mask, _has_eos(mask), rewards, _parts(rewards)
 
 
 _BATCH_WIDE = {  # the advantages that span the batch, and one per group
@@ -510,6 +526,17 @@ def test_advantages_under_ddp_are_those_of_the_whole_gathered_batch():
             rows = want[rank * 8 : (rank + 1) * 8]
             torch.testing.assert_close(adv, rows[:, : m.shape[1]] if rows.dim() == 2 else rows)
             torch.testing.assert_close(reward, metrics["reward"])
+    # the logged statistics of each rank describe both ranks' rollouts
+    from ptlight.methods.group import rollout_stats
+
+    stats = rollout_stats(metrics, mask, _has_eos(mask), rewards, _parts(rewards))
+    for rank in (0, 1):
+        got = results[rank]["stats"]
+        assert got.keys() == stats.keys()
+        for key, value in stats.items():
+            torch.testing.assert_close(got[key], value, equal_nan=True, msg=key)
+    local = rollout_stats(metrics, *(_rank_batch_stats(batches[0])))
+    assert local["rewards/b/mean"] != stats["rewards/b/mean"]
     # what the gather changes: rank 0 alone would scale by its own batch's std
     alone, _ = _BATCH_WIDE["grpo_batch"].advantages(batches[0][0], 4)
     assert not torch.allclose(alone, results[0]["grpo_batch"][0])

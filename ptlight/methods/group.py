@@ -97,6 +97,34 @@ def gathered_advantages(
     return adv, metrics
 
 
+def rollout_stats(
+    adv_metrics: dict[str, torch.Tensor], mask: torch.Tensor, has_eos: torch.Tensor,
+    rewards: torch.Tensor, parts: dict[str, torch.Tensor],
+    every: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> dict[str, torch.Tensor]:
+    """The logged statistics of a rollout batch: the objective's reward metrics, completion
+    lengths and clipping, unscorable share, and each reward plugin's mean and std. ``every``
+    turns a per-completion tensor of this rank into that of every rank (``all_gather``
+    flattened), so that with several ranks they describe all rollouts, as TRL's do and as the
+    gathered advantages' reward metrics already do."""
+    lengths = every(mask.sum(1).float())
+    stats = {
+        **{k: v.detach().float() for k, v in adv_metrics.items()},
+        "completions/mean_length": lengths.mean(),
+        "completions/min_length": lengths.min(),
+        "completions/max_length": lengths.max(),
+        "completions/clipped_ratio": every((~has_eos).float()).mean(),
+        "rewards/unscorable": torch.isnan(every(rewards)).float().mean(),
+    }
+    for label, values in parts.items():
+        values = every(values)
+        ok = ~torch.isnan(values)
+        stats[f"rewards/{label}/mean"] = (values[ok].mean() if ok.any()
+                                         else torch.tensor(float("nan")))
+        stats[f"rewards/{label}/std"] = nanstd(values)
+    return stats
+
+
 class GroupRLMethod(RolloutSteps, Method):
     """Policy (+ reference when the objective needs one) + reward plugins + rollout engine,
     trained with a ``group`` objective."""
@@ -190,22 +218,11 @@ class GroupRLMethod(RolloutSteps, Method):
         else:
             advantages, adv_metrics = self.objective.advantages(
                 rewards, G, mask=mask, logps=old_logps, ref_logps=ref_logps)
-        lengths = mask.sum(1).float()
-        stats: dict[str, torch.Tensor] = {
-            **{k: v.detach().float() for k, v in adv_metrics.items()},
-            "completions/mean_length": lengths.mean(),
-            "completions/min_length": lengths.min(),
-            "completions/max_length": lengths.max(),
-            "completions/clipped_ratio": (~gen.has_eos).float().mean(),
-            "rollout/tokens_per_s": torch.tensor(gen.num_tokens / max(gen.seconds, 1e-9)),
-            "rollout/seconds": torch.tensor(gen.seconds),
-            "rewards/unscorable": torch.isnan(rewards).float().mean(),
-        }
-        for label, values in parts.items():
-            ok = ~torch.isnan(values)
-            stats[f"rewards/{label}/mean"] = (values[ok].mean() if ok.any()
-                                             else torch.tensor(float("nan")))
-            stats[f"rewards/{label}/std"] = nanstd(values)
+        every = ((lambda x: all_gather(x).flatten(0, 1)) if self.trainer.world_size > 1
+                 else (lambda x: x))
+        stats = {**rollout_stats(adv_metrics, mask, gen.has_eos, rewards, parts, every),
+                 "rollout/tokens_per_s": torch.tensor(gen.num_tokens / max(gen.seconds, 1e-9)),
+                 "rollout/seconds": torch.tensor(gen.seconds)}
         return {"gen": gen, "rewards": rewards, "advantages": advantages,
                 "old_logps": old_logps if reuse else None, "ref_logps": ref_logps,
                 "stats": stats}
