@@ -215,11 +215,11 @@ class GroupRLMethod(RolloutSteps, Method):
             advantages, adv_metrics = gathered_advantages(
                 self.objective, rewards, G, mask, old_logps, ref_logps,
                 all_gather=all_gather, rank=self.trainer.global_rank)
+            every = lambda x: all_gather(x).flatten(0, 1)  # noqa: E731
         else:
             advantages, adv_metrics = self.objective.advantages(
                 rewards, G, mask=mask, logps=old_logps, ref_logps=ref_logps)
-        every = ((lambda x: all_gather(x).flatten(0, 1)) if self.trainer.world_size > 1
-                 else (lambda x: x))
+            every = lambda x: x  # noqa: E731
         stats = {**rollout_stats(adv_metrics, mask, gen.has_eos, rewards, parts, every),
                  "rollout/tokens_per_s": torch.tensor(gen.num_tokens / max(gen.seconds, 1e-9)),
                  "rollout/seconds": torch.tensor(gen.seconds)}

@@ -153,20 +153,18 @@ def load_tokenizer(model_cfg: DictConfig):
     return tok
 
 
-def _dtype(name: str) -> torch.dtype:
-    try:
-        dtype = getattr(torch, name)
-    except AttributeError:
-        dtype = None
+def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
+    """The torch dtype called ``name`` (the value of config key ``key``), or a ConfigError."""
+    dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"model.dtype={name!r} is not a torch dtype (float32, bfloat16, ...)")
+        raise ConfigError(f"{key}={name!r} is not a torch dtype (float32, bfloat16, ...)")
     return dtype
 
 
 def _base_model(model_cfg: DictConfig, tokenizer, source: str | None,
                 load_kwargs: dict[str, Any]) -> PreTrainedModel:
     """Pretrained weights from ``source`` (a hub id or local dir), or fresh from ``model.arch``."""
-    dtype = _dtype(model_cfg.dtype)
+    dtype = torch_dtype(model_cfg.dtype)
     if source:
         check_model_source(source)
         return _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype,
@@ -426,7 +424,7 @@ def load_export(export_dir: Path, model_cfg: DictConfig) -> PreTrainedModel:
     """A full-model export read back (eval mode, ``model.dtype``): what rank 0 evaluates after
     FSDP training, whose own policy object holds only its shard."""
     model = AutoModelForCausalLM.from_pretrained(
-        export_dir, dtype=_dtype(model_cfg.dtype), local_files_only=True,
+        export_dir, dtype=torch_dtype(model_cfg.dtype), local_files_only=True,
         trust_remote_code=model_cfg.trust_remote_code)
     return model.eval()
 
@@ -448,7 +446,7 @@ def _export_base(peft_model: PeftModel, staging: Path, export_dir: Path) -> tupl
 
 def _export_merged(export_dir: Path, base: str, model_cfg: DictConfig, tokenizer) -> None:
     model = _from_pretrained(AutoModelForCausalLM, base, "base model",
-                             dtype=_dtype(model_cfg.dtype),
+                             dtype=torch_dtype(model_cfg.dtype),
                              trust_remote_code=model_cfg.trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(export_dir)).merge_and_unload()
     merged.save_pretrained(export_dir / "merged", safe_serialization=True)

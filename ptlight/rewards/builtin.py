@@ -54,10 +54,10 @@ class ModelReward(Reward):
         for key, value, least in (("batch_size", batch_size, 1), ("max_length", max_length, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{key}={value!r}: write a whole number >= {least}")
-        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype (float32, bfloat16, ...)")
+        from ptlight.model.backbone import torch_dtype
         from ptlight.model.reward_model import load_reward_model
 
+        torch_dtype(dtype, "dtype")  # a ConfigError, named by the registry like the ones above
         self.path, self.batch_size, self.max_length = path, batch_size, max_length
         self.model, self.tokenizer = load_reward_model(path, dtype)
 
