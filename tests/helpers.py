@@ -74,6 +74,21 @@ def venv_with_our_packages(venv: Path) -> Path:
     return python
 
 
+def pair_batch(length: int, seed: int) -> dict:
+    """A collated pairwise batch of 3 prompts of different lengths (longest ``length − 6``
+    tokens) with a chosen block of 5, 4, 3 completion tokens and a rejected block of 3 each:
+    ragged rows, padding, and a prefix shared within each pair."""
+    import torch
+
+    from ptlight.data.module import pad_rows
+
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(5, 300, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(length - 6 - i) for i in range(3)]
+    seqs = [(p, ids(5 - i)) for i, p in enumerate(prompts)] + [(p, ids(3)) for p in prompts]
+    return pad_rows(seqs, 0)
+
+
 def scores_and_grads(model, args, **kwargs):
     """Completion log-probs of a batch (``args``: input_ids, attention_mask, loss_mask) and the
     gradient of their sum with respect to every parameter, from zeroed gradients."""

@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, scores_and_grads,
-                     tiny_model_cfg)
-from ptlight.data.module import pad_rows
+from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, pair_batch,
+                     scores_and_grads, tiny_model_cfg)
 from ptlight.engine.compile import decoder_layers, is_compiled
 from ptlight.engine.logps import completion_logps
 from ptlight.errors import ConfigError
@@ -23,14 +22,6 @@ def _models():
     torch.manual_seed(0)
     cfg = tiny_model_cfg(compile=True)
     return eager, build_policy(cfg, load_tokenizer(cfg))
-
-
-def _batch(length: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(5, 300, (n,), generator=g).tolist()  # noqa: E731
-    prompts = [ids(length - 6 - i) for i in range(3)]
-    seqs = [(p, ids(5 - i)) for i, p in enumerate(prompts)] + [(p, ids(3)) for p in prompts]
-    return pad_rows(seqs, 0)
 
 
 def test_the_norms_and_mlps_of_every_layer_are_compiled_in_place():
@@ -49,7 +40,7 @@ def test_compiled_blocks_give_the_eager_logps_and_gradients_without_recompiling(
     eager, compiled = _models()
     graphs = []
     for i, length in enumerate((24, 31, 40, 47)):
-        batch = _batch(length, i)
+        batch = pair_batch(length, i)
         args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         assert_same_scores_and_grads(scores_and_grads(compiled, args, pack=pack),
                                      scores_and_grads(eager, args, pack=pack), 1e-5, 1e-4)
@@ -63,7 +54,7 @@ def test_a_frozen_copy_of_a_compiled_model_runs_its_own_blocks(pack):
     """A compiled function is bound to its module; the reference copy must not run the
     policy's (it would follow the policy's updates)."""
     _, policy = _models()
-    batch = _batch(20, 0)
+    batch = pair_batch(20, 0)
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     with torch.no_grad():
         completion_logps(policy, *args, pack=pack)  # compiled before the copy is taken
@@ -96,7 +87,7 @@ def test_compile_packed_compiles_packed_scoring_only_and_matches_eager():
     assert is_compiled(packed_only)
     assert not any(getattr(m, "_compiled_call_impl", None) is not None
                    for m in packed_only.modules())  # no block compiled in place
-    batch = _batch(30, 0)
+    batch = pair_batch(30, 0)
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     torch._dynamo.reset()
     counters.clear()
@@ -147,7 +138,7 @@ def test_compiled_blocks_match_eager_on_cuda(pack):
     """The same parity with CUDA's kernels (inductor's Triton code, SDPA's CUDA backends)."""
     eager, compiled = (m.cuda() for m in _models())
     for i, length in enumerate((24, 40)):
-        batch = {k: v.cuda() for k, v in _batch(length, i).items()}
+        batch = {k: v.cuda() for k, v in pair_batch(length, i).items()}
         args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         assert_same_scores_and_grads(scores_and_grads(compiled, args, pack=pack),
                                      scores_and_grads(eager, args, pack=pack), 1e-4, 1e-3)

@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, scores_and_grads,
-                     tiny_model_cfg)
-from ptlight.data.module import pad_rows
+from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, pair_batch,
+                     scores_and_grads, tiny_model_cfg)
 from ptlight.engine.norms import RMSNORM_CLASSES, install_fused_norms
 from ptlight.errors import ConfigError
 from ptlight.model.backbone import build_policy, frozen_copy, load_tokenizer
@@ -29,11 +28,7 @@ def _models(dtype: str = "float32"):
 
 
 def _batch(length: int, seed: int) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(5, 300, (n,), generator=g).tolist()  # noqa: E731
-    prompts = [ids(length - 6 - i) for i in range(3)]
-    seqs = [(p, ids(5 - i)) for i, p in enumerate(prompts)] + [(p, ids(3)) for p in prompts]
-    b = pad_rows(seqs, 0)
+    b = pair_batch(length, seed)
     return b["input_ids"], b["attention_mask"], b["loss_mask"]
 
 
