@@ -85,6 +85,7 @@ PTLIGHT_CONFIGS = {
     "precompute_ckpt": ["method.reference=precompute", "model.gradient_checkpointing=true"],
     "cudnn_attention": ["cudnn_attention=true"],                  # SDPA may use cuDNN
     "fused_norm": ["model.fused_norm=true"],                      # defaults + fused RMSNorm
+    "fused_norm_compile": ["model.fused_norm=true", "model.compile=true"],
 }
 TRL_CONFIGS = {
     "default": {},                                                # gradient checkpointing on
