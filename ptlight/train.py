@@ -106,8 +106,9 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
                and not fsdp_without_rank0_generation(cfg.trainer) else None)
     callbacks = _callbacks(cfg, run_dir, guard, objective, samples)
     trainer_cfg, strategy = build_strategy(trainer_cfg, policy)  # FSDP: wrap policy resolved
-    if not strategy and not uses_cuda(trainer_cfg) and not cfg.model.get("compile"):
-        # CPU: LFM2's MLPs keep 2 activations instead of 4 (a compiled MLP is inductor's)
+    if not strategy and not cfg.model.get("compile"):
+        # LFM2's MLPs keep 2 activations instead of 4 (a compiled MLP is inductor's; FSDP's
+        # unsharded weights are its own): ptlight.engine.lean
         install_lean_mlp(policy)
     trainer: L.Trainer = instantiate(
         trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),

@@ -279,43 +279,52 @@ def test_bench_script_smoke_on_a_tiny_fixture(tmp_path):
     assert (tmp_path / "bench.md").read_text().startswith("| fixture |")
 
 
-def test_lean_layers_give_the_stock_values_and_gradients_and_save_less():
-    """``ptlight.engine.lean``: the policy's LFM2 MLPs keep a = w1(x) and b = w3(x) for the backward
-    instead of four [T, F] tensors; logps and every gradient are bitwise the stock layers'."""
+def _lean_against_stock(device: str, autocast: bool) -> None:
+    """The lean MLPs' logps and every gradient are bitwise the stock layers', and they keep
+    a = w1(x) and b = w3(x) only of the four [T, F] activations, in fp32 or under autocast."""
     from ptlight.engine.lean import install_lean_mlp
 
     torch.manual_seed(0)
     cfg = tiny_model_cfg()
-    stock = build_policy(cfg, load_tokenizer(cfg))
+    stock = build_policy(cfg, load_tokenizer(cfg)).to(device)
     lean = copy.deepcopy(stock)
     assert install_lean_mlp(lean) == 3
     batch = _batch(**PAIRS)
-    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    args = tuple(batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
     results = []
     for m in (stock, lean):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t), \
+                torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             out = completion_logps(m, *args, pack=2).sequence_sum()
-        (out * torch.arange(1.0, 9.0)).sum().backward()
-        weights = {p.untyped_storage().data_ptr() for p in m.parameters()}
-
-        def count(width):  # distinct saved activations whose last dim is `width`
-            return len({t.untyped_storage().data_ptr() for t in saved
-                        if t.shape[-1] == width} - weights)
-
+        (out * torch.arange(1.0, 9.0, device=device)).sum().backward()
+        width = m.config.intermediate_size  # activations [rows, T, F]; weights are 2-D
         results.append((out.detach(), {n: p.grad for n, p in m.named_parameters()},
-                        count(m.config.intermediate_size)))
+                        len({t.untyped_storage().data_ptr() for t in saved
+                             if t.dim() == 3 and t.shape[-1] == width})))
     assert torch.equal(results[1][0], results[0][0])
     for name, g in results[0][1].items():
-        assert torch.equal(results[1][1][name], g), name
+        assert g.dtype == torch.float32 and torch.equal(results[1][1][name], g), name
     assert results[1][2] == 2 * 3 < results[0][2]  # a and b per layer, nothing else that wide
     assert all(m._ptl_lean_calls == 1 for m in lean.modules() if hasattr(m, "_ptl_lean_calls"))
-    # no_grad and autocast forwards take the stock layer
-    with torch.no_grad():
-        completion_logps(lean, *args)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad():  # a no_grad forward takes the stock layer (it saves nothing)
         completion_logps(lean, *args)
     assert all(m._ptl_lean_calls == 1 for m in lean.modules() if hasattr(m, "_ptl_lean_calls"))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_lean_layers_give_the_stock_values_and_gradients_and_save_less(autocast):
+    """``ptlight.engine.lean`` on the CPU, in fp32 and under bf16 autocast (``bf16-mixed``)."""
+    _lean_against_stock("cpu", autocast)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lean_layers_are_bitwise_the_stock_layers_under_cuda_bf16_autocast():
+    """What ``trainer.precision=bf16-mixed`` runs on a GPU: cuBLAS bf16 products, the same
+    operands as the stock layers'."""
+    _lean_against_stock("cuda", True)
 
 
 @pytest.mark.parametrize("multiple_of", [1, 16, 128])

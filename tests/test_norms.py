@@ -150,19 +150,30 @@ def test_a_model_without_a_known_rmsnorm_is_left_as_it_is():
     assert not any("forward" in vars(m) for m in model.modules())
 
 
-def test_model_fused_norm_takes_a_boolean(compose_cfg, tmp_path, no_weights):
+def test_model_fused_norm_takes_a_boolean_or_auto(compose_cfg, tmp_path, no_weights):
     cfg = compose_cfg("method=dpo", "model.fused_norm=yes", *TINY)
-    with pytest.raises(ConfigError, match="model.fused_norm='yes'"):
+    with pytest.raises(ConfigError, match="model.fused_norm='yes'.*auto"):
         train_stage(cfg, tmp_path / "run")
+
+
+def test_auto_outside_training_follows_cuda_visibility(monkeypatch):
+    """``ptlight.eval`` and ``ptlight.label`` build models with ``model.fused_norm=auto`` as
+    composed: fused where CUDA is visible, as a training run there settles it."""
+    for visible in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: visible)
+        cfg = tiny_model_cfg(fused_norm="auto")
+        model = build_policy(cfg, load_tokenizer(cfg))
+        assert any("forward" in vars(m) for m in model.modules()) is visible
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("pack", [None, 2])
 def test_fused_norms_run_cuda_fused_kernels_and_match_under_bf16_autocast(pack):
-    """What ``trainer.precision=bf16-mixed`` runs on a GPU: autocast casts the norm's input
-    to fp32, so input and weight share a dtype and torch's fused kernels run, forward and
-    backward; the result differs from the stock layer by its bf16 rounding only."""
+    """What ``trainer.precision=bf16-mixed`` runs on a GPU: every norm runs in fp32, bf16
+    inputs (LFM2's q/k norms) included, so torch's fused kernels run forward and backward
+    and no norm decomposes; the result differs from the stock layer by its bf16 rounding
+    only."""
     stock, fused = (m.cuda() for m in _models())
     args = tuple(t.cuda() for t in _batch(40, 0))
     with torch.autocast("cuda", dtype=torch.bfloat16), _Ops() as ops:

@@ -14,18 +14,21 @@ from :func:`ptlight.train.train_stage`). An MLP takes the lean path only when al
 hold, and the stock forward otherwise (same result, more memory):
 
 - ``w1``, ``w2``, ``w3`` are plain bias-free ``nn.Linear`` (LoRA's peft layers are not);
-- no autocast is active on the input's device (``trainer.precision=bf16-mixed`` keeps the
-  stock MLP, whose activations are half the size anyway);
 - gradients are being recorded (a ``no_grad`` forward saves nothing in either case).
+
+Under autocast (``trainer.precision=bf16-mixed``) ``a`` and ``b`` are in autocast's dtype and
+the node multiplies them by the weight cast as autocast casts it, with autocast off inside:
+the same operands and ops as the stock layer, so again bitwise the same, and two ``[T, F]``
+bf16 tensors fewer kept per layer (at the LFM2-1.2B shape, a packed DPO batch of 8 pairs, about
+3,400 tokens: 16 layers × 2 × 3,400 × 5,632 × 2 bytes ≈ 1.2 GB).
 
 Bitwise equality matters beyond tidiness: greedy evaluations of a small model amplify
 fp32-rounding differences in training into different gold figures, so a layer that is only
 "equal within rounding" would change every reproduced result table.
 
-It is a CPU measure (measured there: ``scripts/bench_dpo.py``), so GPU runs keep the stock
-layer, and so do FSDP runs, since FSDP manages the unsharded weights that autograd saves and
-this node should not second-guess it: ``train_stage`` installs it on single-process or DDP
-runs on the CPU only, and not with ``model.compile`` (the compiled MLP's saved activations are
+``train_stage`` installs it on single-process and DDP runs, on the CPU and on CUDA, but not
+under FSDP, since FSDP manages the unsharded weights that autograd saves and this node should
+not second-guess it, and not with ``model.compile`` (the compiled MLP's saved activations are
 inductor's to plan, and dynamo cannot trace this node's scratch buffers).
 """
 
@@ -93,11 +96,21 @@ def _plain_linear(m: torch.nn.Module) -> bool:
 
 
 def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-            and _plain_linear(self.w1) and _plain_linear(self.w2) and _plain_linear(self.w3)):
-        self._ptl_lean_calls += 1
+    if not (torch.is_grad_enabled() and _plain_linear(self.w1) and _plain_linear(self.w2)
+            and _plain_linear(self.w3)):
+        return type(self).forward(self, x)
+    self._ptl_lean_calls += 1
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
         return SwiGLUDown.apply(self.w1(x), self.w3(x), self.w2.weight)
-    return type(self).forward(self, x)
+    # Autocast: w1(x) and w3(x) come out in its dtype, and the stock w2 would multiply them by
+    # a cast of its weight. The cast is made here instead (differentiable, as autocast's is, so
+    # the weight's gradient comes back in the weight's dtype) and the node runs with autocast
+    # off, on the very operands autocast would have given the stock layer.
+    weight = self.w2.weight.to(torch.get_autocast_dtype(device))
+    a, b = self.w1(x), self.w3(x)
+    with torch.autocast(device, enabled=False):
+        return SwiGLUDown.apply(a, b, weight)
 
 
 def install_lean_mlp(model: torch.nn.Module) -> int:

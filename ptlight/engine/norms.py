@@ -10,22 +10,28 @@ kernels below do, 1,655 (34% fewer). Where a small model's step waits on the hos
 on its matmuls (the first GPU profile of issue 15), launches saved are step time.
 
 ``F.rms_norm`` computes the same function. On CUDA it runs torch's fused kernels
-(``_fused_rms_norm`` forward, ``_fused_rms_norm_backward`` for both gradients) whenever the
-input and the weight share a dtype, which under CUDA autocast (``bf16-mixed``) they do, as
-autocast runs ``rms_norm`` in fp32. Elsewhere it decomposes into ops like the stock layer's:
-on the CPU there is nothing to gain, and in fp32 nothing changes (log-probs and gradients are
-bitwise the stock layer's; ``tests/test_norms.py``); with bf16 weights it multiplies the
-weight before rounding to bf16, one rounding fewer than the stock layer.
+(``_fused_rms_norm`` forward, ``_fused_rms_norm_backward`` for both gradients) when the input
+and the weight share a dtype. Under CUDA autocast (``bf16-mixed``) the input of a norm is often
+bf16 (LFM2's q/k norms take a projection's output) while the weight is fp32; the fused kernel
+would refuse that pair and the call would fall back to a decomposition. So under CUDA autocast
+the norm runs in fp32, input and weight upcast (what autocast's own fp32 policy for
+``rms_norm`` does in the torch releases that list it; torch 2.11 does not), and returns the
+dtype the stock layer returns (the promotion of the weight's and the input's dtypes).
+Elsewhere it decomposes into ops like the stock layer's: on the CPU there is nothing to gain,
+and in fp32 nothing changes (log-probs and gradients are bitwise the stock layer's;
+``tests/test_norms.py``); with bf16 weights it multiplies the weight before rounding to bf16,
+one rounding fewer than the stock layer.
 
 Equal within floating-point tolerance, not bitwise, where the fused kernel runs: it reduces in
-its own order, and under autocast it multiplies the weight in fp32 where the stock layer first
-rounds the normalised value to bf16. Calls the fused path would not serve are left to the stock
-forward: mixed input/weight dtypes without CUDA autocast (QLoRA's fp32 norms on bf16 inputs,
-CPU autocast), where ``F.rms_norm`` would fall back to its decomposition and return the input's
-dtype instead of the stock layer's promoted one.
+its own order, and it multiplies the weight in fp32 where the stock layer first rounds the
+normalised value to the input's dtype. Calls the fused path would not serve are left to the
+stock forward: mixed input/weight dtypes without CUDA autocast (QLoRA's fp32 norms on bf16
+inputs, CPU autocast), where ``F.rms_norm`` would fall back to its decomposition and return the
+input's dtype instead of the stock layer's promoted one.
 
-Opt-in (``model.fused_norm=true``) until a GPU run measures it: ``scripts/bench_gpu.py``'s
-``fused_norm`` configuration.
+``model.fused_norm=auto`` (the default) is on where the run trains on CUDA, where it was
+measured faster and leaner (``scripts/bench_gpu.py``; docs/performance.md has the figures), and
+off on the CPU, whose step is not launch-bound and whose results stay those of the stock layers.
 """
 
 from __future__ import annotations
@@ -44,8 +50,11 @@ RMSNORM_CLASSES = frozenset({
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     weight = self.weight
-    if hidden_states.dtype == weight.dtype or (
-            hidden_states.is_cuda and torch.is_autocast_enabled("cuda")):
+    if hidden_states.is_cuda and torch.is_autocast_enabled("cuda"):
+        out = F.rms_norm(hidden_states.float(), weight.shape, weight.float(),
+                         self.variance_epsilon)
+        return out.to(torch.promote_types(weight.dtype, hidden_states.dtype))
+    if hidden_states.dtype == weight.dtype:
         return F.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
     return type(self).forward(self, hidden_states)
 

@@ -195,7 +195,8 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     before any weights load. SDPA never gets a query row that attends to nothing
     (:mod:`ptlight.model.masks`: left padding would otherwise turn to NaN on CUDA).
     ``model.fused_norm`` routes the RMSNorm layers through ``F.rms_norm``
-    (:mod:`ptlight.engine.norms`) and ``model.compile`` compiles blocks
+    (:mod:`ptlight.engine.norms`; ``auto``, which a training run settles for its own device,
+    is on here where CUDA is visible) and ``model.compile`` compiles blocks
     (:mod:`ptlight.engine.compile`), in that order.
     """
     masks.install()
@@ -229,7 +230,10 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it gets
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    if model_cfg.get("fused_norm") and not install_fused_norms(model):
+    fused_norm = model_cfg.get("fused_norm")
+    if fused_norm == "auto":  # training settles it per run (devices.device_defaults); else:
+        fused_norm = torch.cuda.is_available()
+    if fused_norm is True and not install_fused_norms(model):
         log.warning("model.fused_norm=true: %s has no RMSNorm of a form ptlight fuses "
                     "(ptlight.engine.norms.RMSNORM_CLASSES); its norms run as they are",
                     type(model).__name__)

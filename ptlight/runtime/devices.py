@@ -10,8 +10,8 @@ The resolved values are what ``config.yaml`` records.
 A few more keys default to ``auto``, resolved from the same machine check (and, for the
 reference and packing, the run's length against its data) by :func:`device_defaults` and
 :func:`data_defaults`: what measured fastest on a CUDA GPU, the CPU's settings on the CPU
-(docs/performance.md has the figures): ``data.num_workers`` and the preference methods'
-``method.reference``, ``method.pack`` and ``method.pack_multiple_of``.
+(docs/performance.md has the figures): ``data.num_workers``, ``model.fused_norm`` and the
+preference methods' ``method.reference``, ``method.pack`` and ``method.pack_multiple_of``.
 """
 
 from __future__ import annotations
@@ -108,10 +108,14 @@ def auto_pack_multiple_of(cuda: bool) -> int:
 
 def device_defaults(cfg: DictConfig, cuda: bool) -> dict:
     """The values of the ``auto`` keys that depend on the machine alone, as a config to merge
-    (``method.pack_multiple_of``: :func:`auto_pack_multiple_of`)."""
+    (``method.pack_multiple_of``: :func:`auto_pack_multiple_of`; ``model.fused_norm``: on
+    where the run trains on CUDA, :mod:`ptlight.engine.norms`)."""
+    out: dict = {}
     if cfg.method.get("pack_multiple_of") == "auto":
-        return {"method": {"pack_multiple_of": auto_pack_multiple_of(cuda)}}
-    return {}
+        out["method"] = {"pack_multiple_of": auto_pack_multiple_of(cuda)}
+    if cfg.model.get("fused_norm") == "auto":
+        out["model"] = {"fused_norm": cuda}
+    return out
 
 
 def covers_an_epoch(trainer_cfg: DictConfig, batch_size: int, train_rows: int) -> bool:

@@ -235,8 +235,11 @@ def check_pack(pack: Any, max_tokens: Any, multiple_of: Any) -> None:
 
 
 def check_model(model: DictConfig) -> None:
-    boolean(model.get("fused_norm", False), "model.fused_norm",
-            "whether RMSNorm layers run as torch's fused F.rms_norm")
+    fused_norm = model.get("fused_norm", False)
+    if fused_norm != "auto" and not isinstance(fused_norm, bool):
+        raise ConfigError(f"model.fused_norm={fused_norm!r}: whether RMSNorm layers run as "
+                          "torch's fused F.rms_norm; write model.fused_norm=auto (on where the "
+                          "run trains on CUDA), true or false (unquoted)")
     compile_ = model.get("compile", False)
     if not isinstance(compile_, bool) and compile_ != "packed":
         raise ConfigError(f"model.compile={compile_!r}: use model.compile=true (torch.compile "
