@@ -314,9 +314,25 @@ def _lean_against_stock(device: str, autocast: bool) -> None:
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_lean_layers_give_the_stock_values_and_gradients_and_save_less(autocast):
-    """``ptlight.engine.lean`` on the CPU, in fp32 and under bf16 autocast (``bf16-mixed``)."""
+def test_lean_layers_give_the_stock_values_and_gradients_and_save_less(autocast, monkeypatch):
+    """``ptlight.engine.lean`` in fp32 and under bf16 autocast (``bf16-mixed``), whose path
+    serves CUDA autocast; here CPU autocast's native bf16 kernels stand in for it."""
+    monkeypatch.setattr("ptlight.engine.lean.AUTOCAST_DEVICES", ("cuda", "cpu"))
     _lean_against_stock("cpu", autocast)
+
+
+def test_lean_layers_keep_the_stock_layer_under_cpu_autocast():
+    """CPU bf16-mixed keeps the stock MLP: under ``cpu_bf16=upcast`` its GEMMs are rounded
+    fp32 ones, which the lean node (autocast off inside) would not get."""
+    from ptlight.engine.lean import install_lean_mlp
+
+    cfg = tiny_model_cfg()
+    model = build_policy(cfg, load_tokenizer(cfg))
+    assert install_lean_mlp(model) == 3
+    batch = _batch(**PAIRS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    assert all(m._ptl_lean_calls == 0 for m in model.modules() if hasattr(m, "_ptl_lean_calls"))
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ hold, and the stock forward otherwise (same result, more memory):
 - ``w1``, ``w2``, ``w3`` are plain bias-free ``nn.Linear`` (LoRA's peft layers are not);
 - gradients are being recorded (a ``no_grad`` forward saves nothing in either case).
 
-Under autocast (``trainer.precision=bf16-mixed``) ``a`` and ``b`` are in autocast's dtype and
+Under CUDA autocast (``trainer.precision=bf16-mixed``) ``a`` and ``b`` are in autocast's dtype and
 the node multiplies them by the weight cast as autocast casts it, with autocast off inside:
 the same operands and ops as the stock layer, so again bitwise the same, and two ``[T, F]``
 bf16 tensors fewer kept per layer (at the LFM2-1.2B shape, a packed DPO batch of 8 pairs, about
@@ -60,6 +60,10 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()
+# Autocast devices the lean node serves. CPU autocast keeps the stock layer: under
+# ``cpu_bf16=upcast`` (ptlight.engine.cpu_bf16) its GEMMs are rounded fp32 ones, which this
+# node, running with autocast off, would turn back into the native bf16 kernels it avoids.
+AUTOCAST_DEVICES = ("cuda",)
 
 
 class SwiGLUDown(torch.autograd.Function):
@@ -96,12 +100,13 @@ def _plain_linear(m: torch.nn.Module) -> bool:
 
 
 def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if not (torch.is_grad_enabled() and _plain_linear(self.w1) and _plain_linear(self.w2)
-            and _plain_linear(self.w3)):
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    if not (torch.is_grad_enabled() and (not autocast or device in AUTOCAST_DEVICES)
+            and _plain_linear(self.w1) and _plain_linear(self.w2) and _plain_linear(self.w3)):
         return type(self).forward(self, x)
     self._ptl_lean_calls += 1
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    if not autocast:
         return SwiGLUDown.apply(self.w1(x), self.w3(x), self.w2.weight)
     # Autocast: w1(x) and w3(x) come out in its dtype, and the stock w2 would multiply them by
     # a cast of its weight. The cast is made here instead (differentiable, as autocast's is, so
