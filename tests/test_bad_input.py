@@ -267,6 +267,7 @@ CONFIG_CASES = [
     ("data.num_workers=-1", r"data\.num_workers=-1: DataLoader worker processes \(0: collate in "
                             r"the main process; auto: 2 where a CUDA step packs, else 0\); write "
                             r"a whole number >= 0"),
+    ("data.pin_memory=yes", r"data\.pin_memory='yes': whether the DataLoader pins batches"),
     ("model.compile=yes", r"model\.compile='yes': use model\.compile=true"),
     ("method.pack_multiple_of=0", r"method\.pack_multiple_of=0: use auto, or 1 \(no rounding\) "
                                   r"up to method\.pack_max_tokens=2048"),

@@ -405,6 +405,58 @@ def test_collating_in_worker_processes_gives_the_same_training(compose_cfg, tmp_
     assert runs["2"] == runs["0"]
 
 
+def test_data_pin_memory_asks_the_loader_to_pin_where_cuda_is_visible(compose_cfg, tmp_path,
+                                                                     monkeypatch):
+    """``data.pin_memory=true``: the training loader pins each batch where CUDA is visible
+    (and only there: without a GPU there is nothing to pin for); the packed layout knows how
+    to pin itself, and goes to a CUDA device with non-blocking copies, as Lightning sends the
+    batch's tensors."""
+    from ptlight.data.module import PtlDataModule
+
+    for pin, visible in ((True, True), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda v=visible: v)
+        cfg = compose_cfg("method=dpo", *TINY, f"data.pin_memory={str(pin).lower()}")
+        dm = PtlDataModule(cfg.data, load_tokenizer(cfg.model), "pairwise")
+        dm.setup("fit")
+        assert dm.train_dataloader().pin_memory is (pin and visible)
+    batch = _batch(**PAIRS)
+    layout = packing.pack_checked(batch["input_ids"], batch["attention_mask"],
+                                  batch["loss_mask"], 2, 2048)
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t)
+    monkeypatch.setattr(torch.Tensor, "to",
+                        lambda t, device, non_blocking=False: calls.append(non_blocking) or t)
+    layout.pin_memory()
+    layout.to("cuda")
+    layout.to("cpu")
+    n = len(calls) // 3
+    assert calls == ["pin"] * n + [True] * n + [False] * n and n == 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_pinned_collated_batch_reaches_the_gpu_without_waiting_on_it():
+    """``data.pin_memory=true`` and the packed layout's non-blocking copies: Lightning's move of
+    a collated packed batch to the GPU makes no host sync (torch's sync debug mode would
+    raise), so the next step's work queues behind the last step's kernels."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    batch = _batch(**PAIRS)
+    batch["packed"] = packing.pack_checked(batch["input_ids"], batch["attention_mask"],
+                                           batch["loss_mask"], 2, 2048, multiple_of=16)
+    pinned = pin_memory(batch)
+    assert all(t.is_pinned() for t in pinned.values() if isinstance(t, torch.Tensor))
+    assert pinned["packed"].input_ids.is_pinned()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moved = move_data_to_device(pinned, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert moved["packed"].end.is_cuda and moved["input_ids"].is_cuda
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("pack", [pytest.param(None, marks=pytest.mark.xfail(

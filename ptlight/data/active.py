@@ -228,4 +228,5 @@ def active_loader(datamodule: Any) -> DataLoader:
     return DataLoader(list(enumerate(datamodule.train)), batch_size=datamodule.cfg.batch_size,
                       sampler=ActiveSampler(datamodule, datamodule.cfg.sampler),
                       collate_fn=datamodule.collate,
-                      drop_last=datamodule._drop_last(len(datamodule.train)))
+                      drop_last=datamodule._drop_last(len(datamodule.train)),
+                      pin_memory=datamodule._workers()["pin_memory"])

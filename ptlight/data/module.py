@@ -333,6 +333,7 @@ class PtlDataModule(L.LightningDataModule):
         # the step packs (ptlight.runtime.devices.data_defaults)
         workers = cfg.get("num_workers", 0) or 0
         self.num_workers = 0 if workers == "auto" else int(workers)
+        self.pin_memory = bool(cfg.get("pin_memory", False))
         self.train: list[Item] = []
         self.val: list[Item] = []
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -501,9 +502,12 @@ class PtlDataModule(L.LightningDataModule):
 
     def _workers(self) -> dict[str, Any]:
         """``data.num_workers``: collate (padding, and packing when the method packs) in that
-        many worker processes, ahead of the step, instead of in the main process."""
+        many worker processes, ahead of the step, instead of in the main process.
+        ``data.pin_memory``: the loader pins each batch (its packed layout too) where CUDA is
+        visible, so its copy to the GPU does not wait for the GPU."""
         n = self.num_workers
-        return {"num_workers": n, "persistent_workers": n > 0}
+        return {"num_workers": n, "persistent_workers": n > 0,
+                "pin_memory": self.pin_memory and torch.cuda.is_available()}
 
     def _loader(self, data: list[Item], shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -116,11 +116,25 @@ class PackedBatch:
         return ((col[None, :, None] >= col[None, None, :])
                 & (col[None, :, None] < self.end[:, None, :]))[:, None]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        """The same layout with every tensor on ``device``."""
+    def _tensors(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if f.name != "num_tokens"]
+
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> PackedBatch:
+        """The same layout with every tensor on ``device``. Copies to a CUDA device are
+        non-blocking unless told otherwise, as Lightning makes them for the batch's tensors
+        (it calls this ``to`` without the argument): a blocking copy would hold the host until
+        the previous step's kernels had run, with nothing of the next step queued."""
+        if non_blocking is None:
+            non_blocking = torch.device(device).type == "cuda"
         return dataclasses.replace(self, **{
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in dataclasses.fields(self) if f.name != "num_tokens"})
+            name: getattr(self, name).to(device, non_blocking=non_blocking)
+            for name in self._tensors()})
+
+    def pin_memory(self) -> PackedBatch:
+        """The same layout in page-locked host memory (``data.pin_memory``: the DataLoader
+        pins what it yields, and a pinned copy to the GPU never waits on it)."""
+        return dataclasses.replace(self, **{name: getattr(self, name).pin_memory()
+                                            for name in self._tensors()})
 
 
 def _groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,

@@ -115,6 +115,8 @@ def check_data(data: DictConfig) -> None:
         whole_number(data.get("num_workers", 0), "data.num_workers", 0,
                      "DataLoader worker processes (0: collate in the main process; auto: 2 where a "
                      "CUDA step packs, else 0)")
+    boolean(data.get("pin_memory", False), "data.pin_memory",
+            "whether the DataLoader pins batches in page-locked memory for the copy to a GPU")
 
 
 def boolean(value: Any, key: str, what: str) -> bool:
