@@ -219,6 +219,35 @@ def test_skipping_forever_stops_after_max_consecutive(compose_cfg, tmp_path, mon
         train_stage(cfg, tmp_path)
 
 
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_clipping_reuses_the_guards_norm_with_lightnings_result(compose_cfg, tmp_path,
+                                                                monkeypatch, method):
+    """Clipping by norm takes the gradient norm the non-finite guard has just computed
+    (``ptlight.runtime.callbacks.clip_gradients``) instead of reading every gradient again in
+    ``clip_grad_norm_``; with a clip that binds at every step, the run's losses and final
+    weights are bitwise those of Lightning's own clipping."""
+    from ptlight.runtime.callbacks import NonFiniteGuard
+
+    overrides = (f"method={method}", "eval.before=false", "eval.val_samples=0", *TINY,
+                 "trainer.max_steps=4", "trainer.gradient_clip_val=0.01")
+    norms = []
+    taken = NonFiniteGuard.take_norm
+    monkeypatch.setattr(NonFiniteGuard, "take_norm",
+                        lambda self, opt: norms.append(taken(self, opt)) or norms[-1])
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda *a, **k: pytest.fail("clip_grad_norm_ read the gradients again"))
+    train_stage(compose_cfg(*overrides), tmp_path / "shared")
+    assert len(norms) == 4 and all(float(n) > 0.01 for n in norms)  # the clip bound each step
+    monkeypatch.undo()
+    monkeypatch.setattr(NonFiniteGuard, "take_norm", lambda self, opt: None)  # Lightning's
+    train_stage(compose_cfg(*overrides), tmp_path / "lightning")
+    header, *rows = (tmp_path / "shared" / "metrics.csv").read_text().splitlines()
+    assert (tmp_path / "lightning" / "metrics.csv").read_text().splitlines()[1:] == rows
+    shared = load_file(tmp_path / "shared" / "export" / "model.safetensors")
+    plain = load_file(tmp_path / "lightning" / "export" / "model.safetensors")
+    assert all(torch.equal(shared[k], plain[k]) for k in plain)
+
+
 def test_unknown_nonfinite_policy_fails_before_weights_load(compose_cfg, tmp_path, monkeypatch):
     import ptlight.train
 

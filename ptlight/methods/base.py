@@ -77,6 +77,15 @@ class Method(L.LightningModule):
         return {}
 
     # ---- training -------------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, reusing the non-finite guard's gradient norm
+        (:func:`ptlight.runtime.callbacks.clip_gradients`; bitwise the same result)."""
+        from ptlight.runtime.callbacks import clip_gradients
+
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def fsdp_roots(self) -> list[torch.nn.Module]:
         """The modules whose forwards the method calls and that ``trainer=fsdp`` shards
         (:func:`ptlight.runtime.strategy.shard_method`); the reference follows them."""

@@ -16,7 +16,8 @@
   warns; ``stop`` ends the run with :class:`~ptlight.errors.TrainingError`. Either way the
   weights never take a non-finite update, so every checkpoint is a good one, and a run that
   stops keeps its last ``last.ckpt``. ``nonfinite.max_consecutive`` skipped steps in a row
-  stop the run too (a run that only skips is not training).
+  stop the run too (a run that only skips is not training). The gradient norm it checks is
+  the one clipping by norm then uses (:func:`clip_gradients`), so the gradients are read once.
 - :class:`Preemption` — SIGTERM (what SLURM and Kubernetes send before a kill), SIGINT (Ctrl+C)
   and, under SLURM, its requeue signal end the run at a step boundary with ``last.ckpt`` at that
   step, a non-zero exit and the command that resumes it.
@@ -152,6 +153,7 @@ class NonFiniteGuard(L.Callback):
         self.skipped = 0
         self.consecutive = 0
         self._losses: list[torch.Tensor] = []  # observed since the last optimizer step
+        self._norm: tuple[torch.optim.Optimizer, torch.Tensor] | None = None  # see take_norm
 
     # ---- called by methods (ptlight.methods.common.check_finite) ---------------------------
     def observe_loss(self, loss: torch.Tensor) -> None:
@@ -167,9 +169,13 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
         bad_grads = False
+        self._norm = None
         # 16-bit precision has a grad scaler that already skips overflowing steps
         if grads and not str(trainer.precision).startswith("16"):
-            bad_grads = not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+            # clip_grad_norm_'s own norm of the same gradients (take_norm)
+            norm = torch.nn.utils.get_total_norm(grads)
+            bad_grads = not bool(torch.isfinite(norm))
+            self._norm = (optimizer, norm)
         bad_loss = None
         if self._losses:
             losses = torch.cat(self._losses)
@@ -179,10 +185,20 @@ class NonFiniteGuard(L.Callback):
         bad = trainer.strategy.reduce_boolean_decision(bad_loss is not None or bad_grads,
                                                        all=False)
         if bad:
+            self._norm = None
             self._on_bad_step(trainer, optimizer, bad_loss)
         else:
             self.consecutive = 0
         pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+
+    def take_norm(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """The total gradient norm this step's check computed over ``optimizer``'s gradients,
+        once (then ``None``): exactly what ``clip_grad_norm_`` would compute over the same
+        list, so clipping by norm need not read every gradient a second time
+        (:func:`clip_gradients`). ``None`` when the check computed none (16-bit precision,
+        a skipped step) or for another optimizer."""
+        taken, self._norm = self._norm, None
+        return taken[1] if taken is not None and taken[0] is optimizer else None
 
     def _on_bad_step(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer,
                      bad_loss: float | None) -> None:
@@ -214,6 +230,30 @@ class NonFiniteGuard(L.Callback):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+
+
+def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer,
+                   clip_val: float | None, algorithm: str | None) -> None:
+    """Clip as Lightning does (``trainer.gradient_clip_val`` / ``_algorithm``), by norm with
+    the norm the run's :class:`NonFiniteGuard` has just computed when it did: the same
+    ``get_total_norm`` over the same gradients, then torch's ``clip_grads_with_norm_``, which
+    is all ``clip_grad_norm_`` does, so the result is bitwise Lightning's and one pass over the
+    gradients is saved. Any other case (by value, 16-bit precision, a precision plugin with
+    its own clipping) goes to Lightning's ``clip_gradients``."""
+    from lightning.pytorch.plugins.precision import Precision
+
+    trainer = module.trainer
+    guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+    norm = guard.take_norm(optimizer) if guard is not None else None
+    plugin = trainer.precision_plugin
+    if (norm is not None and clip_val and (algorithm or "norm") == "norm"
+            and type(plugin).clip_grad_by_norm is Precision.clip_grad_by_norm
+            and type(plugin).main_params is Precision.main_params):
+        torch.nn.utils.clip_grads_with_norm_(list(plugin.main_params(optimizer)),
+                                             float(clip_val), norm)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=clip_val,
+                          gradient_clip_algorithm=algorithm)
 
 
 class Preemption(L.Callback):
