@@ -340,7 +340,10 @@ def gemm_bound_s(fixture: str, tokens_run: float, scored: float, live: bool, dev
         forward = mm(rows, i, o)
         return forward * (2 if live else 1) + mm(rows, o, i) + mm(o, rows, i)
 
-    t, m = max(int(tokens_run), 1), max(int(scored), 1)
+    # T rounded up to a whole packed width step (128): the packed step's products run over
+    # rows of such widths, aligned; an odd T would time cuBLAS on unaligned operands instead
+    # (the weight gradients' inner dimension), which the step never runs
+    t, m = -(-max(int(tokens_run), 1) // 128) * 128, max(int(scored), 1)
     a = bench_dpo.FIXTURES[fixture]["arch"]
     body = sum(c * linear(t, i, o) for i, o, c in linear_shapes(fixture))
     total = body + linear(m, a["hidden_size"], a["vocab_size"])
