@@ -97,9 +97,11 @@ TRL_CONFIGS = {
 # defaults and the fastest opt-in at both shapes), then the variants that attribute the gain.
 PLAN = [
     ("gpu-350m", "trl", "best"), ("gpu-350m", "ptlight", "default"),
-    ("gpu-350m", "ptlight", "pin"), ("gpu-350m", "ptlight", "compile"),
+    ("gpu-350m", "ptlight", "pin"), ("gpu-350m", "ptlight", "cudnn_attention"),
+    ("gpu-350m", "ptlight", "compile"),
     ("gpu-1.2b", "trl", "best"), ("gpu-1.2b", "ptlight", "default"),
-    ("gpu-1.2b", "ptlight", "pin"), ("gpu-1.2b", "ptlight", "compile"),
+    ("gpu-1.2b", "ptlight", "pin"), ("gpu-1.2b", "ptlight", "cudnn_attention"),
+    ("gpu-1.2b", "ptlight", "compile"),
     ("gpu-350m", "ptlight", "stock_norm"), ("gpu-350m", "ptlight", "copy_pack"),
     ("gpu-350m", "ptlight", "compile_packed"), ("gpu-350m", "ptlight", "copy"),
     ("gpu-350m", "ptlight", "precompute"),
