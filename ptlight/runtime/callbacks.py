@@ -246,7 +246,8 @@ def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer,
     guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
     norm = guard.take_norm(optimizer) if guard is not None else None
     plugin = trainer.precision_plugin
-    if (norm is not None and clip_val and (algorithm or "norm") == "norm"
+    if (norm is not None and clip_val is not None and clip_val > 0
+            and (algorithm or "norm") == "norm"
             and type(plugin).clip_grad_by_norm is Precision.clip_grad_by_norm
             and type(plugin).main_params is Precision.main_params):
         torch.nn.utils.clip_grads_with_norm_(list(plugin.main_params(optimizer)),
