@@ -220,16 +220,13 @@ def drop_unwritten_reward_defaults(cfg: DictConfig, overrides: list[str] | None
     if written is None or not isinstance(spec, DictConfig) or not spec.get("name"):
         return cfg
     try:
-        valid, _, takes_any = settings_of(REWARDS.load(spec.name))
+        plugin = REWARDS.load(spec.name)
     except (KeyError, PluginError):  # unknown or broken: the builder's error says which
         return cfg
-    dropped = sorted(k for k in spec if k not in (*valid, "name", "weight")
-                     and k not in written and not takes_any)
+    keys = [k for k in spec if k not in ("name", "weight")]
+    dropped = _unwritten_defaults("reward", "plugin", spec.name, plugin, keys, written)
     if not dropped:
         return cfg
-    log.info("reward: plugin %r takes no %s; dropped the reward config's default%s (settings "
-             "it takes: %s)", spec.name, ", ".join(dropped), "s" if len(dropped) > 1 else "",
-             ", ".join(valid) or "none")
     cfg = cfg.copy()
     with open_dict(cfg):
         for key in dropped:
@@ -250,17 +247,27 @@ def build_stage_objective(cfg: DictConfig, overrides: list[str] | None = None) -
     written = written_keys(overrides, "method.objective")
     if written is not None:
         try:
-            valid, _, takes_any = settings_of(OBJECTIVES.load(name))
+            plugin = OBJECTIVES.load(name)
         except KeyError as exc:
             raise ConfigError(f"method.objective.name: {exc.args[0]}") from None
-        dropped = sorted(k for k in hparams if k not in valid and k not in written
-                         and not takes_any)
-        if dropped:
-            log.info("method.objective: objective %r takes no %s; dropped the method config's "
-                     "default%s (keys it takes: %s)", name, ", ".join(dropped),
-                     "s" if len(dropped) > 1 else "", ", ".join(valid) or "none")
-            hparams = {k: v for k, v in hparams.items() if k not in dropped}
+        dropped = _unwritten_defaults("method.objective", "objective", name, plugin,
+                                      list(hparams), written)
+        hparams = {k: v for k, v in hparams.items() if k not in dropped}
     return OBJECTIVES.build(name, hparams, "method.objective")
+
+
+def _unwritten_defaults(node: str, kind: str, name: str, plugin: Any, keys: list[str],
+                        written: set[str]) -> list[str]:
+    """The ``keys`` under ``node`` that ``plugin`` takes no setting for and that the command
+    line did not write (``written``): defaults of the config group left behind by naming
+    another plugin, to drop; one info line names them."""
+    valid, _, takes_any = settings_of(plugin)
+    dropped = [] if takes_any else sorted(k for k in keys if k not in valid and k not in written)
+    if dropped:
+        log.info("%s: %s %r takes no %s; dropped the config's default%s (settings it takes: "
+                 "%s)", node, kind, name, ", ".join(dropped), "s" if len(dropped) > 1 else "",
+                 ", ".join(valid) or "none")
+    return dropped
 
 
 def _check_method(cfg: DictConfig, method_cls: type[Method], objective: Objective) -> str:

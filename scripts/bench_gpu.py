@@ -57,6 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_dpo  # noqa: E402  (fixture builder, FLOP count, ptlight config composer)
+from ptlight.runtime.devices import CUDA_PACK_MULTIPLE_OF  # noqa: E402
 
 T0 = time.perf_counter()
 RESULT = "BENCH_GPU_RESULT "
@@ -71,7 +72,8 @@ bench_dpo.FIXTURES.update({
 # packed, widths in 128-token steps, the layouts built by 2 DataLoader workers: what
 # method.pack / pack_multiple_of / data.num_workers=auto settle to on one GPU with a
 # precomputed reference (ptlight.runtime.devices)
-PACK = ["method.pack=true", "method.pack_multiple_of=128", "data.num_workers=2"]
+PACK = ["method.pack=true", f"method.pack_multiple_of={CUDA_PACK_MULTIPLE_OF}",
+        "data.num_workers=2"]
 PADDED = ["method.pack=false", "data.num_workers=0"]
 PTLIGHT_CONFIGS = {
     "default": [],                                               # as shipped
@@ -342,10 +344,11 @@ def gemm_bound_s(fixture: str, tokens_run: float, scored: float, live: bool, dev
         forward = mm(rows, i, o)
         return forward * (2 if live else 1) + mm(rows, o, i) + mm(o, rows, i)
 
-    # T rounded up to a whole packed width step (128): the packed step's products run over
-    # rows of such widths, aligned; an odd T would time cuBLAS on unaligned operands instead
-    # (the weight gradients' inner dimension), which the step never runs
-    t, m = -(-max(int(tokens_run), 1) // 128) * 128, max(int(scored), 1)
+    # T rounded up to a whole packed width step: the packed step's products run over rows of
+    # such widths, aligned; an odd T would time cuBLAS on unaligned operands instead (the
+    # weight gradients' inner dimension), which the step never runs
+    step = CUDA_PACK_MULTIPLE_OF
+    t, m = -(-max(int(tokens_run), 1) // step) * step, max(int(scored), 1)
     a = bench_dpo.FIXTURES[fixture]["arch"]
     body = sum(c * linear(t, i, o) for i, o, c in linear_shapes(fixture))
     total = body + linear(m, a["hidden_size"], a["vocab_size"])

@@ -229,4 +229,4 @@ def active_loader(datamodule: Any) -> DataLoader:
                       sampler=ActiveSampler(datamodule, datamodule.cfg.sampler),
                       collate_fn=datamodule.collate,
                       drop_last=datamodule._drop_last(len(datamodule.train)),
-                      pin_memory=datamodule._workers()["pin_memory"])
+                      pin_memory=datamodule.pin_memory)

@@ -333,7 +333,8 @@ class PtlDataModule(L.LightningDataModule):
         # the step packs (ptlight.runtime.devices.data_defaults)
         workers = cfg.get("num_workers", 0) or 0
         self.num_workers = 0 if workers == "auto" else int(workers)
-        self.pin_memory = bool(cfg.get("pin_memory", False))
+        # data.pin_memory: only where there is a GPU to copy to
+        self.pin_memory = bool(cfg.get("pin_memory", False)) and torch.cuda.is_available()
         self.train: list[Item] = []
         self.val: list[Item] = []
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -507,7 +508,7 @@ class PtlDataModule(L.LightningDataModule):
         visible, so its copy to the GPU does not wait for the GPU."""
         n = self.num_workers
         return {"num_workers": n, "persistent_workers": n > 0,
-                "pin_memory": self.pin_memory and torch.cuda.is_available()}
+                "pin_memory": self.pin_memory}
 
     def _loader(self, data: list[Item], shuffle: bool) -> DataLoader:
         return DataLoader(

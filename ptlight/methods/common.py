@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import get_scheduler
 
-from ptlight.runtime.callbacks import NonFiniteGuard
+from ptlight.runtime.callbacks import run_guard
 from ptlight.engine.logps import TokenScores
 from ptlight.engine.offload import DiskAdamW
 
@@ -91,11 +91,9 @@ def check_finite(module: L.LightningModule, loss: torch.Tensor) -> torch.Tensor:
     rank together. Gradients are checked at every optimizer step without any call. Without a
     guard in the trainer's callbacks (a bare ``lightning.Trainer``) this does nothing.
     """
-    trainer = module._trainer
-    if trainer is not None:
-        for callback in trainer.callbacks:
-            if isinstance(callback, NonFiniteGuard):
-                callback.observe_loss(loss)
+    guard = run_guard(module._trainer)
+    if guard is not None:
+        guard.observe_loss(loss)
     return loss
 
 

@@ -232,6 +232,12 @@ class NonFiniteGuard(L.Callback):
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
 
 
+def run_guard(trainer: L.Trainer | None) -> NonFiniteGuard | None:
+    """The run's :class:`NonFiniteGuard` among ``trainer``'s callbacks, if any."""
+    callbacks = trainer.callbacks if trainer is not None else []
+    return next((c for c in callbacks if isinstance(c, NonFiniteGuard)), None)
+
+
 def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer,
                    clip_val: float | None, algorithm: str | None) -> None:
     """Clip as Lightning does (``trainer.gradient_clip_val`` / ``_algorithm``), by norm with
@@ -242,10 +248,9 @@ def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer,
     its own clipping) goes to Lightning's ``clip_gradients``."""
     from lightning.pytorch.plugins.precision import Precision
 
-    trainer = module.trainer
-    guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+    guard = run_guard(module.trainer)
     norm = guard.take_norm(optimizer) if guard is not None else None
-    plugin = trainer.precision_plugin
+    plugin = module.trainer.precision_plugin
     if (norm is not None and clip_val is not None and clip_val > 0
             and (algorithm or "norm") == "norm"
             and type(plugin).clip_grad_by_norm is Precision.clip_grad_by_norm
