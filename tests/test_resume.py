@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY
+from helpers import TINY, metrics_losses
 from ptlight.runtime.callbacks import AtomicCheckpointIO, atomic_torch_save
 from ptlight.data.sampler import ResumableLoader, ResumableSampler
 
@@ -225,27 +225,93 @@ def test_clipping_reuses_the_guards_norm_with_lightnings_result(compose_cfg, tmp
     """Clipping by norm takes the gradient norm the non-finite guard has just computed
     (``ptlight.runtime.callbacks.clip_gradients``) instead of reading every gradient again in
     ``clip_grad_norm_``; with a clip that binds at every step, the run's losses and final
-    weights are bitwise those of Lightning's own clipping."""
+    weights are those of Lightning's own clipping: bitwise with torch's default AdamW (sft on
+    the CPU), within float rounding with fused AdamW (dpo on the CPU), whose kernel applies
+    the clip as it reads the gradients instead of a pass that rescales them first."""
+    import ptlight.runtime.callbacks as callbacks
     from ptlight.runtime.callbacks import NonFiniteGuard
 
     overrides = (f"method={method}", "eval.before=false", "eval.val_samples=0", *TINY,
                  "trainer.max_steps=4", "trainer.gradient_clip_val=0.01")
-    norms = []
-    taken = NonFiniteGuard.take_norm
+    norms, folded, scales_at_step = [], [], []
+    taken, fold = NonFiniteGuard.take_norm, callbacks._fold_clip
     monkeypatch.setattr(NonFiniteGuard, "take_norm",
                         lambda self, opt: norms.append(taken(self, opt)) or norms[-1])
+    monkeypatch.setattr(callbacks, "_fold_clip",
+                        lambda opt, *a: folded.append(opt) or fold(opt, *a))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda *a, **k: pytest.fail("clip_grad_norm_ read the gradients again"))
+    fused = torch._fused_adamw_
+
+    def watched_fused_adamw(*a, grad_scale=None, **k):  # once per step and param group
+        scales_at_step.append(grad_scale)
+        return fused(*a, grad_scale=grad_scale, **k)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", watched_fused_adamw)
     train_stage(compose_cfg(*overrides), tmp_path / "shared")
     assert len(norms) == 4 and all(float(n) > 0.01 for n in norms)  # the clip bound each step
+    if method == "dpo":  # fused on the CPU: each step divides by its own clip scale, then drops it
+        assert len(folded) == 4 and all(isinstance(o, torch.optim.AdamW) for o in folded)
+        groups = len(folded[0].param_groups)
+        assert [float(s) for s in scales_at_step] == pytest.approx(
+            [(float(n) + 1e-6) / 0.01 for n in norms for _ in range(groups)])
+        assert getattr(folded[-1], "grad_scale", None) is None
+    else:
+        assert folded == [] and scales_at_step == []  # torch's default AdamW: not fused
     monkeypatch.undo()
     monkeypatch.setattr(NonFiniteGuard, "take_norm", lambda self, opt: None)  # Lightning's
     train_stage(compose_cfg(*overrides), tmp_path / "lightning")
     header, *rows = (tmp_path / "shared" / "metrics.csv").read_text().splitlines()
-    assert (tmp_path / "lightning" / "metrics.csv").read_text().splitlines()[1:] == rows
     shared = load_file(tmp_path / "shared" / "export" / "model.safetensors")
     plain = load_file(tmp_path / "lightning" / "export" / "model.safetensors")
-    assert all(torch.equal(shared[k], plain[k]) for k in plain)
+    if method == "sft":
+        assert (tmp_path / "lightning" / "metrics.csv").read_text().splitlines()[1:] == rows
+        assert all(torch.equal(shared[k], plain[k]) for k in plain)
+    else:
+        assert metrics_losses(tmp_path / "shared") == pytest.approx(
+            metrics_losses(tmp_path / "lightning"), rel=1e-5, abs=1e-6)
+        for k in plain:
+            torch.testing.assert_close(shared[k], plain[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_clip_folded_into_fused_adamw_equals_clip_then_step_and_lasts_one_step():
+    """``_fold_clip``: fused AdamW divides by the clip scale as it reads each gradient; the
+    weights equal torch's clip-then-step within one rounding, the scale is gone after the
+    step, and a step without a clip (the norm under the bound) is a plain step."""
+    from ptlight.runtime.callbacks import _clip_folds_into_step, _fold_clip
+
+    torch.manual_seed(0)
+    start = [torch.randn(32, 16), torch.randn(16)]
+    grads = [[torch.randn(32, 16) * c, torch.randn(16) * c] for c in (4.0, 40.0, 8.0)]
+    grads.append([g * 1e-3 for g in grads[0]])  # under the bound: no clip
+
+    def train(fold: bool | None):  # None: no clip at all
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = torch.optim.AdamW(params, lr=0.1)
+        for group in opt.param_groups:
+            group["fused"], group["foreach"] = True, False
+        assert _clip_folds_into_step(opt)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if fold:
+                _fold_clip(opt, 1.0, norm)
+            elif fold is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, 1.0, norm)
+            opt.step()
+            assert getattr(opt, "grad_scale", None) is None
+        return params, opt
+
+    folded, opt = train(True)
+    plain, _ = train(False)
+    for a, b in zip(folded, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert len(opt._optimizer_step_post_hooks) == 1  # one hook, however many steps
+    unclipped, _ = train(None)  # what a fold that did nothing would give
+    assert not torch.allclose(unclipped[0], plain[0], rtol=1e-4, atol=1e-4)
+    unfused = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    assert not _clip_folds_into_step(unfused)  # torch's per-tensor loop: clip_grads_with_norm_
 
 
 def test_unknown_nonfinite_policy_fails_before_weights_load(compose_cfg, tmp_path, monkeypatch):

@@ -17,7 +17,9 @@
   weights never take a non-finite update, so every checkpoint is a good one, and a run that
   stops keeps its last ``last.ckpt``. ``nonfinite.max_consecutive`` skipped steps in a row
   stop the run too (a run that only skips is not training). The gradient norm it checks is
-  the one clipping by norm then uses (:func:`clip_gradients`), so the gradients are read once.
+  the one clipping by norm then uses (:func:`clip_gradients`), so the gradients are read once;
+  with fused AdamW the clip is applied inside the optimiser's kernel, so they are not written
+  back either.
 - :class:`Preemption` — SIGTERM (what SLURM and Kubernetes send before a kill), SIGINT (Ctrl+C)
   and, under SLURM, its requeue signal end the run at a step boundary with ``last.ckpt`` at that
   step, a non-zero exit and the command that resumes it.
@@ -238,16 +240,57 @@ def run_guard(trainer: L.Trainer | None) -> NonFiniteGuard | None:
     return next((c for c in callbacks if isinstance(c, NonFiniteGuard)), None)
 
 
+_FOLDED_CLIP = "_ptl_folded_clip"
+
+
+def _clip_folds_into_step(optimizer: torch.optim.Optimizer) -> bool:
+    """True when ``optimizer``'s step can apply the clip itself: torch's Adam/AdamW with every
+    group fused (its kernel divides each gradient by the ``grad_scale`` tensor it finds on the
+    optimizer, the hook ``torch.amp.GradScaler`` uses to unscale), over plain tensors (not
+    FSDP2's DTensor shards), and no scale of anyone else's set."""
+    if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam):
+        return False
+    if getattr(optimizer, "grad_scale", None) is not None:
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor has no FSDP2 either
+        DTensor = ()  # type: ignore[assignment,misc]
+    return all(g.get("fused") and not any(isinstance(p, DTensor) for p in g["params"])
+               for g in optimizer.param_groups)
+
+
+def _fold_clip(optimizer: torch.optim.Optimizer, clip_val: float, norm: torch.Tensor) -> None:
+    """Clip by norm inside the fused AdamW step: ``grad_scale = max(1, (norm + 1e-6) / clip)``,
+    the divisor whose inverse is ``clip_grads_with_norm_``'s clamped coefficient, so the step
+    sees the clipped gradients (equal within one rounding: a division instead of a
+    multiplication) and no pass over the gradients multiplies them in place. The scale lives
+    for one step: a post-step hook, registered once per optimizer, removes it."""
+    if not hasattr(optimizer, _FOLDED_CLIP):
+        def drop_scale(opt: torch.optim.Optimizer, *_: Any) -> None:
+            if getattr(opt, _FOLDED_CLIP, False):
+                opt.__dict__.pop("grad_scale", None)
+                setattr(opt, _FOLDED_CLIP, False)
+
+        optimizer.register_step_post_hook(drop_scale)
+    optimizer.grad_scale = torch.clamp((norm + 1e-6) / clip_val, min=1.0)  # type: ignore[attr-defined]
+    setattr(optimizer, _FOLDED_CLIP, True)
+
+
 def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer,
                    clip_val: float | None, algorithm: str | None) -> None:
     """Clip as Lightning does (``trainer.gradient_clip_val`` / ``_algorithm``), by norm with
     the norm the run's :class:`NonFiniteGuard` has just computed when it did: the same
-    ``get_total_norm`` over the same gradients, then torch's ``clip_grads_with_norm_``, which
-    is all ``clip_grad_norm_`` does, so the result is bitwise Lightning's and one pass over the
-    gradients is saved. Any other case (by value, 16-bit precision, a precision plugin with
-    its own clipping) goes to Lightning's ``clip_gradients``."""
+    ``get_total_norm`` over the same gradients, so one pass over the gradients is saved. With
+    fused AdamW the clip then rides in the optimiser's own kernel (:func:`_fold_clip`); else
+    torch's ``clip_grads_with_norm_`` applies it, which is all ``clip_grad_norm_`` does, so the
+    result is bitwise Lightning's. Any other case (by value, 16-bit precision, a precision
+    plugin with its own clipping) goes to Lightning's ``clip_gradients``."""
     from lightning.pytorch.plugins.precision import Precision
 
+    if getattr(optimizer, _FOLDED_CLIP, False):  # set for a step that never ran
+        optimizer.__dict__.pop("grad_scale", None)
+        setattr(optimizer, _FOLDED_CLIP, False)
     guard = run_guard(module.trainer)
     norm = guard.take_norm(optimizer) if guard is not None else None
     plugin = module.trainer.precision_plugin
@@ -255,8 +298,11 @@ def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer,
             and (algorithm or "norm") == "norm"
             and type(plugin).clip_grad_by_norm is Precision.clip_grad_by_norm
             and type(plugin).main_params is Precision.main_params):
-        torch.nn.utils.clip_grads_with_norm_(list(plugin.main_params(optimizer)),
-                                             float(clip_val), norm)
+        if _clip_folds_into_step(optimizer):
+            _fold_clip(optimizer, float(clip_val), norm)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(list(plugin.main_params(optimizer)),
+                                                 float(clip_val), norm)
         return
     module.clip_gradients(optimizer, gradient_clip_val=clip_val,
                           gradient_clip_algorithm=algorithm)
