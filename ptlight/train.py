@@ -150,23 +150,33 @@ def _settle(cfg: DictConfig, run_dir: Path, overrides: list[str] | None
     if cfg.get("optimizer_offload") and cuda:
         raise ConfigError("optimizer_offload streams CPU parameters' AdamW state through a "
                           "file; this run trains on a CUDA GPU: set optimizer_offload=null")
+    if cfg.model.get("packed_attention") == "flex" and not cuda:
+        raise ConfigError("model.packed_attention=flex: torch's FlexAttention has no backward "
+                          "on the CPU, and this run trains on the CPU: use "
+                          "model.packed_attention=sdpa (the default)")
     _save_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return cfg, objective
 
 
 def _check_compile_packed(cfg: DictConfig) -> None:
-    """``model.compile=packed`` compiles packed scoring only: refused, before any weights
-    load, for a run that never packs (it would run eager without a word)."""
-    if cfg.model.get("compile") != "packed" or cfg.method.get("pack") is True:
+    """``model.compile=packed`` and ``model.packed_attention=flex`` change packed scoring
+    only: refused, before any weights load, for a run that never packs (it would run as if
+    they were unset, without a word)."""
+    if cfg.method.get("pack") is True:
         return
     why = ("this method has no packed scoring" if "pack" not in cfg.method else
            "method.pack is false" + (" (auto settles packing on CUDA only with a precomputed "
                                      "reference, i.e. a run over every train row)"
                                      if uses_cuda(cfg.trainer) else ""))
-    raise ConfigError(f"model.compile=packed compiles the preference methods' packed scoring, "
-                      f"and this run does not pack: {why}. Use model.compile=true (norms and "
-                      f"MLPs in every call), or set method.pack=true")
+    if cfg.model.get("compile") == "packed":
+        raise ConfigError(f"model.compile=packed compiles the preference methods' packed "
+                          f"scoring, and this run does not pack: {why}. Use model.compile=true "
+                          f"(norms and MLPs in every call), or set method.pack=true")
+    if cfg.model.get("packed_attention") == "flex":
+        raise ConfigError(f"model.packed_attention=flex is the attention of the preference "
+                          f"methods' packed scoring, and this run does not pack: {why}. Set "
+                          f"method.pack=true, or model.packed_attention=sdpa")
 
 
 def _save_config(cfg: DictConfig, run_dir: Path) -> None:

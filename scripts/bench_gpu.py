@@ -90,6 +90,8 @@ PTLIGHT_CONFIGS = {
     "compile": ["model.compile=true"],                            # defaults + compiled layers
     "compile_packed": ["model.compile=packed"],                   # only packed scoring compiled
     "pin": ["data.pin_memory=true"],                              # defaults + pinned batches
+    "flex": ["model.packed_attention=flex"],                      # block-sparse FlexAttention
+    "flex_compile": ["model.packed_attention=flex", "model.compile=true"],
 }
 TRL_CONFIGS = {
     "default": {},                                                # gradient checkpointing on
@@ -99,11 +101,12 @@ TRL_CONFIGS = {
 # defaults and the fastest opt-in at both shapes), then the variants that attribute the gain.
 PLAN = [
     ("gpu-350m", "trl", "best"), ("gpu-350m", "ptlight", "default"),
-    ("gpu-350m", "ptlight", "pin"), ("gpu-350m", "ptlight", "cudnn_attention"),
-    ("gpu-350m", "ptlight", "compile"),
+    ("gpu-350m", "ptlight", "flex"), ("gpu-350m", "ptlight", "compile"),
+    ("gpu-350m", "ptlight", "flex_compile"),
     ("gpu-1.2b", "trl", "best"), ("gpu-1.2b", "ptlight", "default"),
-    ("gpu-1.2b", "ptlight", "pin"), ("gpu-1.2b", "ptlight", "cudnn_attention"),
-    ("gpu-1.2b", "ptlight", "compile"),
+    ("gpu-1.2b", "ptlight", "flex"), ("gpu-1.2b", "ptlight", "compile"),
+    ("gpu-1.2b", "ptlight", "flex_compile"),
+    ("gpu-350m", "ptlight", "pin"), ("gpu-350m", "ptlight", "cudnn_attention"),
     ("gpu-350m", "ptlight", "stock_norm"), ("gpu-350m", "ptlight", "copy_pack"),
     ("gpu-350m", "ptlight", "compile_packed"), ("gpu-350m", "ptlight", "copy"),
     ("gpu-350m", "ptlight", "precompute"),

@@ -12,7 +12,8 @@ sees changes:
   tokens before it, and the earlier tokens of its own branch) — never another branch, another
   group or padding (a 4-D boolean mask, one ``[N, N]`` block per row, built on the device from
   ``end``; in preorder, j is an ancestor of i iff ``j <= i < end(j)``, the end of j's
-  subtree);
+  subtree; with ``model.packed_attention=flex`` the same rule as a block-sparse FlexAttention
+  ``BlockMask``, :mod:`ptlight.engine.flex`);
 - positions: a token's depth in the trie, so each branch starts at ``|x|`` as it would after
   its prompt in its own row;
 - LFM2's short convolutions (``conv_L_cache`` = 3 taps) read the *predecessor chain* of each
@@ -36,10 +37,12 @@ from __future__ import annotations
 import dataclasses
 import types
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ptlight.engine.compile import PACKED_CALL, is_compiled
+from ptlight.engine.flex import tree_block_mask, uses_flex
 
 
 def supports_packing(model) -> bool:
@@ -371,11 +374,16 @@ def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = N
     """Last hidden states at flat ``positions`` (default ``packed.src``: ``[M, H]``, the one
     that predicts each target)."""
     base = getattr(model, model.base_model_prefix)
-    allowed = packed.attention_mask()
-    if model.config._attn_implementation == "eager":
+    allowed: Any
+    if uses_flex(base):  # model.packed_attention=flex: block-sparse, never dense
+        allowed = tree_block_mask(packed.end)
+    elif model.config._attn_implementation == "eager":
+        allowed = packed.attention_mask()
         dtype = next(model.parameters()).dtype
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
+    else:
+        allowed = packed.attention_mask()
     install_tree_convs(base)
     chain = ConvChain(chain_taps(packed.prev, base.config.conv_L_cache))
     masks = {"full_attention": allowed, "conv": chain}

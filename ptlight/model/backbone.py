@@ -35,6 +35,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
 
 from ptlight.engine.compile import compile_blocks
 from ptlight.engine.cpu_bf16 import checkpoint_contexts
+from ptlight.engine.flex import install_flex_attention
 from ptlight.engine.norms import install_fused_norms
 from ptlight.errors import ConfigError, ModelLoadError
 from ptlight.model import masks
@@ -196,7 +197,8 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     (:mod:`ptlight.model.masks`: left padding would otherwise turn to NaN on CUDA).
     ``model.fused_norm`` routes the RMSNorm layers through ``F.rms_norm``
     (:mod:`ptlight.engine.norms`; ``auto``, which a training run settles for its own device,
-    is on here where CUDA is visible) and ``model.compile`` compiles blocks
+    is on here where CUDA is visible), ``model.packed_attention=flex`` gives packed scoring
+    FlexAttention (:mod:`ptlight.engine.flex`) and ``model.compile`` compiles blocks
     (:mod:`ptlight.engine.compile`), in that order.
     """
     masks.install()
@@ -237,6 +239,9 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
         log.warning("model.fused_norm=true: %s has no RMSNorm of a form ptlight fuses "
                     "(ptlight.engine.norms.RMSNORM_CLASSES); its norms run as they are",
                     type(model).__name__)
+    if model_cfg.get("packed_attention") == "flex" and not install_flex_attention(model):
+        log.warning("model.packed_attention=flex: %s has no LFM2 attention layer; packed "
+                    "scoring (LFM2 only) does not run on it", type(model).__name__)
     if model_cfg.get("compile"):
         compile_blocks(model, blocks=model_cfg.get("compile") != "packed")
     return model

@@ -12,7 +12,7 @@ Checked here: security flags (real booleans only), ``seed``, ``data.batch_size``
 ``weight_decay``, ``betas``, ``warmup_ratio``, ``scheduler``), ``trainer.max_steps``,
 ``accumulate_grad_batches``, ``gradient_clip_val``, ``val_check_interval`` and
 ``log_every_n_steps``, ``checkpoint.every_n_train_steps``,
-``model.compile``, ``model.fused_norm``, the packing keys, and the ``eval`` counts and generation settings.
+``model.compile``, ``model.fused_norm``, ``model.packed_attention``, the packing keys, and the ``eval`` counts and generation settings.
 ``trainer.precision``/``accelerator``/``devices`` are checked where the trainer is set up
 (:mod:`ptlight.runtime.strategy`, :mod:`ptlight.engine.cpu_bf16`); each method checks its
 own keys in its ``extra_args``.
@@ -242,6 +242,11 @@ def check_model(model: DictConfig) -> None:
         raise ConfigError(f"model.fused_norm={fused_norm!r}: whether RMSNorm layers run as "
                           "torch's fused F.rms_norm; write model.fused_norm=auto (on where the "
                           "run trains on CUDA), true or false (unquoted)")
+    attention = model.get("packed_attention", "sdpa")
+    if attention not in ("sdpa", "flex"):
+        raise ConfigError(f"model.packed_attention={attention!r}: the attention of packed "
+                          "scoring; use sdpa (a dense tree mask) or flex (FlexAttention with a "
+                          "block-sparse mask, CUDA only)")
     compile_ = model.get("compile", False)
     if not isinstance(compile_, bool) and compile_ != "packed":
         raise ConfigError(f"model.compile={compile_!r}: use model.compile=true (torch.compile "
