@@ -91,3 +91,51 @@ def test_eval_num_prompts_zero_trains_and_exports_without_a_gold_evaluation(comp
     assert "after" not in json.loads((tmp_path / "eval.json").read_text())
     cfg = compose_cfg("method=rm", "eval.num_pairs=0", *TINY)  # no held-out pair accuracy
     assert "heldout" not in train_stage(cfg, tmp_path / "rm")
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("dpo", ()), ("sft", ("trainer.accumulate_grad_batches=2",)),
+    ("grpo", ("method.rollout.max_new_tokens=4", "method.rollout.num_generations=2"))])
+def test_metrics_are_logged_only_on_the_steps_the_loggers_write(compose_cfg, tmp_path,
+                                                                monkeypatch, method, extra):
+    """Training metrics reach ``self.log`` on the steps whose values Lightning writes
+    (every ``log_every_n_steps``-th and the last), the loss every step (the progress bar):
+    metrics.csv and the report's final metrics are those of a run that logs every value
+    every step."""
+    import lightning as L
+
+    import ptlight.methods.common as common
+
+    overrides = (f"method={method}", "eval.before=false", "eval.val_samples=0", *TINY, *extra,
+                 "trainer.max_steps=5", "trainer.log_every_n_steps=2",
+                 "trainer.val_check_interval=100", "checkpoint.every_n_train_steps=100")
+    logged_at: list[tuple[int, str]] = []
+    real_log = L.LightningModule.log
+
+    def log(self, name, *a, **k):
+        if self.trainer.training and not self.trainer.validating:
+            logged_at.append((self.trainer.global_step, name))
+        return real_log(self, name, *a, **k)
+
+    monkeypatch.setattr(L.LightningModule, "log", log)
+    gated = train_stage(compose_cfg(*overrides), tmp_path / "gated")
+    if method != "grpo":  # (grpo steps its optimiser itself: its global step runs ahead)
+        metric_steps = {step for step, name in logged_at if name != "train/loss"}
+        assert metric_steps == {1, 3, 4}  # steps 2, 4 and the last (5), counted from 0
+        assert {step for step, name in logged_at if name == "train/loss"} == set(range(5))
+    monkeypatch.setattr(common, "logs_this_step", lambda module: True)
+    every = train_stage(compose_cfg(*overrides), tmp_path / "every")
+    timed = ("train/rollout/seconds", "train/rollout/tokens_per_s")  # wall-clock readings
+
+    def untimed(values: dict) -> dict:
+        return {k: v for k, v in values.items() if k not in timed}
+
+    assert untimed(gated["final_metrics"]) == untimed(every["final_metrics"])
+    assert "train/loss" in gated["final_metrics"] and len(gated["final_metrics"]) > 3
+    rows = {}
+    for run in ("gated", "every"):
+        with open(tmp_path / run / "metrics.csv") as f:
+            rows[run] = [untimed(r) for r in csv.DictReader(f)]
+    assert rows["gated"] == rows["every"]
+    if method != "grpo":
+        assert [r["step"] for r in rows["gated"] if r.get("train/loss")] == ["1", "3"]

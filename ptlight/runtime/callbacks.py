@@ -191,7 +191,11 @@ class NonFiniteGuard(L.Callback):
             self._on_bad_step(trainer, optimizer, bad_loss)
         else:
             self.consecutive = 0
-        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+        from ptlight.methods.common import logs_this_step
+
+        if logs_this_step(pl_module):
+            pl_module.log("train/skipped_steps", float(self.skipped), on_step=True,
+                          on_epoch=False)
 
     def take_norm(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
         """The total gradient norm this step's check computed over ``optimizer``'s gradients,
