@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -44,6 +44,7 @@ from ptlight.runtime.callbacks import AtomicCheckpointIO, NonFiniteGuard, Preemp
 from ptlight.runtime.devices import (configure_cuda, covers_an_epoch, data_defaults,
                                      device_defaults, resolve_trainer, single_process,
                                      uses_cuda)
+from ptlight.runtime.progress import TrainingBar
 from ptlight.runtime.rundir import (RunCSVLogger, RunRecord, checkpoint_to_resume,
                                     guard_run_dir)
 from ptlight.runtime.strategy import (build_strategy, fsdp_without_rank0_generation,
@@ -341,7 +342,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path, guard: NonFiniteGuard, objective:
         guard, RngState(), Preemption(run_dir), RunRecord(cfg.method.module, objective.name),
     ]
     if cfg.trainer.enable_progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(TrainingBar())
     if samples is not None:
         callbacks.append(samples)
     return callbacks + build_callbacks(cfg)

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from helpers import TINY
 from ptlight.train import train_stage
@@ -139,3 +140,59 @@ def test_metrics_are_logged_only_on_the_steps_the_loggers_write(compose_cfg, tmp
     assert rows["gated"] == rows["every"]
     if method != "grpo":
         assert [r["step"] for r in rows["gated"] if r.get("train/loss")] == ["1", "3"]
+
+
+def test_a_training_step_reads_the_device_back_once(compose_cfg, tmp_path, monkeypatch):
+    """Between fetching its batch and its last hook, a DPO step with the progress bar on reads
+    tensors back to the host once (the non-finite guard's check, before the optimizer step)
+    on steps whose values the loggers do not get and that save no checkpoint; on a GPU every such read waits for the
+    queued kernels. Counted on the CPU: ``item``/``bool``/``float`` (``_local_scalar_dense``)
+    and the other ops a CUDA tensor answers on the host, plus ``tolist``."""
+    import lightning as L
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ptlight.methods.preference import PreferenceMethod
+
+    host_ops = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "equal",
+                "is_nonzero"}
+    reads: dict[int, int] = {}
+
+    class Reads(TorchDispatchMode):
+        step = -1
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._opname in host_ops:
+                reads[self.step] = reads.get(self.step, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    mode = Reads()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t):
+        if mode.step >= 0:
+            reads[mode.step] = reads.get(mode.step, 0) + 1
+        return tolist(t)
+
+    class Window(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            mode.step = trainer.global_step
+            mode.__enter__()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):  # after every callback's hook
+        mode.__exit__(None, None, None)
+        mode.step = -1
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    monkeypatch.setattr(PreferenceMethod, "on_train_batch_end", on_train_batch_end,
+                        raising=False)
+    init = L.Trainer.__init__
+    monkeypatch.setattr(L.Trainer, "__init__", lambda self, *a, **k: init(
+        self, *a, **{**k, "callbacks": [*(k.get("callbacks") or []), Window()]}))
+    train_stage(compose_cfg("method=dpo", "eval.before=false", "eval.val_samples=0", *TINY,
+                            "trainer.max_steps=6", "trainer.log_every_n_steps=5",
+                            "trainer.enable_progress_bar=true", "method.reference=copy",
+                            "trainer.val_check_interval=100",
+                            "checkpoint.every_n_train_steps=100"), tmp_path)
+    assert reads[0] == 2  # the guard, and the bar's first values
+    assert [reads.get(step, 0) for step in (1, 2, 3)] == [1, 1, 1]
+    assert reads[4] > 1 and reads[5] > 1  # the logged steps: their values go to the loggers

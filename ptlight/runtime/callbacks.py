@@ -170,20 +170,25 @@ class NonFiniteGuard(L.Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
-        bad_grads = False
         self._norm = None
+        checks: dict[str, torch.Tensor] = {}  # read back together: one host sync a step
         # 16-bit precision has a grad scaler that already skips overflowing steps
         if grads and not str(trainer.precision).startswith("16"):
             # clip_grad_norm_'s own norm of the same gradients (take_norm)
             norm = torch.nn.utils.get_total_norm(grads)
-            bad_grads = not bool(torch.isfinite(norm))
+            finite = torch.isfinite(norm)
+            checks["grads"] = finite.full_tensor() if hasattr(finite, "full_tensor") else finite
             self._norm = (optimizer, norm)
-        bad_loss = None
+        losses = None
         if self._losses:
             losses = torch.cat(self._losses)
             self._losses = []
-            if not bool(torch.isfinite(losses).all()):
-                bad_loss = float(losses[~torch.isfinite(losses)][0])
+            checks["loss"] = torch.isfinite(losses).all()
+        finite_flags = dict(zip(checks, _read_flags(list(checks.values()))))
+        bad_grads = not finite_flags.get("grads", True)
+        bad_loss = None
+        if losses is not None and not finite_flags["loss"]:
+            bad_loss = float(losses[~torch.isfinite(losses)][0])
         bad = trainer.strategy.reduce_boolean_decision(bad_loss is not None or bad_grads,
                                                        all=False)
         if bad:
@@ -236,6 +241,14 @@ class NonFiniteGuard(L.Callback):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+
+
+def _read_flags(flags: list[torch.Tensor]) -> list[bool]:
+    """Boolean scalars, wherever they live, read to the host in one transfer."""
+    if not flags:
+        return []
+    device = flags[0].device
+    return [bool(f) for f in torch.stack([f.reshape(()).to(device) for f in flags]).tolist()]
 
 
 def run_guard(trainer: L.Trainer | None) -> NonFiniteGuard | None:

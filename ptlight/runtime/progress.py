@@ -1,5 +1,6 @@
-"""One progress bar for the long loops outside Lightning's own (tokenization, reference
-precompute, generation, evaluation): a rich bar with count, rate and ETA, on rank zero only.
+"""Progress bars: the training bar (:class:`TrainingBar`, Lightning's rich bar) and one bar for
+the long loops outside Lightning's own (tokenization, reference precompute, generation,
+evaluation): a rich bar with count, rate and ETA, on rank zero only.
 
 Callers decide when a loop is long enough to deserve a bar (``show``); short loops, such as the
 tiny runs of the tests, iterate plainly and print nothing. On a terminal that is not
@@ -9,9 +10,11 @@ interactive (a log file, a captured subprocess) rich prints the finished bar onc
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import RichProgressBar
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task,
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
@@ -33,6 +36,27 @@ class RateColumn(ProgressColumn):
             return Text(f"? {self.unit}/s", style="progress.data.speed")
         text = f"{speed:.1f} {self.unit}/s" if speed >= 1 else f"{1 / speed:.1f} s/{self.unit}"
         return Text(text, style="progress.data.speed")
+
+
+class TrainingBar(RichProgressBar):
+    """Lightning's rich bar (step count, rate, the logged ``prog_bar`` values, kept on screen),
+    whose values are read off the device on the training steps whose values the loggers get
+    (:func:`ptlight.methods.common.logs_this_step`), not after every step: each read is a
+    host sync, which on a GPU would wait for the step's optimizer kernels, with nothing of the
+    next step queued. Between those steps the bar shows the last values read."""
+
+    def __init__(self) -> None:
+        super().__init__(leave=True)
+        self._shown: dict[str, Any] = {}
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        from ptlight.methods.common import logs_this_step
+
+        if (trainer.training and not trainer.validating and not trainer.sanity_checking
+                and self._shown and not logs_this_step(pl_module)):
+            return self._shown
+        self._shown = super().get_metrics(trainer, pl_module)
+        return self._shown
 
 
 def track(items: Iterable[T], description: str, *, total: int, unit: str = "it",
