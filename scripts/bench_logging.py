@@ -1,5 +1,5 @@
 """Host time of training-metric logging in a DPO step, as shipped and logging every value every
-step (what ptlight did before ``ptlight.methods.common.logs_this_step``).
+step (what ptlight does with ``ptlight.runtime.progress.logs_this_step`` always true).
 
     python scripts/bench_logging.py                  # tiny LFM2, 60 timed steps each way
     python scripts/bench_logging.py --steps 100 -- trainer.log_every_n_steps=50
@@ -42,11 +42,12 @@ def one(way: str, steps: int, extra: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
     import ptlight.methods.common as common
+    import ptlight.runtime.progress as progress
     from ptlight.config import config_dir, register_resolvers
     from ptlight.train import train_stage
 
     if way == "every":
-        common.logs_this_step = lambda module: True
+        progress.logs_this_step = lambda module: True
     spent = {"log": 0.0}
     real = common.log_metrics
 

@@ -89,6 +89,21 @@ def pair_batch(length: int, seed: int) -> dict:
     return pad_rows(seqs, 0)
 
 
+def prompt_block_batch(prompt_lens, completion_lens, k=2, seed=0, pad_id=0) -> dict:
+    """K blocks of rows over the same prompts (the collate's layout, padded by its
+    ``pad_rows``), random token ids: completion ``completion_lens[j][i]`` of prompt i in block
+    j."""
+    import torch
+
+    from ptlight.data.module import pad_rows
+
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(5, 300, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(n) for n in prompt_lens]
+    seqs = [(p, ids(completion_lens[j][i])) for j in range(k) for i, p in enumerate(prompts)]
+    return pad_rows(seqs, pad_id)
+
+
 def scores_and_grads(model, args, **kwargs):
     """Completion log-probs of a batch (``args``: input_ids, attention_mask, loss_mask) and the
     gradient of their sum with respect to every parameter, from zeroed gradients."""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, scores_and_grads,
                      tiny_model_cfg)
+from helpers import prompt_block_batch as _batch
 from ptlight.engine import packing
 from ptlight.model.backbone import build_policy, load_tokenizer
 from ptlight.data.module import pad_rows
@@ -24,15 +25,6 @@ def model():
     torch.manual_seed(0)
     cfg = tiny_model_cfg()
     return build_policy(cfg, load_tokenizer(cfg))
-
-
-def _batch(prompt_lens, completion_lens, k=2, seed=0, pad_id=0):
-    """K blocks of rows over the same prompts (the collate's layout), random token ids."""
-    g = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(5, 300, (n,), generator=g).tolist()  # noqa: E731
-    prompts = [ids(n) for n in prompt_lens]
-    seqs = [(p, ids(completion_lens[j][i])) for j in range(k) for i, p in enumerate(prompts)]
-    return pad_rows(seqs, pad_id)
 
 
 def _reference_sums(model, batch):

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from helpers import TINY, tiny_model_cfg
+from helpers import TINY, prompt_block_batch, tiny_model_cfg
 from ptlight.engine import flex, packing
 from ptlight.engine.logps import completion_logps
 from ptlight.errors import ConfigError
@@ -18,26 +18,9 @@ from ptlight.model.backbone import build_policy, load_tokenizer
 from ptlight.train import train_stage
 
 
-def _batch(prompt_lens, completion_lens, seed=0, pad_id=0):
-    """K=2 completions per prompt, right-padded rows ``[2B, T]`` (the collate's layout)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for k in range(2):
-        for p, c in zip(prompt_lens, completion_lens[k]):
-            prompt = torch.randint(3, 200, (p,), generator=g).tolist()
-            rows.append((prompt, torch.randint(3, 200, (c,), generator=g).tolist()))
-    # the two completions of an example share its prompt
-    b = len(prompt_lens)
-    rows = [(rows[i % b][0], rows[i][1]) for i in range(2 * b)]
-    width = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((2 * b, width), pad_id)
-    attn = torch.zeros(2 * b, width, dtype=torch.long)
-    loss = torch.zeros(2 * b, width, dtype=torch.long)
-    for r, (p, c) in enumerate(rows):
-        ids[r, : len(p) + len(c)] = torch.tensor(p + c)
-        attn[r, : len(p) + len(c)] = 1
-        loss[r, len(p) : len(p) + len(c)] = 1
-    return ids, attn, loss
+def _batch(**lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch = prompt_block_batch(**lengths)
+    return batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
 
 
 PAIRS = dict(prompt_lens=[5, 9, 1, 7, 40, 60], completion_lens=[[4, 1, 6, 3, 30, 20],

@@ -105,7 +105,7 @@ def test_metrics_are_logged_only_on_the_steps_the_loggers_write(compose_cfg, tmp
     every step."""
     import lightning as L
 
-    import ptlight.methods.common as common
+    import ptlight.runtime.progress as progress
 
     overrides = (f"method={method}", "eval.before=false", "eval.val_samples=0", *TINY, *extra,
                  "trainer.max_steps=5", "trainer.log_every_n_steps=2",
@@ -124,7 +124,7 @@ def test_metrics_are_logged_only_on_the_steps_the_loggers_write(compose_cfg, tmp
         metric_steps = {step for step, name in logged_at if name != "train/loss"}
         assert metric_steps == {1, 3, 4}  # steps 2, 4 and the last (5), counted from 0
         assert {step for step, name in logged_at if name == "train/loss"} == set(range(5))
-    monkeypatch.setattr(common, "logs_this_step", lambda module: True)
+    monkeypatch.setattr(progress, "logs_this_step", lambda module: True)
     every = train_stage(compose_cfg(*overrides), tmp_path / "every")
     timed = ("train/rollout/seconds", "train/rollout/tokens_per_s")  # wall-clock readings
 

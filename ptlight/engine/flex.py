@@ -78,12 +78,11 @@ def _flex_attention_forward(self: Any, hidden_states: torch.Tensor,
     cos, sin = position_embeddings
     q, k = rotary(q, k, cos, sin)
     device = q.device.type
-    if torch.is_autocast_enabled(device):  # as autocast casts SDPA's operands
-        dtype = torch.get_autocast_dtype(device)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    else:  # q/k norms with fp32 weights may promote; SDPA would too
-        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    # one dtype for the three, as autocast casts SDPA's operands; without autocast, q/k norms
+    # with fp32 weights may have promoted q and k
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     out = _flex(device)(q, k, v, block_mask=attention_mask, scale=self.scaling,
                         enable_gqa=q.shape[1] != k.shape[1])
     out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)

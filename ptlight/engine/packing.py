@@ -377,13 +377,12 @@ def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = N
     allowed: Any
     if uses_flex(base):  # model.packed_attention=flex: block-sparse, never dense
         allowed = tree_block_mask(packed.end)
-    elif model.config._attn_implementation == "eager":
-        allowed = packed.attention_mask()
-        dtype = next(model.parameters()).dtype
-        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
     else:
         allowed = packed.attention_mask()
+        if model.config._attn_implementation == "eager":
+            dtype = next(model.parameters()).dtype
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device
+                                  ).masked_fill(~allowed, torch.finfo(dtype).min)
     install_tree_convs(base)
     chain = ConvChain(chain_taps(packed.prev, base.config.conv_L_cache))
     masks = {"full_attention": allowed, "conv": chain}

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import get_scheduler
 
+from ptlight.runtime import progress
 from ptlight.runtime.callbacks import run_guard
 from ptlight.engine.logps import TokenScores
 from ptlight.engine.offload import DiskAdamW
@@ -97,26 +98,6 @@ def check_finite(module: L.LightningModule, loss: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def logs_this_step(module: L.LightningModule) -> bool:
-    """Whether the loggers get this training step's values: Lightning writes a step's logged
-    values on every ``trainer.log_every_n_steps``-th step (and when the run stops), and drops
-    the others, so a value logged on any other step only costs host time (about half a
-    millisecond per ``self.log`` call, its all-reduce under DDP/FSDP with ``sync_dist``). The
-    run's last step counts too, so the report's final metrics are the last step's. Lightning's
-    own test (its logger connector's ``should_update_logs``) decides; a Lightning without it
-    logs every step."""
-    trainer = module._trainer
-    if trainer is None:
-        return True
-    should = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", None)
-    if should is None or should or trainer.fast_dev_run:
-        return True
-    if trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps:
-        return True
-    max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
-    return bool(trainer.is_last_batch and 0 < max_epochs <= trainer.current_epoch + 1)
-
-
 def log_metrics(
     module: L.LightningModule, split: str, loss: torch.Tensor, metrics: dict[str, torch.Tensor],
     batch_size: int,
@@ -124,12 +105,12 @@ def log_metrics(
     """Log ``<split>/loss`` and ``<split>/<name>``: per step in training, epoch means in val.
 
     In training the metrics are logged on the steps whose values reach the loggers
-    (:func:`logs_this_step`); the loss every step, for the progress bar. Under DDP/FSDP every
-    value is the mean over ranks (``sync_dist``), so ``train/loss`` is the loss of the global
-    batch, as in a one-process run (no-op with one process).
+    (:func:`ptlight.runtime.progress.logs_this_step`); the loss every step, for the progress
+    bar. Under DDP/FSDP every value is the mean over ranks (``sync_dist``), so ``train/loss``
+    is the loss of the global batch, as in a one-process run (no-op with one process).
     """
     train = split == "train"
-    if train and not logs_this_step(module):
+    if train and not progress.logs_this_step(module):
         metrics = {}
     values = {f"{split}/{k}": v.detach().float() for k, v in metrics.items()}
     if values:
@@ -259,7 +240,7 @@ class RolloutSteps:
         logged = {f"train/{k}": v / (1 if k in totals else steps) for k, v in sums.items()}
         logged.update({f"train/{k}": v.float() for k, v in stats.items()})
         loss = logged.pop("train/loss")
-        if logs_this_step(module):
+        if progress.logs_this_step(module):
             module.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
         module.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
                    batch_size=batch_size)

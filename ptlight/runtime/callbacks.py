@@ -52,6 +52,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ptlight.errors import ConfigError, TrainingError
+from ptlight.runtime import progress
 
 _PARTIAL = ".ptlight-save-{pid}.partial"  # no "last" in the name: Lightning's ckpt_path=last
                                           # picks any file whose name contains "last"
@@ -196,9 +197,7 @@ class NonFiniteGuard(L.Callback):
             self._on_bad_step(trainer, optimizer, bad_loss)
         else:
             self.consecutive = 0
-        from ptlight.methods.common import logs_this_step
-
-        if logs_this_step(pl_module):
+        if progress.logs_this_step(pl_module):
             pl_module.log("train/skipped_steps", float(self.skipped), on_step=True,
                           on_epoch=False)
 
@@ -277,6 +276,13 @@ def _clip_folds_into_step(optimizer: torch.optim.Optimizer) -> bool:
                for g in optimizer.param_groups)
 
 
+def _drop_folded_clip(optimizer: torch.optim.Optimizer) -> None:
+    """Remove the scale :func:`_fold_clip` set, if it is still there."""
+    if getattr(optimizer, _FOLDED_CLIP, False):
+        optimizer.__dict__.pop("grad_scale", None)
+        setattr(optimizer, _FOLDED_CLIP, False)
+
+
 def _fold_clip(optimizer: torch.optim.Optimizer, clip_val: float, norm: torch.Tensor) -> None:
     """Clip by norm inside the fused AdamW step: ``grad_scale = max(1, (norm + 1e-6) / clip)``,
     the divisor whose inverse is ``clip_grads_with_norm_``'s clamped coefficient, so the step
@@ -284,12 +290,7 @@ def _fold_clip(optimizer: torch.optim.Optimizer, clip_val: float, norm: torch.Te
     multiplication) and no pass over the gradients multiplies them in place. The scale lives
     for one step: a post-step hook, registered once per optimizer, removes it."""
     if not hasattr(optimizer, _FOLDED_CLIP):
-        def drop_scale(opt: torch.optim.Optimizer, *_: Any) -> None:
-            if getattr(opt, _FOLDED_CLIP, False):
-                opt.__dict__.pop("grad_scale", None)
-                setattr(opt, _FOLDED_CLIP, False)
-
-        optimizer.register_step_post_hook(drop_scale)
+        optimizer.register_step_post_hook(lambda opt, *_: _drop_folded_clip(opt))
     optimizer.grad_scale = torch.clamp((norm + 1e-6) / clip_val, min=1.0)  # type: ignore[attr-defined]
     setattr(optimizer, _FOLDED_CLIP, True)
 
@@ -305,9 +306,7 @@ def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer,
     plugin with its own clipping) goes to Lightning's ``clip_gradients``."""
     from lightning.pytorch.plugins.precision import Precision
 
-    if getattr(optimizer, _FOLDED_CLIP, False):  # set for a step that never ran
-        optimizer.__dict__.pop("grad_scale", None)
-        setattr(optimizer, _FOLDED_CLIP, False)
+    _drop_folded_clip(optimizer)  # one set for a step that never ran
     guard = run_guard(module.trainer)
     norm = guard.take_norm(optimizer) if guard is not None else None
     plugin = module.trainer.precision_plugin
