@@ -30,7 +30,7 @@ python3 -c "import torch, transformers, lightning; print(torch.__version__, tran
 gpu_tests() {  # the tests are correctness checks: 6 workers share the card
     timeout "$1" python3 -m pytest -q -n 6 -m gpu -p no:cacheprovider tests/test_fsdp.py \
         tests/test_compile.py tests/test_fastpath.py tests/test_masks.py tests/test_norms.py \
-        tests/test_flex.py \
+        tests/test_flex.py tests/test_train.py \
         >"$out/gpu_tests.log" 2>&1
     echo "gpu tests: rc=$?" | tee -a "$out/gpu_tests.log"
     tail -25 "$out/gpu_tests.log"

@@ -219,6 +219,89 @@ def test_skipping_forever_stops_after_max_consecutive(compose_cfg, tmp_path, mon
         train_stage(cfg, tmp_path)
 
 
+def _guard_state(ckpt: dict) -> dict:
+    return next(v for k, v in ckpt["callbacks"].items() if "NonFiniteGuard" in k)
+
+
+def _device_or_host_checks(monkeypatch, on_device: bool) -> list[int]:
+    """sft with fused AdamW on the CPU (the optimiser every method gets on CUDA), its guard
+    checking each step on the device (``on_device``) or on the host; returns a list that
+    collects the steps checked on the device."""
+    import functools
+
+    import ptlight.methods.common as common
+    import ptlight.methods.sft as sft
+    from ptlight.runtime.callbacks import NonFiniteGuard
+
+    monkeypatch.setattr(sft, "configure_optim",
+                        functools.partial(common.configure_optim, fused_on_cpu=True))
+    on_device_steps: list[int] = []
+    checks, skip = NonFiniteGuard._checks_on_device, NonFiniteGuard._skip_on_device
+    monkeypatch.setattr(NonFiniteGuard, "_checks_on_device",
+                        lambda self, *a: on_device and checks(self, *a))
+    monkeypatch.setattr(NonFiniteGuard, "_skip_on_device", lambda self, trainer, *a: (
+        on_device_steps.append(trainer.global_step), skip(self, trainer, *a))[1])
+    return on_device_steps
+
+
+@pytest.mark.parametrize("where", ["loss", "grads"])
+def test_a_step_skipped_on_the_device_equals_the_host_check(compose_cfg, tmp_path, monkeypatch,
+                                                            where):
+    """Where the guard skips on the device (fused AdamW's ``found_inf``, its flags read a
+    step later), a run with non-finite steps ends with the weights, optimiser state,
+    metrics and skipped-step count of the host check, bitwise, and warns for the same
+    steps."""
+    overrides = ("method=sft", "eval.before=false", "eval.val_samples=0", *TINY,
+                 "trainer.max_steps=7", "trainer.log_every_n_steps=10",
+                 "checkpoint.every_n_train_steps=7")
+    runs = {}
+    for on_device in (True, False):
+        with monkeypatch.context() as mp:
+            device_steps = _device_or_host_checks(mp, on_device)
+            _poison(mp, {1, 3, 4}, where)
+            with pytest.warns(UserWarning, match="step skipped") as warned:
+                report = train_stage(compose_cfg(*overrides), tmp_path / str(on_device))
+        steps = [int(str(w.message).split(" at step ")[1].split(":")[0]) for w in warned
+                 if "step skipped" in str(w.message)]
+        runs[on_device] = (report["skipped_steps"], steps, device_steps)
+    assert runs[True][:2] == runs[False][:2] == (3, [2, 4, 5])
+    assert runs[True][2] == [0, 1, 2, 3, 4, 5] and runs[False][2] == []  # the last step logs
+    device, host = tmp_path / "True", tmp_path / "False"
+    assert (device / "metrics.csv").read_text() == (host / "metrics.csv").read_text()
+    a, b = load_file(device / "export" / "model.safetensors"), load_file(
+        host / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpts = [torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)
+             for d in (device, host)]
+    for sa, sb in zip(*(c["optimizer_states"][0]["state"].values() for c in ckpts)):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert _guard_state(ckpts[0]) == _guard_state(ckpts[1])
+
+
+def test_steps_skipped_on_the_device_stop_after_max_consecutive_with_the_host_checkpoint(
+        compose_cfg, tmp_path, monkeypatch):
+    """The flags read a step late still stop the run at the step the host check stops it,
+    before a checkpoint of that step is written: ``last.ckpt`` is the same step with the
+    same weights and counts."""
+    overrides = ("method=sft", "nonfinite.max_consecutive=2", "eval.before=false",
+                 "eval.val_samples=0", *TINY, "trainer.max_steps=8",
+                 "trainer.log_every_n_steps=10", "checkpoint.every_n_train_steps=1")
+    for on_device in (True, False):
+        with monkeypatch.context() as mp:
+            device_steps = _device_or_host_checks(mp, on_device)
+            _poison(mp, {2, 3}, "loss")
+            with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 4; "
+                               r"stopped \(2 non-finite steps in a row"):
+                train_stage(compose_cfg(*overrides), tmp_path / str(on_device))
+        assert bool(device_steps) == on_device
+    ckpts = [torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)
+             for d in ("True", "False")]
+    assert ckpts[0]["global_step"] == ckpts[1]["global_step"] == 3
+    assert _guard_state(ckpts[0]) == _guard_state(ckpts[1]) == {"skipped": 1, "consecutive": 1}
+    for k, v in ckpts[1]["state_dict"].items():
+        assert torch.equal(ckpts[0]["state_dict"][k], v), k
+
+
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_clipping_reuses_the_guards_norm_with_lightnings_result(compose_cfg, tmp_path,
                                                                 monkeypatch, method):

@@ -142,12 +142,14 @@ def test_metrics_are_logged_only_on_the_steps_the_loggers_write(compose_cfg, tmp
         assert [r["step"] for r in rows["gated"] if r.get("train/loss")] == ["1", "3"]
 
 
-def test_a_training_step_reads_the_device_back_once(compose_cfg, tmp_path, monkeypatch):
+def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkeypatch):
     """Between fetching its batch and its last hook, a DPO step with the progress bar on reads
-    tensors back to the host once (the non-finite guard's check, before the optimizer step)
-    on steps whose values the loggers do not get and that save no checkpoint; on a GPU every such read waits for the
-    queued kernels. Counted on the CPU: ``item``/``bool``/``float`` (``_local_scalar_dense``)
-    and the other ops a CUDA tensor answers on the host, plus ``tolist``."""
+    no tensor back to the host on steps whose values the loggers do not get and that save no
+    checkpoint: the non-finite guard skips a bad step on the device (fused AdamW's
+    ``found_inf``) and reads its staged flags a step later; on a GPU every read of a device
+    tensor waits for the queued kernels. Counted on the CPU: ``item``/``bool``/``float``
+    (``_local_scalar_dense``) and the other ops a CUDA tensor answers on the host, plus
+    ``tolist``."""
     import lightning as L
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -193,6 +195,44 @@ def test_a_training_step_reads_the_device_back_once(compose_cfg, tmp_path, monke
                             "trainer.enable_progress_bar=true", "method.reference=copy",
                             "trainer.val_check_interval=100",
                             "checkpoint.every_n_train_steps=100"), tmp_path)
-    assert reads[0] == 2  # the guard, and the bar's first values
-    assert [reads.get(step, 0) for step in (1, 2, 3)] == [1, 1, 1]
+    assert reads[0] == 1  # the bar's first values
+    assert [reads.get(step, 0) for step in (1, 2, 3)] == [0, 0, 0]
     assert reads[4] > 1 and reads[5] > 1  # the logged steps: their values go to the loggers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_training_step_never_synchronises(compose_cfg, tmp_path, monkeypatch):
+    """The GPU defaults' DPO step on CUDA in bf16-mixed (packed, precomputed reference, fused
+    AdamW, the clip folded into it, the guard's check on the device, the progress bar on)
+    makes no device-to-host synchronisation from its batch start to its last hook on steps
+    whose values the loggers do not get: torch's sync debug mode turns one into an error."""
+    import lightning as L
+
+    from ptlight.methods.preference import PreferenceMethod
+
+    window: list[int] = []
+
+    class Window(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step in (1, 2, 3):
+                window.append(trainer.global_step)
+                torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):  # after every callback's hook
+        torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(PreferenceMethod, "on_train_batch_end", on_train_batch_end,
+                        raising=False)
+    init = L.Trainer.__init__
+    monkeypatch.setattr(L.Trainer, "__init__", lambda self, *a, **k: init(
+        self, *a, **{**k, "callbacks": [*(k.get("callbacks") or []), Window()]}))
+    try:
+        train_stage(compose_cfg("method=dpo", "eval.before=false", "eval.val_samples=0", *TINY,
+                                "trainer.max_steps=6", "trainer.log_every_n_steps=5",
+                                "trainer.enable_progress_bar=true", "method.pack=true",
+                                "method.reference=precompute", "trainer.val_check_interval=100",
+                                "checkpoint.every_n_train_steps=100"), tmp_path)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert window == [1, 2, 3]

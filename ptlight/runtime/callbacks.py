@@ -19,7 +19,12 @@
   stop the run too (a run that only skips is not training). The gradient norm it checks is
   the one clipping by norm then uses (:func:`clip_gradients`), so the gradients are read once;
   with fused AdamW the clip is applied inside the optimiser's kernel, so they are not written
-  back either.
+  back either. With fused AdamW in one process under ``skip`` the check itself runs on the
+  device: the kernel skips a non-finite step (its ``found_inf`` flag, as for AMP's grad
+  scaler) and the guard reads the flags at the next step, checkpoint or the run's end, so a
+  step never waits on the GPU for it; the counts, warnings, stops and checkpoints are the
+  host check's (``tests/test_resume.py``). Steps whose values the loggers get are checked on
+  the host, so ``train/skipped_steps`` is exact where it is written.
 - :class:`Preemption` — SIGTERM (what SLURM and Kubernetes send before a kill), SIGINT (Ctrl+C)
   and, under SLURM, its requeue signal end the run at a step boundary with ``last.ckpt`` at that
   step, a non-zero exit and the command that resumes it.
@@ -41,7 +46,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -157,6 +162,8 @@ class NonFiniteGuard(L.Callback):
         self.consecutive = 0
         self._losses: list[torch.Tensor] = []  # observed since the last optimizer step
         self._norm: tuple[torch.optim.Optimizer, torch.Tensor] | None = None  # see take_norm
+        self._pending: _Staged | None = None  # a step skipped (or not) on the device, unread
+        self._staging: torch.Tensor | None = None  # pinned host buffer for it, on CUDA
 
     # ---- called by methods (ptlight.methods.common.check_finite) ---------------------------
     def observe_loss(self, loss: torch.Tensor) -> None:
@@ -169,9 +176,14 @@ class NonFiniteGuard(L.Callback):
     # ---- Lightning hooks ----------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        self.resolve()  # the last step's, if it was checked on the device
+        _drop_found_inf(optimizer)  # one set for a step that never ran
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
         self._norm = None
+        if grads and self._checks_on_device(trainer, pl_module, optimizer):
+            self._skip_on_device(trainer, optimizer, grads)
+            return
         checks: dict[str, torch.Tensor] = {}  # read back together: one host sync a step
         # 16-bit precision has a grad scaler that already skips overflowing steps
         if grads and not str(trainer.precision).startswith("16"):
@@ -201,6 +213,72 @@ class NonFiniteGuard(L.Callback):
             pl_module.log("train/skipped_steps", float(self.skipped), on_step=True,
                           on_epoch=False)
 
+    def _checks_on_device(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                          optimizer: torch.optim.Optimizer) -> bool:
+        """Whether this step's check can skip on the device and be read later: under
+        ``skip`` (``stop`` ends the run at the bad step itself), in one process (ranks decide
+        together through a host value), automatic optimisation, no 16-bit grad scaler (which
+        owns ``found_inf``), a step whose values the loggers do not get (those read the
+        skipped-step count now), and an optimizer whose fused kernel takes ``found_inf``."""
+        return (self.policy == "skip" and trainer.world_size == 1
+                and pl_module.automatic_optimization
+                and not str(trainer.precision).startswith("16")
+                and not progress.logs_this_step(pl_module)
+                and _fused_adam_over_plain_tensors(optimizer)
+                and getattr(optimizer, "found_inf", None) is None)
+
+    def _skip_on_device(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer,
+                        grads: list[torch.Tensor]) -> None:
+        """The check without a host read: the optimizer gets ``found_inf`` (1.0 when the
+        gradient norm or a loss is non-finite), the flag its fused kernel reads to leave every
+        weight and moment as it is and to undo its step count, as it does for
+        ``torch.amp.GradScaler``; so a non-finite step moves no weight, as on the host path.
+        The flags are staged to host memory (pinned, behind a CUDA event) and read at the
+        next optimizer step, checkpoint or the run's end (:meth:`resolve`), by when the GPU
+        has long computed them: the step's kernels stay queued behind each other."""
+        norm = torch.nn.utils.get_total_norm(grads)
+        self._norm = (optimizer, norm)
+        ok = torch.isfinite(norm).reshape(1)
+        first_bad = torch.zeros(1, device=norm.device)
+        if self._losses:
+            losses = torch.cat(self._losses).to(norm.device)
+            self._losses = []
+            finite = torch.isfinite(losses)
+            ok = torch.cat([ok, finite.all().reshape(1)])
+            first_bad = losses.index_select(0, torch.argmin(finite.int()).reshape(1))
+        else:
+            ok = torch.cat([ok, ok.new_ones(1)])
+        _set_found_inf(optimizer, (~ok.all()).float())
+        flags = torch.cat([ok.float(), first_bad.float()])
+        ready = None
+        if flags.is_cuda:
+            if self._staging is None:
+                self._staging = torch.empty(3, pin_memory=True)
+            self._staging.copy_(flags, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            flags = self._staging
+        self._pending = _Staged(trainer.global_step + 1, flags, ready)
+
+    def resolve(self) -> None:
+        """Read the step staged by :meth:`_skip_on_device`, if any: count it (skipped or a good
+        one) and warn, or stop the run after ``nonfinite.max_consecutive`` in a row, as the
+        host check does at the step itself. The values are read from host memory (``numpy``,
+        no tensor op), after the CUDA event that says they are there."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        grads_ok, loss_ok, first_bad = (float(v) for v in pending.flags.numpy())
+        if grads_ok and loss_ok:
+            self.consecutive = 0
+            return
+        self._count_bad_step(pending.step, None if loss_ok else first_bad)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.resolve()
+
     def take_norm(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
         """The total gradient norm this step's check computed over ``optimizer``'s gradients,
         once (then ``None``): exactly what ``clip_grad_norm_`` would compute over the same
@@ -212,7 +290,12 @@ class NonFiniteGuard(L.Callback):
 
     def _on_bad_step(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer,
                      bad_loss: float | None) -> None:
-        step = trainer.global_step + 1
+        self._count_bad_step(trainer.global_step + 1, bad_loss)
+        for group in optimizer.param_groups:  # no gradient, no update (AdamW skips the param)
+            for p in group["params"]:
+                p.grad = None
+
+    def _count_bad_step(self, step: int, bad_loss: float | None) -> None:
         what = (f"loss ({bad_loss})" if bad_loss is not None
                 else "gradients (the loss was finite on this rank)")
         self.skipped += 1
@@ -229,17 +312,24 @@ class NonFiniteGuard(L.Callback):
                 "trainer.gradient_clip_val, trainer.precision=32-true, or "
                 "nonfinite.policy=skip to skip such steps."
             )
-        for group in optimizer.param_groups:  # no gradient, no update (AdamW skips the param)
-            for p in group["params"]:
-                p.grad = None
         rank_zero_warn(f"non-finite {what} at step {step}: step skipped, weights unchanged "
                        f"({self.skipped} skipped so far; nonfinite.policy=skip)")
 
     def state_dict(self) -> dict[str, int]:
+        self.resolve()  # a checkpoint holds the counts up to its own step
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+
+
+class _Staged(NamedTuple):
+    """A step checked on the device: its number, ``[gradients finite, losses finite, the
+    first non-finite loss]`` in host memory once ``ready`` (a CUDA event; ``None`` on the
+    CPU, where the values are there when computed)."""
+    step: int
+    flags: torch.Tensor
+    ready: Any
 
 
 def _read_flags(flags: list[torch.Tensor]) -> list[bool]:
@@ -264,9 +354,14 @@ def _clip_folds_into_step(optimizer: torch.optim.Optimizer) -> bool:
     group fused (its kernel divides each gradient by the ``grad_scale`` tensor it finds on the
     optimizer, the hook ``torch.amp.GradScaler`` uses to unscale), over plain tensors (not
     FSDP2's DTensor shards), and no scale of anyone else's set."""
+    return (getattr(optimizer, "grad_scale", None) is None
+            and _fused_adam_over_plain_tensors(optimizer))
+
+
+def _fused_adam_over_plain_tensors(optimizer: torch.optim.Optimizer) -> bool:
+    """torch's Adam/AdamW with every group fused, over plain tensors (not FSDP2's DTensor
+    shards): the kernel that reads ``grad_scale`` and ``found_inf`` off the optimizer."""
     if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam):
-        return False
-    if getattr(optimizer, "grad_scale", None) is not None:
         return False
     try:
         from torch.distributed.tensor import DTensor
@@ -281,6 +376,25 @@ def _drop_folded_clip(optimizer: torch.optim.Optimizer) -> None:
     if getattr(optimizer, _FOLDED_CLIP, False):
         optimizer.__dict__.pop("grad_scale", None)
         setattr(optimizer, _FOLDED_CLIP, False)
+
+
+_FOUND_INF = "_ptl_found_inf"
+
+
+def _drop_found_inf(optimizer: torch.optim.Optimizer) -> None:
+    """Remove the flag :func:`_set_found_inf` set, if it is still there."""
+    if getattr(optimizer, _FOUND_INF, False):
+        optimizer.__dict__.pop("found_inf", None)
+        setattr(optimizer, _FOUND_INF, False)
+
+
+def _set_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """Hand the fused step a 0-d float ``found_inf`` (1.0: skip) for one step; a post-step
+    hook, registered once per optimizer, removes it."""
+    if not hasattr(optimizer, _FOUND_INF):
+        optimizer.register_step_post_hook(lambda opt, *_: _drop_found_inf(opt))
+    optimizer.found_inf = found_inf.reshape(())  # type: ignore[attr-defined]
+    setattr(optimizer, _FOUND_INF, True)
 
 
 def _fold_clip(optimizer: torch.optim.Optimizer, clip_val: float, norm: torch.Tensor) -> None:
