@@ -142,14 +142,17 @@ def test_metrics_are_logged_only_on_the_steps_the_loggers_write(compose_cfg, tmp
         assert [r["step"] for r in rows["gated"] if r.get("train/loss")] == ["1", "3"]
 
 
-def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("reference", ["copy", "precompute"])
+def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkeypatch,
+                                                   reference):
     """Between fetching its batch and its last hook, a DPO step with the progress bar on reads
-    no tensor back to the host on steps whose values the loggers do not get and that save no
-    checkpoint: the non-finite guard skips a bad step on the device (fused AdamW's
-    ``found_inf``) and reads its staged flags a step later; on a GPU every read of a device
-    tensor waits for the queued kernels. Counted on the CPU: ``item``/``bool``/``float``
+    no tensor back to the host, and makes none from Python values, on steps whose values the
+    loggers do not get and that save no checkpoint: the non-finite guard skips a bad step on
+    the device (fused AdamW's ``found_inf``) and reads its staged flags a step later; on a GPU
+    every read of a device tensor waits for the queued kernels, and a tensor made from a
+    Python value is a blocking copy to the GPU. Counted on the CPU: ``item``/``bool``/``float``
     (``_local_scalar_dense``) and the other ops a CUDA tensor answers on the host, plus
-    ``tolist``."""
+    ``tolist``; ``torch.tensor`` (``lift_fresh``)."""
     import lightning as L
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -158,6 +161,7 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
     host_ops = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "equal",
                 "is_nonzero"}
     reads: dict[int, int] = {}
+    from_host: dict[int, int] = {}  # tensors made from Python values: a copy to a GPU
 
     class Reads(TorchDispatchMode):
         step = -1
@@ -165,6 +169,8 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func._opname in host_ops:
                 reads[self.step] = reads.get(self.step, 0) + 1
+            if func._opname == "lift_fresh":
+                from_host[self.step] = from_host.get(self.step, 0) + 1
             return func(*args, **(kwargs or {}))
 
     mode = Reads()
@@ -192,11 +198,12 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
         self, *a, **{**k, "callbacks": [*(k.get("callbacks") or []), Window()]}))
     train_stage(compose_cfg("method=dpo", "eval.before=false", "eval.val_samples=0", *TINY,
                             "trainer.max_steps=6", "trainer.log_every_n_steps=5",
-                            "trainer.enable_progress_bar=true", "method.reference=copy",
-                            "trainer.val_check_interval=100",
+                            "trainer.enable_progress_bar=true", "method.pack=true",
+                            f"method.reference={reference}", "trainer.val_check_interval=100",
                             "checkpoint.every_n_train_steps=100"), tmp_path)
     assert reads[0] == 1  # the bar's first values
     assert [reads.get(step, 0) for step in (1, 2, 3)] == [0, 0, 0]
+    assert [from_host.get(step, 0) for step in (1, 2, 3)] == [0, 0, 0]
     assert reads[4] > 1 and reads[5] > 1  # the logged steps: their values go to the loggers
 
 

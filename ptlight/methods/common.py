@@ -68,7 +68,7 @@ def token_diagnostics(scores: TokenScores) -> dict[str, torch.Tensor]:
     return {
         "mean_token_accuracy": scores.correct.float().mean(),
         "entropy": scores.entropy.mean(),
-        "num_tokens": torch.tensor(float(n), device=scores.logps.device),
+        "num_tokens": scores.logps.new_full((), float(n)),  # a fill, not a copy from the host
     }
 
 

@@ -20,7 +20,6 @@ tokens in the batch), ``center_loss`` (the mean of (r_c + r_r)², logged even wh
 
 from __future__ import annotations
 
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +47,7 @@ class RewardBT(Objective):
         b, k = r.shape
         if k < 2:
             raise ValueError(f"reward_bt needs K >= 2 completions per prompt, got {k}")
-        i, j = (torch.tensor(v, device=r.device) for v in zip(*itertools.combinations(range(k), 2)))
+        i, j = torch.triu_indices(k, k, offset=1, device=r.device)  # the pairs i < j, in order
         delta = r[:, i] - r[:, j]  # (B, P): column i is ranked above column j
         valid = torch.ones_like(delta, dtype=torch.bool)
         if inputs.scores is not None:
