@@ -451,15 +451,14 @@ def test_a_pinned_collated_batch_reaches_the_gpu_without_waiting_on_it():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("pack", [pytest.param(None, marks=pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason="measured on an H200 (transformers 5.17): the "
-    "padded path's attention mask asks the host whether a row has padding "
-    "(masking_utils._ignore_causal_mask_sdpa: fast_all(padding_mask))")), 2])
+@pytest.mark.parametrize("pack", [None, 2])
 def test_scoring_from_collated_indices_never_waits_on_the_device(pack):
     """The policy's forward and backward, given what the collate built (the packed layout,
     or the completion index of the padded rows), make no device-to-host synchronisation
-    (torch's sync debug mode turns one into an error). The packed path, the default on GPUs,
-    has none; the padded path keeps the one inside transformers' mask construction."""
+    (torch's sync debug mode turns one into an error). The padded path builds its attention
+    and convolution masks without asking the host whether a row is padded
+    (:mod:`ptlight.model.masks`; on an H200 with transformers 5.17 it synchronised there
+    before)."""
     torch.manual_seed(0)
     cfg = tiny_model_cfg()
     model = build_policy(cfg, load_tokenizer(cfg)).cuda()

@@ -86,6 +86,60 @@ def test_only_rows_without_any_true_entry_change():
     assert masks.attend_somewhere(None) is None
 
 
+def test_off_the_cpu_padding_masks_are_built_without_reading_them():
+    """On a device whose values the host cannot read without waiting (``meta`` stands in for
+    CUDA here: it has no values at all), transformers' attention mask and recurrent padding
+    mask read the padding mask to decide whether to skip it; ptlight's build them from it on
+    the device. One query (decoding) and the CPU keep transformers' skip."""
+    from transformers import masking_utils
+    from transformers.models.lfm2 import modeling_lfm2
+
+    sdpa = AttentionMaskInterface._global_mapping["sdpa"]
+    recurrent = modeling_lfm2.create_recurrent_attention_mask
+    assert recurrent.__wrapped__ is masking_utils.create_recurrent_attention_mask
+    padding = torch.ones(2, 7, dtype=torch.bool, device="meta")
+    embeds = torch.empty(2, 7, 16, device="meta")
+    for stock_call in (lambda: sdpa.__wrapped__(batch_size=2, q_length=7, kv_length=7,
+                                                attention_mask=padding, device="meta"),
+                       lambda: recurrent.__wrapped__(None, embeds, padding)):
+        with pytest.raises(RuntimeError, match="meta"):  # a read of the values
+            stock_call()
+    built = sdpa(batch_size=2, q_length=7, kv_length=7, attention_mask=padding, device="meta")
+    assert built.shape == (2, 1, 7, 7) and built.dtype == torch.bool
+    assert recurrent(None, embeds, padding).shape == (2, 7)
+    ones = torch.ones(2, 7, dtype=torch.bool)
+    assert sdpa(batch_size=2, q_length=7, kv_length=7, attention_mask=ones) is None
+    assert recurrent(None, torch.empty(2, 7, 16), ones) is None
+    assert sdpa(batch_size=2, q_length=1, kv_length=7, q_offset=6, attention_mask=ones) is None
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_masks_built_on_the_device_give_the_stock_outputs_and_gradients(model, monkeypatch,
+                                                                        padded):
+    """The masks as built off the CPU (forced on the CPU here), against transformers' own:
+    the same logits and gradients, bitwise with padding (both build the masks), and within
+    rounding without (SDPA's causal flag against the causal mask it stands for)."""
+    ids, attn = _left_padded()
+    if not padded:
+        attn = torch.ones_like(attn)
+
+    def run():
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        logits.float().logsumexp(-1)[attn.bool()].sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    stock = run()
+    monkeypatch.setattr(masks, "HOST_SKIP_DEVICES", ())
+    built = run()
+    model.zero_grad()
+    real = attn.bool()
+    tol = dict(rtol=0, atol=0) if padded else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(built[0][real], stock[0][real], **tol)
+    for got, want in zip(built[1], stock[1]):
+        torch.testing.assert_close(got, want, **tol)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

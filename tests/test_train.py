@@ -142,22 +142,31 @@ def test_metrics_are_logged_only_on_the_steps_the_loggers_write(compose_cfg, tmp
         assert [r["step"] for r in rows["gated"] if r.get("train/loss")] == ["1", "3"]
 
 
-@pytest.mark.parametrize("reference", ["copy", "precompute"])
-def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkeypatch,
-                                                   reference):
-    """Between fetching its batch and its last hook, a DPO step with the progress bar on reads
-    no tensor back to the host, and makes none from Python values, on steps whose values the
-    loggers do not get and that save no checkpoint: the non-finite guard skips a bad step on
-    the device (fused AdamW's ``found_inf``) and reads its staged flags a step later; on a GPU
-    every read of a device tensor waits for the queued kernels, and a tensor made from a
-    Python value is a blocking copy to the GPU. Counted on the CPU: ``item``/``bool``/``float``
+@pytest.mark.parametrize("run", [("dpo", "method.reference=copy"),
+                                 ("dpo", "method.reference=precompute"), ("sft",), ("kto",),
+                                 ("rm",)], ids=lambda run: "-".join(run).split("=")[-1])
+def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkeypatch, run):
+    """Between fetching its batch and its last hook, a training step with the progress bar
+    on reads no tensor back to the host, and makes none from Python values, on steps whose
+    values the loggers do not get and that save no checkpoint: the non-finite guard skips a
+    bad step on the device (fused AdamW's ``found_inf``) and reads its staged flags a step
+    later; on a GPU every read of a device tensor waits for the queued kernels, and a tensor
+    made from a Python value is a blocking copy to the GPU. Each method runs as on CUDA:
+    fused AdamW (the CPU keeps torch's loop for sft and rm), and a padded batch's attention
+    mask built without asking the host whether a row is padded (the CPU keeps transformers'
+    skip); DPO packed, with a live and a precomputed reference. Counted on the CPU: ``item``/``bool``/``float``
     (``_local_scalar_dense``) and the other ops a CUDA tensor answers on the host, plus
     ``tolist``; ``torch.tensor`` (``lift_fresh``)."""
+    import functools
+    import importlib
+
     import lightning as L
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from ptlight.methods.preference import PreferenceMethod
+    import ptlight.methods.common as common
+    from ptlight.model import masks
 
+    method, *overrides = run
     host_ops = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "equal",
                 "is_nonzero"}
     reads: dict[int, int] = {}
@@ -191,16 +200,20 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
         mode.step = -1
 
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
-    monkeypatch.setattr(PreferenceMethod, "on_train_batch_end", on_train_batch_end,
-                        raising=False)
+    monkeypatch.setattr(L.LightningModule, "on_train_batch_end", on_train_batch_end)
+    # the padded forward's attention mask as built off the CPU (ptlight.model.masks)
+    monkeypatch.setattr(masks, "HOST_SKIP_DEVICES", ())
+    for module in ("sft", "reward"):
+        monkeypatch.setattr(importlib.import_module(f"ptlight.methods.{module}"),
+                            "configure_optim",
+                            functools.partial(common.configure_optim, fused_on_cpu=True))
     init = L.Trainer.__init__
     monkeypatch.setattr(L.Trainer, "__init__", lambda self, *a, **k: init(
         self, *a, **{**k, "callbacks": [*(k.get("callbacks") or []), Window()]}))
-    train_stage(compose_cfg("method=dpo", "eval.before=false", "eval.val_samples=0", *TINY,
-                            "trainer.max_steps=6", "trainer.log_every_n_steps=5",
-                            "trainer.enable_progress_bar=true", "method.pack=true",
-                            f"method.reference={reference}", "trainer.val_check_interval=100",
-                            "checkpoint.every_n_train_steps=100"), tmp_path)
+    train_stage(compose_cfg(f"method={method}", "eval.before=false", "eval.val_samples=0",
+                            *TINY, "trainer.max_steps=6", "trainer.log_every_n_steps=5",
+                            "trainer.enable_progress_bar=true", "trainer.val_check_interval=100",
+                            "checkpoint.every_n_train_steps=100", *overrides), tmp_path)
     assert reads[0] == 1  # the bar's first values
     assert [reads.get(step, 0) for step in (1, 2, 3)] == [0, 0, 0]
     assert [from_host.get(step, 0) for step in (1, 2, 3)] == [0, 0, 0]
@@ -209,15 +222,18 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_gpu_training_step_never_synchronises(compose_cfg, tmp_path, monkeypatch):
-    """The GPU defaults' DPO step on CUDA in bf16-mixed (packed, precomputed reference, fused
-    AdamW, the clip folded into it, the guard's check on the device, the progress bar on)
-    makes no device-to-host synchronisation from its batch start to its last hook on steps
-    whose values the loggers do not get: torch's sync debug mode turns one into an error."""
+@pytest.mark.parametrize("run", [("dpo", "method.pack=true", "method.reference=precompute"),
+                                 ("dpo", "method.reference=copy"), ("sft",), ("kto",),
+                                 ("rm",)], ids=lambda run: "-".join(run).split("=")[-1])
+def test_a_gpu_training_step_never_synchronises(compose_cfg, tmp_path, monkeypatch, run):
+    """A training step on CUDA in bf16-mixed (fused AdamW, the clip folded into it, the
+    guard's check on the device, the progress bar on; DPO packed with a precomputed
+    reference, as the GPU defaults run it, and padded with a live one) makes no
+    device-to-host synchronisation from its batch start to its last hook on steps whose
+    values the loggers do not get: torch's sync debug mode turns one into an error."""
     import lightning as L
 
-    from ptlight.methods.preference import PreferenceMethod
-
+    method, *overrides = run
     window: list[int] = []
 
     class Window(L.Callback):
@@ -229,17 +245,16 @@ def test_a_gpu_training_step_never_synchronises(compose_cfg, tmp_path, monkeypat
     def on_train_batch_end(self, outputs, batch, batch_idx):  # after every callback's hook
         torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(PreferenceMethod, "on_train_batch_end", on_train_batch_end,
-                        raising=False)
+    monkeypatch.setattr(L.LightningModule, "on_train_batch_end", on_train_batch_end)
     init = L.Trainer.__init__
     monkeypatch.setattr(L.Trainer, "__init__", lambda self, *a, **k: init(
         self, *a, **{**k, "callbacks": [*(k.get("callbacks") or []), Window()]}))
     try:
-        train_stage(compose_cfg("method=dpo", "eval.before=false", "eval.val_samples=0", *TINY,
-                                "trainer.max_steps=6", "trainer.log_every_n_steps=5",
-                                "trainer.enable_progress_bar=true", "method.pack=true",
-                                "method.reference=precompute", "trainer.val_check_interval=100",
-                                "checkpoint.every_n_train_steps=100"), tmp_path)
+        train_stage(compose_cfg(f"method={method}", "eval.before=false", "eval.val_samples=0",
+                                *TINY, "trainer.max_steps=6", "trainer.log_every_n_steps=5",
+                                "trainer.enable_progress_bar=true",
+                                "trainer.val_check_interval=100",
+                                "checkpoint.every_n_train_steps=100", *overrides), tmp_path)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert window == [1, 2, 3]

@@ -207,6 +207,7 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     adapter = _adapter_dir(model_cfg.path)
     source = _adapter_base(adapter) if adapter is not None else model_cfg.path
     model = _base_model(model_cfg, tokenizer, source, load_kwargs)
+    masks.install(model)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ModelLoadError(
             f"tokenizer has {len(tokenizer)} tokens but the model's embedding has only "

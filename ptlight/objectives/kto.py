@@ -35,7 +35,7 @@ def reference_point(kl_policy: torch.Tensor, kl_reference: torch.Tensor) -> torc
     """z₀ = max(0, global mean of kl_policy − kl_reference), detached; all-reduced across ranks."""
     with torch.no_grad():
         diff = kl_policy.detach().float() - kl_reference.detach().float()  # (B,)
-        stats = torch.stack([diff.sum(), diff.new_tensor(float(diff.numel()))])
+        stats = torch.stack([diff.sum(), diff.new_full((), float(diff.numel()))])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)  # sum of log-ratios and of counts over ranks
         return (stats[0] / stats[1].clamp(min=1)).clamp(min=0)
