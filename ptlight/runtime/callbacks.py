@@ -184,7 +184,7 @@ class NonFiniteGuard(L.Callback):
         if grads and self._checks_on_device(trainer, pl_module, optimizer):
             self._skip_on_device(trainer, optimizer, grads)
             return
-        checks: dict[str, torch.Tensor] = {}  # read back together: one host sync a step
+        checks: dict[str, torch.Tensor] = {}  # the host check: read back together, one sync
         # 16-bit precision has a grad scaler that already skips overflowing steps
         if grads and not str(trainer.precision).startswith("16"):
             # clip_grad_norm_'s own norm of the same gradients (take_norm)
