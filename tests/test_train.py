@@ -154,9 +154,9 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
     made from a Python value is a blocking copy to the GPU. Each method runs as on CUDA:
     fused AdamW (the CPU keeps torch's loop for sft and rm), and a padded batch's attention
     mask built without asking the host whether a row is padded (the CPU keeps transformers'
-    skip); DPO packed, with a live and a precomputed reference. Counted on the CPU: ``item``/``bool``/``float``
-    (``_local_scalar_dense``) and the other ops a CUDA tensor answers on the host, plus
-    ``tolist``; ``torch.tensor`` (``lift_fresh``)."""
+    skip); DPO packed, with a live and a precomputed reference. Counted on the CPU:
+    ``item``/``bool``/``float`` (``_local_scalar_dense``) and the other ops a CUDA tensor
+    answers on the host, plus ``tolist``; ``torch.tensor`` (``lift_fresh``)."""
     import functools
     import importlib
 

@@ -90,8 +90,8 @@ def _skip_reads_the_host(params: Any, args: tuple, kwargs: dict) -> bool:
     """Whether this mask call would read its padding mask on the host to decide whether to
     skip the mask: a padding mask off the CPU (:data:`HOST_SKIP_DEVICES`), a query of more
     than one position, and the caller allowing the skip. Reads the arguments by name as
-    transformers' ``sdpa_mask`` declares them (``q_length`` in 5.2x, ``cache_position``
-    before); any other form is left to transformers."""
+    transformers' ``sdpa_mask`` declares them (``q_length`` in 5.x, ``cache_position`` in
+    4.5x); any other form is left to transformers."""
     named = dict(zip(params, args))
     named.update(kwargs)
     mask = named.get("attention_mask")
@@ -133,4 +133,4 @@ def _recurrent_mask_on_device(model: torch.nn.Module) -> None:
     create_recurrent_attention_mask.__wrapped__ = stock  # type: ignore[attr-defined]
     for module in {sys.modules.get(type(m).__module__) for m in model.modules()}:
         if getattr(module, "create_recurrent_attention_mask", None) is stock:
-            module.create_recurrent_attention_mask = create_recurrent_attention_mask  # type: ignore[union-attr]
+            setattr(module, "create_recurrent_attention_mask", create_recurrent_attention_mask)

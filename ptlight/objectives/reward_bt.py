@@ -20,7 +20,6 @@ tokens in the batch), ``center_loss`` (the mean of (r_c + r_r)², logged even wh
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
