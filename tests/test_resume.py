@@ -302,6 +302,45 @@ def test_steps_skipped_on_the_device_stop_after_max_consecutive_with_the_host_ch
         assert torch.equal(ckpts[0]["state_dict"][k], v), k
 
 
+def test_under_ddp_a_step_bad_on_another_rank_is_skipped_on_this_one(monkeypatch):
+    """The device check all-reduces its skip (MAX over ranks, on the device): a rank whose own
+    loss and gradients are finite skips the step another rank found non-finite, moves no
+    weight, and counts and names it as the host check does; a step finite on every rank
+    updates."""
+    from types import SimpleNamespace
+
+    from ptlight.runtime.callbacks import NonFiniteGuard
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    opt.param_groups[0]["fused"], opt.param_groups[0]["foreach"] = True, False
+    others: list[float] = [1.0, 0.0]  # the other rank's skip flag at each step
+    ops = []
+
+    def all_reduce(tensor, op=None):
+        ops.append(op)
+        tensor.copy_(torch.maximum(tensor, torch.full_like(tensor, others.pop(0))))
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    guard = NonFiniteGuard("skip", max_consecutive=3)
+    for step in (0, 1):
+        p.grad = torch.ones(3)
+        guard.observe_loss(torch.tensor(0.5))
+        guard._skip_on_device(SimpleNamespace(world_size=2, global_step=step), opt, [p.grad])
+        opt.step()
+        if step == 0:
+            assert torch.equal(p.detach(), torch.ones(3))  # skipped here too
+            with pytest.warns(UserWarning, match=r"non-finite gradients \(the loss was finite "
+                              r"on this rank\) at step 1: step skipped"):
+                guard.resolve()
+            assert (guard.skipped, guard.consecutive) == (1, 1)
+    assert not torch.equal(p.detach(), torch.ones(3))  # the second step updated
+    guard.resolve()
+    assert (guard.skipped, guard.consecutive) == (1, 0)
+    assert ops == [torch.distributed.ReduceOp.MAX] * 2
+    assert getattr(opt, "found_inf", None) is None  # the flag lasts one step
+
+
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_clipping_reuses_the_guards_norm_with_lightnings_result(compose_cfg, tmp_path,
                                                                 monkeypatch, method):

@@ -19,8 +19,8 @@
   stop the run too (a run that only skips is not training). The gradient norm it checks is
   the one clipping by norm then uses (:func:`clip_gradients`), so the gradients are read once;
   with fused AdamW the clip is applied inside the optimiser's kernel, so they are not written
-  back either. With fused AdamW in one process under ``skip`` the check itself runs on the
-  device: the kernel skips a non-finite step (its ``found_inf`` flag, as for AMP's grad
+  back either. With fused AdamW (one process or DDP) under ``skip`` the check itself runs on
+  the device: the kernel skips a non-finite step (its ``found_inf`` flag, as for AMP's grad
   scaler) and the guard reads the flags at the next step, checkpoint or the run's end, so a
   step never waits on the GPU for it; the counts, warnings, stops and checkpoints are the
   host check's (``tests/test_resume.py``). Steps whose values the loggers get are checked on
@@ -216,12 +216,12 @@ class NonFiniteGuard(L.Callback):
     def _checks_on_device(self, trainer: L.Trainer, pl_module: L.LightningModule,
                           optimizer: torch.optim.Optimizer) -> bool:
         """Whether this step's check can skip on the device and be read later: under
-        ``skip`` (``stop`` ends the run at the bad step itself), in one process (ranks decide
-        together through a host value), automatic optimisation, no 16-bit grad scaler (which
-        owns ``found_inf``), a step whose values the loggers do not get (those read the
-        skipped-step count now), and an optimizer whose fused kernel takes ``found_inf``."""
-        return (self.policy == "skip" and trainer.world_size == 1
-                and pl_module.automatic_optimization
+        ``skip`` (``stop`` ends the run at the bad step itself), automatic optimisation, no
+        16-bit grad scaler (which owns ``found_inf``), a step whose values the loggers do not
+        get (those read the skipped-step count now), and an optimizer whose fused kernel takes
+        ``found_inf`` over plain tensors (one process or DDP; FSDP2's shards keep the host
+        check)."""
+        return (self.policy == "skip" and pl_module.automatic_optimization
                 and not str(trainer.precision).startswith("16")
                 and not progress.logs_this_step(pl_module)
                 and _fused_adam_over_plain_tensors(optimizer)
@@ -233,6 +233,8 @@ class NonFiniteGuard(L.Callback):
         gradient norm or a loss is non-finite), the flag its fused kernel reads to leave every
         weight and moment as it is and to undo its step count, as it does for
         ``torch.amp.GradScaler``; so a non-finite step moves no weight, as on the host path.
+        Under DDP the skip is all-reduced on the device (every rank skips if any has a
+        non-finite value; an all-reduce queued on the device, not a host read).
         The flags are staged to host memory (pinned, behind a CUDA event) and read at the
         next optimizer step, checkpoint or the run's end (:meth:`resolve`), by when the GPU
         has long computed them: the step's kernels stay queued behind each other."""
@@ -248,12 +250,15 @@ class NonFiniteGuard(L.Callback):
             first_bad = losses.index_select(0, torch.argmin(finite.int()).reshape(1))
         else:
             ok = torch.cat([ok, ok.new_ones(1)])
-        _set_found_inf(optimizer, (~ok.all()).float())
-        flags = torch.cat([ok.float(), first_bad.float()])
+        bad = (~ok.all()).float().reshape(1)
+        if trainer.world_size > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        _set_found_inf(optimizer, bad)
+        flags = torch.cat([ok.float(), first_bad.float(), bad])
         ready = None
         if flags.is_cuda:
             if self._staging is None:
-                self._staging = torch.empty(3, pin_memory=True)
+                self._staging = torch.empty(4, pin_memory=True)
             self._staging.copy_(flags, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
@@ -270,8 +275,8 @@ class NonFiniteGuard(L.Callback):
             return
         if pending.ready is not None:
             pending.ready.synchronize()
-        grads_ok, loss_ok, first_bad = (float(v) for v in pending.flags.numpy())
-        if grads_ok and loss_ok:
+        grads_ok, loss_ok, first_bad, skipped = (float(v) for v in pending.flags.numpy())
+        if not skipped:
             self.consecutive = 0
             return
         self._count_bad_step(pending.step, None if loss_ok else first_bad)
@@ -306,11 +311,12 @@ class NonFiniteGuard(L.Callback):
                    f"(nonfinite.max_consecutive={self.max_consecutive})")
             where = (f"the last good checkpoint is kept in {self.checkpoint_dir}"
                      if self.checkpoint_dir else "no checkpoint was configured")
+            other = ("nonfinite.policy=skip to skip such steps" if self.policy == "stop" else
+                     "a higher nonfinite.max_consecutive")
             raise TrainingError(
                 f"non-finite {what} at step {step}; stopped ({why}). No update was applied, so "
                 f"{where} (resume with ckpt_path=last). Try a lower method.optim.lr, "
-                "trainer.gradient_clip_val, trainer.precision=32-true, or "
-                "nonfinite.policy=skip to skip such steps."
+                f"trainer.gradient_clip_val, trainer.precision=32-true, or {other}."
             )
         rank_zero_warn(f"non-finite {what} at step {step}: step skipped, weights unchanged "
                        f"({self.skipped} skipped so far; nonfinite.policy=skip)")
@@ -324,9 +330,9 @@ class NonFiniteGuard(L.Callback):
 
 
 class _Staged(NamedTuple):
-    """A step checked on the device: its number, ``[gradients finite, losses finite, the
-    first non-finite loss]`` in host memory once ``ready`` (a CUDA event; ``None`` on the
-    CPU, where the values are there when computed)."""
+    """A step checked on the device: its number, ``[gradients finite, losses finite (this
+    rank), the first non-finite loss, skipped (any rank)]`` in host memory once ``ready`` (a
+    CUDA event; ``None`` on the CPU, where the values are there when computed)."""
     step: int
     flags: torch.Tensor
     ready: Any
