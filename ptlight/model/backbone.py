@@ -201,7 +201,6 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
     FlexAttention (:mod:`ptlight.engine.flex`) and ``model.compile`` compiles blocks
     (:mod:`ptlight.engine.compile`), in that order.
     """
-    masks.install()
     lora = lora_settings(model_cfg)
     load_kwargs = _quantization(model_cfg, lora)
     adapter = _adapter_dir(model_cfg.path)
