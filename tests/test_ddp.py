@@ -114,50 +114,35 @@ def test_torchrun_runs_the_whole_pipeline_on_every_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_diverging_ddp_run_stops_on_every_rank_with_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("method,policy,why,counts", [
+    ("sft", ["nonfinite.policy=stop"], "nonfinite.policy=stop",
+     {"skipped": 0, "consecutive": 0}),
+    ("dpo", ["nonfinite.max_consecutive=2", "trainer.log_every_n_steps=50"],
+     "2 non-finite steps in a row (nonfinite.max_consecutive=2)",
+     {"skipped": 1, "consecutive": 1})])
+def test_a_diverging_ddp_run_stops_on_every_rank_with_the_last_good_checkpoint(
+        tmp_path, method, policy, why, counts):
     """lr=1e30 makes the gradients non-finite within a few steps; the decision is all-reduced,
-    so both ranks stop at the same step (no hang) and the checkpoint holds finite weights."""
+    so both ranks stop at the same step (no hang) and the checkpoint holds finite weights and
+    the guard's counts. sft stops at the first such step (``stop``, checked on the host);
+    dpo's fused AdamW under ``skip`` checks each step on the device, its skip all-reduced
+    there, and stops at ``nonfinite.max_consecutive``."""
     import torch
 
     run_dir = tmp_path / "run"
-    out = run_cli(*TINY, "method=sft", "trainer=ddp", "data.batch_size=4",
+    out = run_cli(*TINY, f"method={method}", "trainer=ddp", "data.batch_size=4",
                   "trainer.max_steps=20", "checkpoint.every_n_train_steps=1",
-                  "method.optim.lr=1e30", "trainer.gradient_clip_val=null",
-                  "nonfinite.policy=stop", "eval.before=false", "eval.val_samples=0",
-                  f"hydra.run.dir={run_dir}", cwd=REPO, timeout=300)
+                  "method.optim.lr=1e30", "trainer.gradient_clip_val=null", *policy,
+                  "eval.before=false", "eval.val_samples=0", f"hydra.run.dir={run_dir}",
+                  cwd=REPO, timeout=300)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("ptlight: error:")]
     # rank 0's line; rank 1 raises the same at the same step, unless Lightning's launcher has
     # already ended it (rank 0's exception handler kills the ranks it started)
     assert errors and all(e == errors[0] for e in errors)
-    assert "stopped (nonfinite.policy=stop)" in errors[0]
+    assert f"stopped ({why})" in errors[0]
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert f"at step {ckpt['global_step'] + 1};" in errors[0]
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert next(v for k, v in ckpt["callbacks"].items() if "NonFiniteGuard" in k) == counts
     assert not (run_dir / "export").exists()
-
-
-@pytest.mark.slow
-def test_a_diverging_ddp_run_skipping_on_the_device_stops_on_every_rank_together(tmp_path):
-    """DPO's fused AdamW under ``skip`` checks each step on the device, its skip all-reduced
-    over the ranks: lr=1e30 makes every step after the first non-finite, both ranks count the
-    same skipped steps and stop at ``nonfinite.max_consecutive`` together (no hang), and the
-    checkpoint holds finite weights."""
-    import torch
-
-    run_dir = tmp_path / "run"
-    out = run_cli(*TINY, "method=dpo", "trainer=ddp", "data.batch_size=4",
-                  "trainer.max_steps=20", "checkpoint.every_n_train_steps=1",
-                  "trainer.log_every_n_steps=50", "method.optim.lr=1e30",
-                  "trainer.gradient_clip_val=null", "nonfinite.max_consecutive=2",
-                  "eval.before=false", "eval.val_samples=0", f"hydra.run.dir={run_dir}",
-                  cwd=REPO, timeout=300)
-    assert out.returncode == 2
-    errors = [line for line in out.stderr.splitlines() if line.startswith("ptlight: error:")]
-    assert errors and all(e == errors[0] for e in errors)
-    assert "stopped (2 non-finite steps in a row (nonfinite.max_consecutive=2))" in errors[0]
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert f"at step {ckpt['global_step'] + 1};" in errors[0]
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
-    guard = next(v for k, v in ckpt["callbacks"].items() if "NonFiniteGuard" in k)
-    assert guard == {"skipped": 1, "consecutive": 1}
