@@ -69,11 +69,12 @@ def install(model: torch.nn.Module | None = None) -> None:
     if getattr(stock, _INSTALLED, False):
         return
 
-    params = inspect.signature(stock).parameters
+    signature = inspect.signature(stock)
+    params = signature.parameters
 
     def sdpa_mask(*args: Any, **kwargs: Any) -> Any:
         if "allow_is_causal_skip" in params and _skip_reads_the_host(params, args, kwargs):
-            bound = inspect.signature(stock).bind(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
             bound.arguments["allow_is_causal_skip"] = False
             args, kwargs = bound.args, bound.kwargs
         return attend_somewhere(stock(*args, **kwargs))

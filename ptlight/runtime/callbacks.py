@@ -177,7 +177,7 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         self.resolve()  # the last step's, if it was checked on the device
-        _drop_found_inf(optimizer)  # one set for a step that never ran
+        _drop_one_step(optimizer, "found_inf")  # one set for a step that never ran
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
         self._norm = None
@@ -253,7 +253,7 @@ class NonFiniteGuard(L.Callback):
         bad = (~ok.all()).float().reshape(1)
         if trainer.world_size > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        _set_found_inf(optimizer, bad)
+        _set_for_one_step(optimizer, "found_inf", bad.reshape(()))  # 0-d, 1.0: skip
         flags = torch.cat([ok.float(), first_bad.float(), bad])
         ready = None
         if flags.is_cuda:
@@ -352,9 +352,6 @@ def run_guard(trainer: L.Trainer | None) -> NonFiniteGuard | None:
     return next((c for c in callbacks if isinstance(c, NonFiniteGuard)), None)
 
 
-_FOLDED_CLIP = "_ptl_folded_clip"
-
-
 def _clip_folds_into_step(optimizer: torch.optim.Optimizer) -> bool:
     """True when ``optimizer``'s step can apply the clip itself: torch's Adam/AdamW with every
     group fused (its kernel divides each gradient by the ``grad_scale`` tensor it finds on the
@@ -377,30 +374,29 @@ def _fused_adam_over_plain_tensors(optimizer: torch.optim.Optimizer) -> bool:
                for g in optimizer.param_groups)
 
 
-def _drop_folded_clip(optimizer: torch.optim.Optimizer) -> None:
-    """Remove the scale :func:`_fold_clip` set, if it is still there."""
-    if getattr(optimizer, _FOLDED_CLIP, False):
-        optimizer.__dict__.pop("grad_scale", None)
-        setattr(optimizer, _FOLDED_CLIP, False)
+_ONE_STEP = "_ptl_one_step"  # the attributes set on an optimizer for its next step only
 
 
-_FOUND_INF = "_ptl_found_inf"
+def _set_for_one_step(optimizer: torch.optim.Optimizer, name: str, value: torch.Tensor) -> None:
+    """Set ``optimizer.<name>`` (``grad_scale`` or ``found_inf``, which the fused AdamW step
+    reads off the optimizer) for its next step only: a post-step hook, registered once per
+    optimizer, removes it."""
+    owned = optimizer.__dict__.get(_ONE_STEP)
+    if owned is None:
+        owned = optimizer.__dict__[_ONE_STEP] = set()
+        optimizer.register_step_post_hook(lambda opt, *_: _drop_one_step(opt, *owned))
+    setattr(optimizer, name, value)
+    owned.add(name)
 
 
-def _drop_found_inf(optimizer: torch.optim.Optimizer) -> None:
-    """Remove the flag :func:`_set_found_inf` set, if it is still there."""
-    if getattr(optimizer, _FOUND_INF, False):
-        optimizer.__dict__.pop("found_inf", None)
-        setattr(optimizer, _FOUND_INF, False)
-
-
-def _set_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
-    """Hand the fused step a 0-d float ``found_inf`` (1.0: skip) for one step; a post-step
-    hook, registered once per optimizer, removes it."""
-    if not hasattr(optimizer, _FOUND_INF):
-        optimizer.register_step_post_hook(lambda opt, *_: _drop_found_inf(opt))
-    optimizer.found_inf = found_inf.reshape(())  # type: ignore[attr-defined]
-    setattr(optimizer, _FOUND_INF, True)
+def _drop_one_step(optimizer: torch.optim.Optimizer, *names: str) -> None:
+    """Remove what :func:`_set_for_one_step` set under ``names``, if it is still there (after
+    the step, or left by a step that never ran)."""
+    owned = optimizer.__dict__.get(_ONE_STEP, set())
+    for name in names:
+        if name in owned:
+            optimizer.__dict__.pop(name, None)
+            owned.discard(name)
 
 
 def _fold_clip(optimizer: torch.optim.Optimizer, clip_val: float, norm: torch.Tensor) -> None:
@@ -409,10 +405,7 @@ def _fold_clip(optimizer: torch.optim.Optimizer, clip_val: float, norm: torch.Te
     sees the clipped gradients (equal within one rounding: a division instead of a
     multiplication) and no pass over the gradients multiplies them in place. The scale lives
     for one step: a post-step hook, registered once per optimizer, removes it."""
-    if not hasattr(optimizer, _FOLDED_CLIP):
-        optimizer.register_step_post_hook(lambda opt, *_: _drop_folded_clip(opt))
-    optimizer.grad_scale = torch.clamp((norm + 1e-6) / clip_val, min=1.0)  # type: ignore[attr-defined]
-    setattr(optimizer, _FOLDED_CLIP, True)
+    _set_for_one_step(optimizer, "grad_scale", torch.clamp((norm + 1e-6) / clip_val, min=1.0))
 
 
 def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer,
@@ -426,7 +419,7 @@ def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer,
     plugin with its own clipping) goes to Lightning's ``clip_gradients``."""
     from lightning.pytorch.plugins.precision import Precision
 
-    _drop_folded_clip(optimizer)  # one set for a step that never ran
+    _drop_one_step(optimizer, "grad_scale")  # one set for a step that never ran
     guard = run_guard(module.trainer)
     norm = guard.take_norm(optimizer) if guard is not None else None
     plugin = module.trainer.precision_plugin
