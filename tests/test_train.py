@@ -100,9 +100,12 @@ def test_eval_num_prompts_zero_trains_and_exports_without_a_gold_evaluation(comp
 def test_metrics_are_logged_only_on_the_steps_the_loggers_write(compose_cfg, tmp_path,
                                                                 monkeypatch, method, extra):
     """Training metrics reach ``self.log`` on the steps whose values Lightning writes
-    (every ``log_every_n_steps``-th and the last), the loss every step (the progress bar):
-    metrics.csv and the report's final metrics are those of a run that logs every value
-    every step."""
+    (every ``log_every_n_steps``-th and the last), the loss every step (the progress bar),
+    and the token diagnostics (accuracy, entropy: passes over every scored token's
+    vocabulary) are computed on those steps only: metrics.csv and the report's final metrics
+    are those of a run that logs and computes every value every step."""
+    import importlib
+
     import lightning as L
 
     import ptlight.runtime.progress as progress
@@ -119,11 +122,38 @@ def test_metrics_are_logged_only_on_the_steps_the_loggers_write(compose_cfg, tmp
         return real_log(self, name, *a, **k)
 
     monkeypatch.setattr(L.LightningModule, "log", log)
+    step: list[int] = []  # the training step running, if any
+    scored: list[tuple[int, bool]] = []  # (step, with_diagnostics) of the policy's scoring
+
+    class Window(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step[:] = [trainer.global_step]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step.clear()
+
+    if method != "grpo":
+        module = importlib.import_module(
+            f"ptlight.methods.{'preference' if method == 'dpo' else method}")
+        real_scoring = module.completion_logps
+
+        def scoring(*a, **k):
+            if step and torch.is_grad_enabled():
+                scored.append((step[0], k.get("with_diagnostics", True)))
+            return real_scoring(*a, **k)
+
+        monkeypatch.setattr(module, "completion_logps", scoring)
+    init = L.Trainer.__init__
+    monkeypatch.setattr(L.Trainer, "__init__", lambda self, *a, **k: init(
+        self, *a, **{**k, "callbacks": [*(k.get("callbacks") or []), Window()]}))
     gated = train_stage(compose_cfg(*overrides), tmp_path / "gated")
     if method != "grpo":  # (grpo steps its optimiser itself: its global step runs ahead)
         metric_steps = {step for step, name in logged_at if name != "train/loss"}
         assert metric_steps == {1, 3, 4}  # steps 2, 4 and the last (5), counted from 0
         assert {step for step, name in logged_at if name == "train/loss"} == set(range(5))
+        assert {s for s, _ in scored} == set(range(5))
+        assert {s for s, with_diagnostics in scored if with_diagnostics} == metric_steps
+        assert {s for s, with_diagnostics in scored if not with_diagnostics} == {0, 2}
     monkeypatch.setattr(progress, "logs_this_step", lambda module: True)
     every = train_stage(compose_cfg(*overrides), tmp_path / "every")
     timed = ("train/rollout/seconds", "train/rollout/tokens_per_s")  # wall-clock readings

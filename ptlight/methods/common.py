@@ -59,6 +59,15 @@ def configure_optim(module: L.LightningModule, cfg: DictConfig, fused_on_cpu: bo
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def wants_diagnostics(module: L.LightningModule, split: str) -> bool:
+    """Whether a step computes its token diagnostics (:func:`token_diagnostics`): always in
+    validation (epoch means), and in training on the steps whose values reach the loggers
+    (:func:`ptlight.runtime.progress.logs_this_step`). They cost passes over the
+    ``[tokens × vocabulary]`` log-probabilities (an exponential, a product, a sum, an
+    argmax) that the loss does not need, and a step that logs nothing would drop them."""
+    return split != "train" or progress.logs_this_step(module)
+
+
 def token_diagnostics(scores: TokenScores) -> dict[str, torch.Tensor]:
     """``mean_token_accuracy``, ``entropy`` and ``num_tokens`` over the scored tokens."""
     n = scores.correct.numel()

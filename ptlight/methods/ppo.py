@@ -247,7 +247,7 @@ class PPOMethod(RolloutSteps, Method):
             batch = next(self._ptx_iter)
         batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
         scores = completion_logps(self.policy, batch["input_ids"], batch["attention_mask"],
-                                  batch["loss_mask"])
+                                  batch["loss_mask"], with_diagnostics=False)
         return -scores.logps.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:

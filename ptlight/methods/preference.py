@@ -64,7 +64,7 @@ from ptlight.engine.token_terms import completion_terms, reference_side
 from ptlight.errors import ConfigError
 from ptlight.methods.base import Method
 from ptlight.methods.common import (ObjectiveSteps, block_columns, configure_optim,
-                                    token_diagnostics)
+                                    token_diagnostics, wants_diagnostics)
 from ptlight.model.reference import NoReference, Precomputed, Reference
 from ptlight.objectives import Logps, Objective, ObjectiveOutput
 from ptlight.objectives.tokens import REFERENCE_TERMS
@@ -255,10 +255,13 @@ class PreferenceMethod(ObjectiveSteps, Method):
         """The objective's output on one batch and the token diagnostics of its examples."""
         if self.objective.token_terms:
             return self._token_terms_forward(batch)
-        scores = self._scores(self.policy, batch, diagnostics=True)
+        diagnostics = wants_diagnostics(self, split)
+        scores = self._scores(self.policy, batch, diagnostics=diagnostics)
         inputs = self._logps(batch, scores.sequence_sum(), self._reference_logps(batch, split),
                              scores.lengths())
         out = self.objective(inputs)
+        if not diagnostics:
+            return out, {}
         if self.data_kind == "unpaired":
             scores = _first_rows(scores, batch["index"].shape[0])
         return out, token_diagnostics(scores)

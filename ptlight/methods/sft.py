@@ -17,7 +17,8 @@ from transformers import PreTrainedModel
 
 from ptlight.engine.logps import completion_logits, completion_logps
 from ptlight.methods.base import Method
-from ptlight.methods.common import ObjectiveSteps, configure_optim, token_diagnostics
+from ptlight.methods.common import (ObjectiveSteps, configure_optim, token_diagnostics,
+                                    wants_diagnostics)
 from ptlight.model.reference import NoReference, Reference
 from ptlight.objectives import Objective, ObjectiveOutput, TokenLogps
 from ptlight.objectives.rdrop import RDropInputs
@@ -63,16 +64,19 @@ class SFTMethod(ObjectiveSteps, Method):
                 "dropout layers; for a model that has them, keep model.disable_dropout=false."
             )
 
-    def _token_forward(self, batch: dict[str, torch.Tensor]) -> tuple[ObjectiveOutput, dict]:
+    def _token_forward(self, batch: dict[str, torch.Tensor], split: str
+                       ) -> tuple[ObjectiveOutput, dict]:
+        diagnostics = wants_diagnostics(self, split)
         scores = completion_logps(
             self.policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-            with_mean_logp=self._smooth, index=batch.get("completion_index"),
+            with_mean_logp=self._smooth, with_diagnostics=diagnostics,
+            index=batch.get("completion_index"),
         )
         inputs = TokenLogps(
             logps=scores.to_dense(), mask=scores.mask,
             mean_logp=scores.to_dense(scores.mean_logp) if self._smooth else None,
         )
-        return self.objective(inputs), token_diagnostics(scores)
+        return self.objective(inputs), token_diagnostics(scores) if diagnostics else {}
 
     def _two_pass_forward(self, batch: dict[str, torch.Tensor]) -> tuple[ObjectiveOutput, dict]:
         args = (self.policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
@@ -89,7 +93,7 @@ class SFTMethod(ObjectiveSteps, Method):
         """The objective's output on one batch and the token diagnostics to log with it."""
         if self._passes == 2:
             return self._two_pass_forward(batch)
-        return self._token_forward(batch)
+        return self._token_forward(batch, split)
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0]
