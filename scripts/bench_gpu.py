@@ -92,20 +92,26 @@ PTLIGHT_CONFIGS = {
     "pin": ["data.pin_memory=true"],                              # defaults + pinned batches
     "flex": ["model.packed_attention=flex"],                      # block-sparse FlexAttention
     "flex_compile": ["model.packed_attention=flex", "model.compile=true"],
+    # + CUDA graphs of the compiled layers (torch.compile's reduce-overhead mode)
+    "flex_compile_graphs": ["model.packed_attention=flex", "model.compile=true",
+                            "model.compile_mode=reduce-overhead"],
+    "compile_graphs": ["model.compile=true", "model.compile_mode=reduce-overhead"],
 }
 TRL_CONFIGS = {
     "default": {},                                                # gradient checkpointing on
     "best": {"precompute_ref_log_probs": True, "gradient_checkpointing": False},
 }
 # The full run, in the order it runs: what decides issue 15's targets first (TRL's best, the
-# defaults and the fastest opt-in at both shapes), then the variants that attribute the gain.
+# defaults and the opt-ins most likely to be fastest, at both shapes), then the levers one at a
+# time, then the variants that attribute the gain.
 PLAN = [
     ("gpu-350m", "trl", "best"), ("gpu-350m", "ptlight", "default"),
-    ("gpu-350m", "ptlight", "flex"), ("gpu-350m", "ptlight", "compile"),
-    ("gpu-350m", "ptlight", "flex_compile"),
+    ("gpu-350m", "ptlight", "flex_compile"), ("gpu-350m", "ptlight", "flex_compile_graphs"),
     ("gpu-1.2b", "trl", "best"), ("gpu-1.2b", "ptlight", "default"),
+    ("gpu-1.2b", "ptlight", "flex_compile"), ("gpu-1.2b", "ptlight", "flex_compile_graphs"),
+    ("gpu-350m", "ptlight", "flex"), ("gpu-350m", "ptlight", "compile"),
     ("gpu-1.2b", "ptlight", "flex"), ("gpu-1.2b", "ptlight", "compile"),
-    ("gpu-1.2b", "ptlight", "flex_compile"),
+    ("gpu-350m", "ptlight", "compile_graphs"),
     ("gpu-350m", "ptlight", "pin"), ("gpu-350m", "ptlight", "cudnn_attention"),
     ("gpu-350m", "ptlight", "stock_norm"), ("gpu-350m", "ptlight", "copy_pack"),
     ("gpu-350m", "ptlight", "compile_packed"), ("gpu-350m", "ptlight", "copy"),

@@ -131,6 +131,59 @@ def test_model_compile_takes_a_boolean(compose_cfg, tmp_path):
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_compile_mode_reaches_every_compiled_block_and_layer(monkeypatch):
+    """``model.compile_mode`` is the ``mode`` of each ``torch.compile`` call: the blocks at
+    build time, the whole layers at the first packed call (compilation itself is stubbed
+    out here: the modes are what is checked)."""
+    modes = []
+
+    def record(fn, *args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    cfg = tiny_model_cfg(compile=True, compile_mode="reduce-overhead")
+    policy = build_policy(cfg, load_tokenizer(cfg))
+    assert modes == ["reduce-overhead"] * 9  # 3 layers × (two norms, the MLP)
+    batch = pair_batch(20, 0)
+    completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                     pack=2)
+    assert modes == ["reduce-overhead"] * 12  # + each whole layer, for packed scoring
+    modes.clear()
+    cfg = tiny_model_cfg(compile=True)
+    build_policy(cfg, load_tokenizer(cfg))
+    assert modes == [None] * 9  # default: torch.compile's own default
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (("model.compile=true", "model.compile_mode=fast"), "model.compile_mode='fast'"),
+    (("model.compile_mode=reduce-overhead",), "model.compile=true"),
+])
+def test_a_compile_mode_that_cannot_apply_is_refused_before_weights_load(
+        compose_cfg, tmp_path, no_weights, overrides, match):
+    cfg = compose_cfg("method=dpo", *TINY, *overrides)
+    with pytest.raises(ConfigError, match=match):
+        train_stage(cfg, tmp_path / "run")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_layers_under_cuda_graphs_match_eager_on_cuda():
+    """``model.compile_mode=reduce-overhead``: packed scoring through CUDA graphs of the
+    compiled layers gives the eager log-probs and gradients, for a new shape (recorded), the
+    next, and the first one again (replayed)."""
+    eager, _ = _models()
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg(compile=True, compile_mode="reduce-overhead")
+    graphs = build_policy(cfg, load_tokenizer(cfg))
+    eager, graphs = eager.cuda(), graphs.cuda()
+    for i, length in enumerate((24, 40, 24, 24)):
+        batch = {k: v.cuda() for k, v in pair_batch(length, i).items()}
+        args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        assert_same_scores_and_grads(scores_and_grads(graphs, args, pack=2),
+                                     scores_and_grads(eager, args, pack=2), 1e-4, 1e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("pack", [None, 2])

@@ -25,6 +25,12 @@ re-entry) is not one dynamo can trace.
 step of a packed preference run is the same compiled step, while generation (evaluation,
 sampling) and padded scoring stay eager and never wait on a compile.
 
+``model.compile_mode`` is ``torch.compile``'s ``mode`` for all of it. ``reduce-overhead`` adds
+CUDA graphs (torch's cudagraph trees): each compiled layer replays its recorded kernels, so the
+host launches one graph per layer and shape instead of each kernel; a new packed shape is
+recorded once (packed widths come in steps of ``method.pack_multiple_of``, so shapes repeat).
+On the CPU there are no CUDA graphs and the mode compiles as ``default`` does.
+
 Compiled blocks compute what the eager ones do, within floating-point tolerance (inductor
 fuses and reorders reductions; tests/test_compile.py checks log-probs and gradients). The
 state dict is unchanged (``nn.Module.compile`` compiles in place), so checkpoints and exports
@@ -40,6 +46,8 @@ from typing import Any
 import torch
 
 PACKED_CALL = "ptlight_packed"  # keyword of a packed scoring call (ptlight.engine.packing)
+# torch.compile's modes, as model.compile_mode takes them
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _one_tensor_forward(module: torch.nn.Module) -> bool:
@@ -70,26 +78,32 @@ def _layer_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return type(self).forward(self, *args, **kwargs)
     owner, compiled = self.__dict__.get("_ptl_packed_forward", (None, None))
     if owner != id(self):
-        compiled = torch.compile(type(self).forward.__get__(self), dynamic=True)
+        compiled = torch.compile(type(self).forward.__get__(self), dynamic=True,
+                                 mode=self.__dict__.get("_ptl_compile_mode"))
         self.__dict__["_ptl_packed_forward"] = (id(self), compiled)
     return compiled(*args, **kwargs)
 
 
-def compile_blocks(model: torch.nn.Module, blocks: bool = True) -> int:
+def compile_blocks(model: torch.nn.Module, blocks: bool = True, mode: str = "default") -> int:
     """Compile the one-tensor children of every decoder layer of ``model`` in place, and the
     whole layer for packed scoring calls (not under gradient checkpointing); returns how many
     blocks and packed layers were set to compile (0: no decoder layer found, the model runs
     eager). ``blocks=False`` (``model.compile=packed``): packed scoring calls only, so every
-    other call — padded scoring, generation — runs eager and compiles nothing. Idempotent."""
+    other call — padded scoring, generation — runs eager and compiles nothing. ``mode``:
+    ``torch.compile``'s (:data:`MODES`). Idempotent."""
+    if mode not in MODES:
+        raise ValueError(f"compile mode {mode!r}: use one of {', '.join(MODES)}")
+    torch_mode = None if mode == "default" else mode
     count = 0
     for layer in decoder_layers(model):
         for block in layer.children() if blocks else ():
             if _one_tensor_forward(block):
                 if getattr(block, "_compiled_call_impl", None) is None:
-                    block.compile(dynamic=True)
+                    block.compile(dynamic=True, mode=torch_mode)
                 count += 1
         if not getattr(layer, "gradient_checkpointing", False):
             layer.forward = types.MethodType(_layer_forward, layer)
+            layer.__dict__["_ptl_compile_mode"] = torch_mode
             count += not blocks
     model._ptl_compiled = count > 0
     return count

@@ -243,7 +243,8 @@ def build_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
         log.warning("model.packed_attention=flex: %s has no LFM2 attention layer; packed "
                     "scoring (LFM2 only) does not run on it", type(model).__name__)
     if model_cfg.get("compile"):
-        compile_blocks(model, blocks=model_cfg.get("compile") != "packed")
+        compile_blocks(model, blocks=model_cfg.get("compile") != "packed",
+                       mode=model_cfg.get("compile_mode") or "default")
     return model
 
 

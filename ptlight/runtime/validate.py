@@ -12,7 +12,7 @@ Checked here: security flags (real booleans only), ``seed``, ``data.batch_size``
 ``weight_decay``, ``betas``, ``warmup_ratio``, ``scheduler``), ``trainer.max_steps``,
 ``accumulate_grad_batches``, ``gradient_clip_val``, ``val_check_interval`` and
 ``log_every_n_steps``, ``checkpoint.every_n_train_steps``,
-``model.compile``, ``model.fused_norm``, ``model.packed_attention``, the packing keys, and the ``eval`` counts and generation settings.
+``model.compile`` and ``model.compile_mode``, ``model.fused_norm``, ``model.packed_attention``, the packing keys, and the ``eval`` counts and generation settings.
 ``trainer.precision``/``accelerator``/``devices`` are checked where the trainer is set up
 (:mod:`ptlight.runtime.strategy`, :mod:`ptlight.engine.cpu_bf16`); each method checks its
 own keys in its ``extra_args``.
@@ -252,6 +252,16 @@ def check_model(model: DictConfig) -> None:
         raise ConfigError(f"model.compile={compile_!r}: use model.compile=true (torch.compile "
                           "the norms and MLPs of every decoder layer), packed (only whole layers "
                           "in the preference methods' packed scoring) or false")
+    from ptlight.engine.compile import MODES
+
+    mode = model.get("compile_mode", "default")
+    if mode not in MODES:
+        raise ConfigError(f"model.compile_mode={mode!r}: torch.compile's mode for "
+                          f"model.compile; use one of {', '.join(MODES)}")
+    if mode != "default" and not compile_:
+        raise ConfigError(f"model.compile_mode={mode} is the mode of model.compile, which is "
+                          "false: set model.compile=true (or packed), or leave "
+                          "model.compile_mode=default")
     if compile_ == "packed" and model.get("gradient_checkpointing"):
         raise ConfigError("model.compile=packed compiles whole layers in packed scoring, which "
                           "gradient checkpointing's recomputation cannot run, so nothing would "
