@@ -9,8 +9,13 @@ then its branch), not with the previous columns of the row
 per layer at a packed row's shapes ``[R, N, D]`` (channels last, as LFM2's projections give
 them), with a group start every 512 tokens and a branch every 256, for:
 
-- ``chain``: :func:`~ptlight.engine.packing.tree_conv` (one row gather and one fused
-  multiply-add per tap, tap indices from :func:`~ptlight.engine.packing.chain_taps`);
+- ``chain``: :func:`~ptlight.engine.packing.tree_conv` as the packed forward runs it (one
+  row gather and one fused multiply-add per tap, tap indices from
+  :func:`~ptlight.engine.packing.chain_taps`; the gathers' backward gathers too, through
+  :func:`~ptlight.engine.packing.tap_readers`, built once per forward for every layer and
+  timed on its own as ``readers``);
+- ``chain, scatter``: the same with the gathers' stock backward (``index_add``: atomic adds
+  on a GPU);
 - ``gather``: the per-element formulation it replaced (``gather`` along the token axis of
   ``[R, D, N]`` with the index expanded over channels, one tap at a time), kept here as the
   baseline;
@@ -18,7 +23,7 @@ them), with a group start every 512 tokens and a branch every 256, for:
   runs (not usable on packed rows: it mixes neighbouring sequences), for scale.
 
 Prints the median milliseconds of ``--repeats`` timed calls after 3 warm-up calls, and checks
-that ``chain`` and ``gather`` agree.
+that ``chain`` and ``gather`` agree, and that both ``chain`` backwards give the same gradients.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ptlight.engine.packing import chain_taps, tree_conv
+from ptlight.engine.packing import chain_taps, tap_readers, tree_conv
 
 
 def gather_conv(x_rdn: torch.Tensor, prev: torch.Tensor, weight: torch.Tensor,
@@ -85,12 +90,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else
              f" ({torch.get_num_threads()} threads)"))
-    print("| R×N×D | dtype | chain ms | gather ms | conv1d ms | gather ÷ chain |")
-    print("|---|---|---|---|---|---|")
+    print("| R×N×D | dtype | chain ms | chain, scatter ms | readers ms | gather ms | conv1d ms "
+          "| gather ÷ chain |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         r, n, d = map(int, shape.split("x"))
         prev = chain_prev(r, n, args.device)
         taps = chain_taps(prev, 3)
+        readers = tap_readers(taps, 2)  # chain_prev branches in two
         w = torch.randn(d, 3, device=args.device)
         b = torch.randn(d, device=args.device)
         for name in dtypes.split(","):
@@ -100,19 +107,31 @@ def main() -> None:
             got = tree_conv(x.detach().float(), taps, w, b)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
+            grads = []
+            for tap_grads in (None, readers):
+                x.grad = None
+                tree_conv(x, taps, w, b, tap_grads).float().sum().backward()
+                grads.append(x.grad)
+            torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
             def run(f):
                 return lambda: f().float().sum().backward()
 
             ms = {
-                "chain": timed(run(lambda: tree_conv(x, taps, w, b)), args.device, args.repeats),
+                "chain": timed(run(lambda: tree_conv(x, taps, w, b, readers)), args.device,
+                               args.repeats),
+                "scatter": timed(run(lambda: tree_conv(x, taps, w, b)), args.device,
+                                 args.repeats),
+                "readers": timed(lambda: tap_readers(taps, 2), args.device, args.repeats),
                 "gather": timed(run(lambda: gather_conv(x.mT, prev, w, b)), args.device,
                                 args.repeats),
                 "conv1d": timed(run(lambda: F.conv1d(x.mT, w[:, None].to(dtype), b.to(dtype),
                                                      padding=2, groups=d)[..., :n]),
                                 args.device, args.repeats),
             }
-            print(f"| {shape} | {name} | {ms['chain']:.2f} | {ms['gather']:.2f} | "
-                  f"{ms['conv1d']:.2f} | {ms['gather'] / ms['chain']:.2f}× |", flush=True)
+            print(f"| {shape} | {name} | {ms['chain']:.2f} | {ms['scatter']:.2f} | "
+                  f"{ms['readers']:.2f} | {ms['gather']:.2f} | {ms['conv1d']:.2f} | "
+                  f"{ms['gather'] / ms['chain']:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":

@@ -198,6 +198,68 @@ def test_tree_conv_follows_each_tokens_predecessor_chain(k):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("k,dtype", [(2, torch.float32), (3, torch.float32),
+                                     (2, torch.bfloat16)])
+def test_the_chain_convolutions_gathering_backward_is_bitwise_the_scatter(k, dtype):
+    """``tree_conv`` with :func:`tap_readers` (each row's gradient gathered from the positions
+    that read it) gives bitwise the values and gradients of ``index_add``'s scatter, on a
+    packed layout with shared prompts, completions that start alike, an empty prompt and
+    padding."""
+    lens = [[3 + (i + j) % 4 for i in range(4)] for j in range(k)]
+    batch = _batch([6, 0, 9, 4], lens, k=k, seed=3)
+    batch["input_ids"][0::4, 6] = batch["input_ids"][0, 6]  # example 0's completions start alike
+    pb = packing.pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], k,
+                      max_tokens=40, multiple_of=16)
+    assert pb.num_tokens == 19 + sum(map(sum, lens)) - (k - 1)  # that first token once
+    assert pb.fanout == k
+    taps = packing.chain_taps(pb.prev, 3)
+    readers = packing.tap_readers(taps, pb.fanout)
+    flat = torch.arange(taps.shape[1])
+    for tap, table in zip(taps, readers):  # each row lists exactly the positions reading it
+        for row in range(taps.shape[1]):
+            reading = flat[tap == row].tolist()
+            if row < taps.shape[1]:  # the zero row's readers are not kept
+                assert table[row].tolist() == reading + [taps.shape[1]] * (k - len(reading))
+    torch.manual_seed(0)
+    r, n = pb.prev.shape
+    x = torch.randn(r, n, 8, dtype=dtype, requires_grad=True)
+    w, bias = torch.randn(8, 3, requires_grad=True), torch.randn(8, requires_grad=True)
+    grad = torch.randn(r, n, 8, dtype=dtype)
+    results = []
+    for tables in (None, readers):
+        x.grad = w.grad = bias.grad = None
+        out = packing.tree_conv(x, taps, w, bias, tables)
+        out.backward(grad)
+        results.append([out.detach(), x.grad, w.grad, bias.grad])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+def test_packed_scoring_with_the_gathering_backward_equals_the_scatter(model, monkeypatch):
+    batch = _batch(**PAIRS)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    scatter = scores_and_grads(model, args, pack=2)
+    monkeypatch.setattr(packing, "GATHER_BACKWARD_DEVICES", ("cpu",))
+    calls = []
+    real = packing._TapGather.apply
+    monkeypatch.setattr(packing._TapGather, "apply",
+                        lambda *a: calls.append(1) or real(*a))
+    gathered = scores_and_grads(model, args, pack=2)
+    assert len(calls) == 2 * 2  # two conv layers, two taps each
+    assert_same_scores_and_grads(gathered, scatter, atol=0, rtol=0)
+
+
+def test_a_layout_without_branches_has_fanout_one_and_a_reader_past_it_is_caught():
+    batch = _batch([5, 3], [[4, 2]], k=1, seed=0)
+    pb = packing.pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], 1)
+    assert pb.fanout == 1
+    branching = _batch([5, 3], [[4, 2], [3, 3]], k=2, seed=0)
+    pb = packing.pack(branching["input_ids"], branching["attention_mask"],
+                      branching["loss_mask"], 2)
+    with pytest.raises(RuntimeError, match="more than fanout"):
+        packing.tap_readers(packing.chain_taps(pb.prev, 3), 1)
+
+
 def test_dpo_training_with_and_without_packing_gives_the_same_losses(compose_cfg, tmp_path):
     runs = {pack: dpo_losses(compose_cfg, tmp_path / pack, f"method.pack={pack}", steps=4)
             for pack in ("false", "true")}

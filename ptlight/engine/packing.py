@@ -111,6 +111,9 @@ class PackedBatch:
     positions: torch.Tensor
     inverse: torch.Tensor
     num_tokens: int  # real (non-padding) tokens the packed forward runs
+    # most tokens that have one token as their d-th predecessor, for any d: 1 where no trie
+    # node branches, else K (a node's descendants at one depth lie on distinct completions)
+    fanout: int = 1
 
     def attention_mask(self) -> torch.Tensor:
         """``[R', 1, N, N]`` bool: i may attend j iff j is i or an ancestor of i, i.e.
@@ -120,7 +123,8 @@ class PackedBatch:
                 & (col[None, :, None] < self.end[:, None, :]))[:, None]
 
     def _tensors(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if f.name != "num_tokens"]
+        return [f.name for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)]
 
     def to(self, device: torch.device | str, non_blocking: bool | None = None) -> PackedBatch:
         """The same layout with every tensor on ``device``. Copies to a CUDA device are
@@ -271,11 +275,14 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     src = as_long([s for _, s, _ in scored])
     positions, inverse = torch.unique(src, return_inverse=True)
+    parents = [p for group in groups for p in group[1] if p >= 0]
+    branching = len(set(parents)) < len(parents)  # some node has two children
     return PackedBatch(
         input_ids=as_long(ids), position_ids=as_long(pos), prev=as_long(prev),
         end=as_long(end), src=src,
         targets=as_long([t for _, _, t in scored]), rows=as_long([r for r, _, _ in scored]),
         positions=positions, inverse=inverse, num_tokens=sum(lengths),
+        fanout=k if branching else 1,
     )
 
 
@@ -307,8 +314,63 @@ def chain_taps(prev: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(taps[::-1])
 
 
+def tap_readers(taps: torch.Tensor, fanout: int) -> torch.Tensor:
+    """``[K−1, R·N + 1, fanout]``: for each tap of :func:`chain_taps` and each row of
+    :func:`tree_conv`'s flat input (the zero row last), the positions that read that row
+    through the tap, ascending, padded with ``R·N`` (a zero gradient row). ``fanout``: at most
+    this many positions read one token through one tap (:attr:`PackedBatch.fanout`); checked
+    on the device, without a host read. Index work only, once per packed forward."""
+    n_taps, t = taps.shape
+    pos = torch.arange(t, device=taps.device)
+    tables = []
+    for index in taps:
+        order = torch.argsort(index, stable=True)
+        src = index[order]
+        rank = pos - torch.searchsorted(src, src)  # place among the readers of the same row
+        # the zero row's readers (tokens without that predecessor) are any number: its
+        # gradient is dropped, so the ones past ``fanout`` go to a spare row
+        torch._assert_async(((rank < fanout) | (src == t)).all(),
+                            "a token is read through one tap more than fanout times")
+        table = torch.full((t + 2, fanout), t, dtype=torch.long, device=taps.device)
+        table[torch.where(rank < fanout, src, t + 1), rank.clamp(max=fanout - 1)] = order
+        tables.append(table[: t + 1])
+    return torch.stack(tables) if tables else taps.new_empty(0, t + 1, fanout)
+
+
+# Devices whose packed convolutions take the gathering backward (:class:`_TapGather`). None
+# yet: on the CPU it is the slower one (``scripts/bench_packed_conv.py``: 159 vs 107 ms fp32 at
+# 4×2048×1024, 57 vs 34 ms bf16, 2026-11-27, 2-core AMD EPYC), and on a GPU, where it would
+# replace bf16 atomic adds, it is not yet measured (that script's ``--device cuda`` run, the
+# first part of ``scripts/gpu_check.sh bench``, times both).
+GATHER_BACKWARD_DEVICES: tuple[str, ...] = ()
+
+
+class _TapGather(torch.autograd.Function):
+    """``flat.index_select(0, index)`` whose backward gathers instead of scattering: each
+    row's gradient is the sum of the gradients of the positions that read it (``readers``,
+    :func:`tap_readers`), added in ascending position order as ``index_add`` adds them, so
+    the result is bitwise the same. ``index_add`` would scatter with atomic adds on a GPU,
+    which for bf16 are compare-and-swap loops (≈60 µs a call at the LFM2-350M shape,
+    20 calls a step, in the H200 profile), and whose order varies from run to run."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, index: torch.Tensor, readers: torch.Tensor
+                ) -> torch.Tensor:
+        ctx.save_for_backward(readers)
+        return flat.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (readers,) = ctx.saved_tensors
+        padded = torch.cat([grad, grad.new_zeros(1, grad.shape[1])])  # row R·N: no reader
+        out = padded.index_select(0, readers[:, 0])
+        for m in range(1, readers.shape[1]):
+            out = out + padded.index_select(0, readers[:, m])
+        return out, None, None
+
+
 def tree_conv(x: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
+              bias: torch.Tensor | None, readers: torch.Tensor | None = None) -> torch.Tensor:
     """Causal depthwise convolution along each token's predecessor chain.
 
     x: ``[R, N, D]`` (tokens in rows, channels last, as the layer's projections produce and
@@ -316,7 +378,9 @@ def tree_conv(x: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor,
     (``nn.Conv1d`` taps, the last one on the token itself). Equals
     ``F.conv1d(x.mT, w, padding=K−1)[..., :N].mT`` when ``prev[t] = t−1`` with −1 at sequence
     starts, i.e. zero padding before each sequence. Each tap is one row gather
-    (``index_select`` of whole channel vectors) and one fused multiply-add.
+    (``index_select`` of whole channel vectors) and one fused multiply-add. ``readers``
+    (:func:`tap_readers` of ``taps``): the gathers' backward gathers too (:class:`_TapGather`,
+    bitwise the same gradients); without it, it scatters (``index_add``).
     """
     r, n, d = x.shape
     k = weight.shape[-1]
@@ -325,7 +389,9 @@ def tree_conv(x: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor,
     out = (x * w[:, k - 1] if bias is None
            else torch.addcmul(bias.to(x.dtype), x, w[:, k - 1]))
     for j in range(k - 1):
-        out = torch.addcmul(out, flat.index_select(0, taps[j]).view(r, n, d), w[:, j])
+        tap = (flat.index_select(0, taps[j]) if readers is None
+               else _TapGather.apply(flat, taps[j], readers[j]))
+        out = torch.addcmul(out, tap.view(r, n, d), w[:, j])
     return out
 
 
@@ -338,6 +404,7 @@ class ConvChain:
     arguments in the backward) convolves along the same chains as the forward did."""
 
     taps: torch.Tensor
+    readers: torch.Tensor | None = None  # tap_readers(taps, fanout): a gathering backward
 
 
 def _short_conv_forward(self, hidden_states, *args, attention_mask=None, **kwargs):
@@ -352,7 +419,8 @@ def _short_conv_forward(self, hidden_states, *args, attention_mask=None, **kwarg
         raise ValueError(f"ConvChain has {attention_mask.taps.shape[0]} taps for a kernel of "
                          f"{weight.shape[-1]}")
     b, c, x = self.in_proj(hidden_states).chunk(3, dim=-1)
-    conv = tree_conv(b * x, attention_mask.taps, weight, self.conv.bias)
+    conv = tree_conv(b * x, attention_mask.taps, weight, self.conv.bias,
+                     attention_mask.readers)
     return self.out_proj(c * conv.to(c.dtype))
 
 
@@ -384,7 +452,9 @@ def packed_hidden(model, packed: PackedBatch, positions: torch.Tensor | None = N
             allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device
                                   ).masked_fill(~allowed, torch.finfo(dtype).min)
     install_tree_convs(base)
-    chain = ConvChain(chain_taps(packed.prev, base.config.conv_L_cache))
+    taps = chain_taps(packed.prev, base.config.conv_L_cache)
+    chain = ConvChain(taps, tap_readers(taps, packed.fanout)
+                      if taps.device.type in GATHER_BACKWARD_DEVICES else None)
     masks = {"full_attention": allowed, "conv": chain}
     # a compiled model (model.compile) runs its layers compiled whole for this call
     extra = {PACKED_CALL: True} if is_compiled(model) else {}
