@@ -448,3 +448,27 @@ def test_naming_another_reward_plugin_drops_the_gold_configs_task(compose_cfg, t
     written = [*named, "reward.task=sort", *TINY]
     with pytest.raises(ConfigError, match=r"has no setting\(s\) reward\.task"):
         train_stage(compose_cfg(*written), tmp_path / "run", written)
+
+
+def test_rollout_scoring_keeps_one_vocabulary_sized_tensor_for_the_backward():
+    """PPO's and the group methods' scoring (``token_scores``) gives the log-probs with their
+    graph and the entropies as a detached metric: the backward keeps the log-softmax's
+    ``[B, N, V]`` output only, not also ``exp`` of it for an entropy gradient that is never
+    taken (+1× the fp32 logits at the peak, through the optimiser step)."""
+    policy, _ = tiny_chat_policy()
+    ids = torch.randint(5, 200, (4, 12))
+    saved: dict[int, tuple] = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        logps, entropy, _ = token_scores(policy, ids, torch.ones_like(ids), 5, 0.7)
+    vocab = policy.get_output_embeddings().weight.shape[0]
+    assert sum(shape == (4, 7, vocab) for shape in saved.values()) == 1
+    assert logps.requires_grad and not entropy.requires_grad
+    with torch.no_grad():
+        logits = policy(input_ids=ids).logits[:, 4:-1].float() / 0.7
+        logp = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=1e-5)

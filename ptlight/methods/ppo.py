@@ -74,9 +74,9 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  n_prompt: int, temperature: float, value_head: torch.nn.Module | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Log-probs ``[B, N]`` (from logits / ``temperature``) and entropies of the tokens after
-    the first ``n_prompt`` columns, and the value head's predictions at the states that emit
-    them (or None)."""
+    """Log-probs ``[B, N]`` (from logits / ``temperature``) and entropies (detached: a
+    metric) of the tokens after the first ``n_prompt`` columns, and the value head's
+    predictions at the states that emit them (or None)."""
     h = backbone_hidden(model, input_ids, attention_mask, position_ids(attention_mask))
     h = h[:, n_prompt - 1 : -1]  # the states that predict response tokens
     targets = input_ids[:, n_prompt:]
@@ -84,7 +84,9 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     logits = F.linear(h, head.weight, head.bias).float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logps = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.no_grad():  # recorded, its graph would keep exp(logp) ([B, N, V] fp32) alive
+        lp = logp_all.detach()
+        entropy = -(lp.exp() * lp).sum(-1)
     values = None if value_head is None else value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
     return logps, entropy, values
 
