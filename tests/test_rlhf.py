@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, chat_prompt_ids, run_cli, tiny_chat_policy, tiny_model_cfg
+from helpers import REPO, TINY, chat_prompt_ids, run_cli, tiny_chat_policy, tiny_model_cfg
 
 from ptlight.errors import ConfigError, ModelLoadError
 from ptlight.engine.rollout import completion_mask
@@ -472,3 +472,13 @@ def test_rollout_scoring_keeps_one_vocabulary_sized_tensor_for_the_backward():
         logits = policy(input_ids=ids).logits[:, 4:-1].float() / 0.7
         logp = torch.log_softmax(logits, -1)
     torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_rl_scoring_memory_script_runs_both_variants():
+    script = REPO / "scripts" / "bench_rl_scoring_memory.py"
+    out = subprocess.run([sys.executable, str(script), "--vocab", "4096", "--rows", "2",
+                          "--tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ln.split(" | ")[0].strip("| ") for ln in out.stdout.splitlines()
+            if ln.startswith("| ") and ln.split(" | ")[-1].strip(" |").isdigit()]
+    assert rows == ["detached", "recorded"]

@@ -12,7 +12,8 @@ Checked here: security flags (real booleans only), ``seed``, ``data.batch_size``
 ``weight_decay``, ``betas``, ``warmup_ratio``, ``scheduler``), ``trainer.max_steps``,
 ``accumulate_grad_batches``, ``gradient_clip_val``, ``val_check_interval`` and
 ``log_every_n_steps``, ``checkpoint.every_n_train_steps``,
-``model.compile`` and ``model.compile_mode``, ``model.fused_norm``, ``model.packed_attention``, the packing keys, and the ``eval`` counts and generation settings.
+``model.compile`` and ``model.compile_mode``, ``model.fused_norm``,
+``model.packed_attention``, the packing keys, and the ``eval`` counts and generation settings.
 ``trainer.precision``/``accelerator``/``devices`` are checked where the trainer is set up
 (:mod:`ptlight.runtime.strategy`, :mod:`ptlight.engine.cpu_bf16`); each method checks its
 own keys in its ``extra_args``.
