@@ -7,8 +7,8 @@ detached, against the same scoring with the entropy recorded in the autograd gra
 ``ptlight.methods.ppo.token_scores`` returns the completion tokens' log-probs (with their
 graph: the loss is built on them) and their entropies, a logged metric. ``detached`` is
 ptlight's: the entropy is computed from the detached log-softmax, so the backward keeps the
-log-softmax's ``[rows, tokens, vocab]`` fp32 output only. ``recorded`` computes the same
-entropy with autograd recording, as the scoring did before: its graph keeps ``exp`` of the
+log-softmax's ``[rows, tokens, vocab]`` fp32 output only. ``recorded`` is the scoring as it
+was, the same entropy computed with autograd recording: its graph keeps ``exp`` of the
 log-softmax (and the log-softmax itself) alive until the entropy tensor dies, which in the
 methods' minibatch loops is when the next minibatch's scoring returns, after its backward.
 
@@ -38,18 +38,19 @@ def child(args) -> dict:
     from ptlight.methods import ppo
 
     if args.variant == "recorded":
-        real = ppo.token_scores
-
-        def recorded(model, input_ids, attention_mask, n_prompt, temperature, value_head=None):
-            logps, _, values = real(model, input_ids, attention_mask, n_prompt, temperature,
-                                    value_head)
+        def recorded(model, input_ids, attention_mask, n_prompt, temperature):
+            """``token_scores`` as it was, statement for statement (what is alive when
+            matters here)."""
             h = ppo.backbone_hidden(model, input_ids, attention_mask,
-                                    ppo.position_ids(attention_mask))[:, n_prompt - 1 : -1]
+                                    ppo.position_ids(attention_mask))
+            h = h[:, n_prompt - 1 : -1]
+            targets = input_ids[:, n_prompt:]
             head = model.get_output_embeddings()
-            logp_all = torch.log_softmax(
-                torch.nn.functional.linear(h, head.weight, head.bias).float() / temperature, -1)
-            logps = logp_all.gather(-1, input_ids[:, n_prompt:, None]).squeeze(-1)
-            return logps, -(logp_all.exp() * logp_all).sum(-1), values
+            logits = torch.nn.functional.linear(h, head.weight, head.bias).float() / temperature
+            logp_all = torch.log_softmax(logits, dim=-1)
+            logps = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            return logps, entropy, None
 
         scores = recorded
     else:

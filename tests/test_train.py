@@ -11,6 +11,22 @@ from helpers import TINY
 from ptlight.train import train_stage
 
 
+def _add_callback(monkeypatch, callback) -> None:
+    """Every ``lightning.Trainer`` built from here on gets ``callback`` too."""
+    import lightning as L
+
+    init = L.Trainer.__init__
+    monkeypatch.setattr(L.Trainer, "__init__", lambda self, *a, **k: init(
+        self, *a, **{**k, "callbacks": [*(k.get("callbacks") or []), callback]}))
+
+
+# six steps, metrics and the progress bar's values on the fifth and sixth only (counted from
+# 1), no validation or checkpoint in between: steps 2-4 are ones that write nothing
+QUIET_STEPS = ("eval.before=false", "eval.val_samples=0", *TINY, "trainer.max_steps=6",
+               "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=true",
+               "trainer.val_check_interval=100", "checkpoint.every_n_train_steps=100")
+
+
 def _metrics(run_dir):
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     return [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
@@ -143,9 +159,7 @@ def test_metrics_are_logged_only_on_the_steps_the_loggers_write(compose_cfg, tmp
             return real_scoring(*a, **k)
 
         monkeypatch.setattr(module, "completion_logps", scoring)
-    init = L.Trainer.__init__
-    monkeypatch.setattr(L.Trainer, "__init__", lambda self, *a, **k: init(
-        self, *a, **{**k, "callbacks": [*(k.get("callbacks") or []), Window()]}))
+    _add_callback(monkeypatch, Window())
     gated = train_stage(compose_cfg(*overrides), tmp_path / "gated")
     if method != "grpo":  # (grpo steps its optimiser itself: its global step runs ahead)
         metric_steps = {step for step, name in logged_at if name != "train/loss"}
@@ -237,13 +251,8 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
         monkeypatch.setattr(importlib.import_module(f"ptlight.methods.{module}"),
                             "configure_optim",
                             functools.partial(common.configure_optim, fused_on_cpu=True))
-    init = L.Trainer.__init__
-    monkeypatch.setattr(L.Trainer, "__init__", lambda self, *a, **k: init(
-        self, *a, **{**k, "callbacks": [*(k.get("callbacks") or []), Window()]}))
-    train_stage(compose_cfg(f"method={method}", "eval.before=false", "eval.val_samples=0",
-                            *TINY, "trainer.max_steps=6", "trainer.log_every_n_steps=5",
-                            "trainer.enable_progress_bar=true", "trainer.val_check_interval=100",
-                            "checkpoint.every_n_train_steps=100", *overrides), tmp_path)
+    _add_callback(monkeypatch, Window())
+    train_stage(compose_cfg(f"method={method}", *QUIET_STEPS, *overrides), tmp_path)
     assert reads[0] == 1  # the bar's first values
     assert [reads.get(step, 0) for step in (1, 2, 3)] == [0, 0, 0]
     assert [from_host.get(step, 0) for step in (1, 2, 3)] == [0, 0, 0]
@@ -276,15 +285,9 @@ def test_a_gpu_training_step_never_synchronises(compose_cfg, tmp_path, monkeypat
         torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(L.LightningModule, "on_train_batch_end", on_train_batch_end)
-    init = L.Trainer.__init__
-    monkeypatch.setattr(L.Trainer, "__init__", lambda self, *a, **k: init(
-        self, *a, **{**k, "callbacks": [*(k.get("callbacks") or []), Window()]}))
+    _add_callback(monkeypatch, Window())
     try:
-        train_stage(compose_cfg(f"method={method}", "eval.before=false", "eval.val_samples=0",
-                                *TINY, "trainer.max_steps=6", "trainer.log_every_n_steps=5",
-                                "trainer.enable_progress_bar=true",
-                                "trainer.val_check_interval=100",
-                                "checkpoint.every_n_train_steps=100", *overrides), tmp_path)
+        train_stage(compose_cfg(f"method={method}", *QUIET_STEPS, *overrides), tmp_path)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert window == [1, 2, 3]

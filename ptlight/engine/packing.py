@@ -320,7 +320,7 @@ def tap_readers(taps: torch.Tensor, fanout: int) -> torch.Tensor:
     through the tap, ascending, padded with ``R·N`` (a zero gradient row). ``fanout``: at most
     this many positions read one token through one tap (:attr:`PackedBatch.fanout`); checked
     on the device, without a host read. Index work only, once per packed forward."""
-    n_taps, t = taps.shape
+    t = taps.shape[1]
     pos = torch.arange(t, device=taps.device)
     tables = []
     for index in taps:

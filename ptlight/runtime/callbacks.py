@@ -240,25 +240,23 @@ class NonFiniteGuard(L.Callback):
         has long computed them: the step's kernels stay queued behind each other."""
         norm = torch.nn.utils.get_total_norm(grads)
         self._norm = (optimizer, norm)
-        ok = torch.isfinite(norm).reshape(1)
-        first_bad = torch.zeros(1, device=norm.device)
+        grads_ok = torch.isfinite(norm).reshape(1)
+        loss_ok, first_bad = grads_ok.new_ones(1), norm.new_zeros(1)
         if self._losses:
             losses = torch.cat(self._losses).to(norm.device)
             self._losses = []
             finite = torch.isfinite(losses)
-            ok = torch.cat([ok, finite.all().reshape(1)])
+            loss_ok = finite.all().reshape(1)
             first_bad = losses.index_select(0, torch.argmin(finite.int()).reshape(1))
-        else:
-            ok = torch.cat([ok, ok.new_ones(1)])
-        bad = (~ok.all()).float().reshape(1)
+        bad = (~(grads_ok & loss_ok)).float()
         if trainer.world_size > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         _set_for_one_step(optimizer, "found_inf", bad.reshape(()))  # 0-d, 1.0: skip
-        flags = torch.cat([ok.float(), first_bad.float(), bad])
+        flags = torch.cat([loss_ok.float(), first_bad.float(), bad])
         ready = None
         if flags.is_cuda:
             if self._staging is None:
-                self._staging = torch.empty(4, pin_memory=True)
+                self._staging = torch.empty(3, pin_memory=True)
             self._staging.copy_(flags, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
@@ -275,7 +273,7 @@ class NonFiniteGuard(L.Callback):
             return
         if pending.ready is not None:
             pending.ready.synchronize()
-        grads_ok, loss_ok, first_bad, skipped = (float(v) for v in pending.flags.numpy())
+        loss_ok, first_bad, skipped = (float(v) for v in pending.flags.numpy())
         if not skipped:
             self.consecutive = 0
             return
@@ -330,8 +328,8 @@ class NonFiniteGuard(L.Callback):
 
 
 class _Staged(NamedTuple):
-    """A step checked on the device: its number, ``[gradients finite, losses finite (this
-    rank), the first non-finite loss, skipped (any rank)]`` in host memory once ``ready`` (a
+    """A step checked on the device: its number, ``[losses finite (this rank), the first
+    non-finite loss, skipped (any rank)]`` in host memory once ``ready`` (a
     CUDA event; ``None`` on the CPU, where the values are there when computed)."""
     step: int
     flags: torch.Tensor
