@@ -7,10 +7,12 @@ detached, against the same scoring with the entropy recorded in the autograd gra
 ``ptlight.methods.ppo.token_scores`` returns the completion tokens' log-probs (with their
 graph: the loss is built on them) and their entropies, a logged metric. ``detached`` is
 ptlight's: the entropy is computed from the detached log-softmax, so the backward keeps the
-log-softmax's ``[rows, tokens, vocab]`` fp32 output only. ``recorded`` is the scoring as it
-was, the same entropy computed with autograd recording: its graph keeps ``exp`` of the
-log-softmax (and the log-softmax itself) alive until the entropy tensor dies, which in the
-methods' minibatch loops is when the next minibatch's scoring returns, after its backward.
+log-softmax's ``[rows, tokens, vocab]`` fp32 output only, and the logits are freed once the
+log-softmax is taken. ``recorded`` is the scoring as it was: the logits live until it
+returns, and the same entropy is computed with autograd recording, whose graph keeps ``exp``
+of the log-softmax (and the log-softmax itself) alive until the entropy tensor dies, which in
+the methods' minibatch loops is when the next minibatch's scoring returns, after its
+backward.
 
 Each variant runs in its own subprocess, on a 2-layer LFM2 at width 64 (the vocabulary-sized
 tensors dominate), scoring ``--rows`` sequences of ``--prompt`` + ``--tokens`` tokens and

@@ -81,8 +81,8 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     h = h[:, n_prompt - 1 : -1]  # the states that predict response tokens
     targets = input_ids[:, n_prompt:]
     head = model.get_output_embeddings()
-    logits = F.linear(h, head.weight, head.bias).float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
+    logp_all = torch.log_softmax(F.linear(h, head.weight, head.bias).float() / temperature,
+                                 dim=-1)  # the logits die here: one [B, N, V] block fewer
     logps = logp_all.gather(-1, targets[..., None]).squeeze(-1)
     with torch.no_grad():  # recorded, its graph would keep exp(logp) ([B, N, V] fp32) alive
         lp = logp_all.detach()
