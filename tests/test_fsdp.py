@@ -206,3 +206,54 @@ def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
     out = bench(tmp_path / "none", "--ptlight", "default", "--trl", "", "--budget", "0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| tiny | ptlight default | skipped |" in (tmp_path / "none" / "bench_gpu.md").read_text()
+
+
+# ---- the RL scoring's checkpointed LM-head chunks under FSDP2 -------------------------------
+def _scores_on_rank(rank: int, world: int, port: int, results) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from helpers import tiny_chat_policy
+    from ptlight.engine import logps as logps_mod
+    from ptlight.methods.ppo import token_scores
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        got = {}
+        for name, limit in (("one_block", 1 << 60), ("checkpointed", 0)):
+            logps_mod.HEAD_CHECKPOINT_BYTES = limit
+            policy, _ = tiny_chat_policy()  # same seed: the same weights on every rank
+            for layer in policy.model.layers:
+                fully_shard(layer, reshard_after_forward=True)
+            fully_shard(policy, reshard_after_forward=False)  # as ptlight shards the root
+            ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(rank))
+            logps, _, _ = token_scores(policy, ids, torch.ones_like(ids), 5, 0.7)
+            (logps * torch.linspace(-1, 1, 14).view(2, 7)).sum().backward()
+            got[name] = (logps.detach(), {n: p.grad.full_tensor() for n, p in
+                                          policy.named_parameters()})
+        results[rank] = got
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rl_scoring_recomputes_its_head_chunks_under_fsdp_on_two_cpu_processes():
+    """Past ``HEAD_CHECKPOINT_BYTES`` the RL scoring checkpoints its LM-head chunks, so the
+    backward runs the head again on the root unit's weight: under FSDP2 (two gloo processes,
+    the layers and the root sharded as ptlight shards them) the log-probs and every gathered
+    gradient equal the one-block scoring's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_scores_on_rank, args=(2, port, results), nprocs=2, join=True)
+    for rank in (0, 1):
+        (lp_a, grads_a), (lp_b, grads_b) = results[rank]["one_block"], results[rank]["checkpointed"]
+        torch.testing.assert_close(lp_b, lp_a)
+        assert grads_a.keys() == grads_b.keys() and grads_a
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-5)

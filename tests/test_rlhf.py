@@ -450,35 +450,92 @@ def test_naming_another_reward_plugin_drops_the_gold_configs_task(compose_cfg, t
         train_stage(compose_cfg(*written), tmp_path / "run", written)
 
 
-def test_rollout_scoring_keeps_one_vocabulary_sized_tensor_for_the_backward():
+def _one_block_scores(model, ids, n_prompt, temperature):
+    """The RL scoring written as one ``[B, N, V]`` block through the model's own forward."""
+    logits = model(input_ids=ids).logits[:, n_prompt - 1 : -1].float() / temperature
+    logp = torch.log_softmax(logits, -1)
+    return (logp.gather(-1, ids[:, n_prompt:, None]).squeeze(-1),
+            -(logp.exp() * logp).detach().sum(-1))
+
+
+@pytest.mark.parametrize("chunk_rows, checkpointed", [(None, False), (5, False), (5, True)])
+def test_rollout_scoring_keeps_at_most_one_vocabulary_block_for_the_backward(
+        chunk_rows, checkpointed, monkeypatch):
     """PPO's and the group methods' scoring (``token_scores``) gives the log-probs with their
-    graph and the entropies as a detached metric: the backward keeps the log-softmax's
-    ``[B, N, V]`` output only, not also ``exp`` of it for an entropy gradient that is never
-    taken (+1× the fp32 logits at the peak, through the optimiser step)."""
+    graph and the entropies as a detached metric. The LM head runs in row chunks (here one of
+    28 rows, or six): the backward keeps one fp32 log-softmax of the completion tokens in all
+    (not also ``exp`` of it for an entropy gradient never taken), and none when the chunks
+    are checkpointed (past ``HEAD_CHECKPOINT_BYTES``). Values and the gradients of every
+    parameter equal the one-block computation's."""
+    from ptlight.engine import logps as logps_mod
+
+    if chunk_rows is not None:
+        monkeypatch.setattr(logps_mod, "head_chunk_rows", lambda vocab, hidden: chunk_rows)
+    if checkpointed:
+        monkeypatch.setattr(logps_mod, "HEAD_CHECKPOINT_BYTES", 0)
     policy, _ = tiny_chat_policy()
     ids = torch.randint(5, 200, (4, 12))
-    saved: dict[int, tuple] = {}
+    vocab = policy.get_output_embeddings().weight.shape[0]
+    params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    saved: dict[int, tuple] = {}  # storage -> shape: a tensor saved twice is kept once
 
     def keep(t):
-        saved[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = tuple(t.shape)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         logps, entropy, _ = token_scores(policy, ids, torch.ones_like(ids), 5, 0.7)
-    vocab = policy.get_output_embeddings().weight.shape[0]
-    assert sum(shape == (4, 7, vocab) for shape in saved.values()) == 1
+    rows_kept = sum(math.prod(shape[:-1]) for shape in saved.values() if shape[-1] == vocab)
+    assert saved and rows_kept == (0 if checkpointed else 4 * 7)
+    assert logps.shape == entropy.shape == (4, 7)
     assert logps.requires_grad and not entropy.requires_grad
-    with torch.no_grad():
-        logits = policy(input_ids=ids).logits[:, 4:-1].float() / 0.7
-        logp = torch.log_softmax(logits, -1)
-    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=1e-5)
+    weights = torch.linspace(-1, 1, 28).view(4, 7)  # a loss that weighs every token apart
+    grads = torch.autograd.grad((logps * weights).sum(), list(policy.parameters()))
+    want, want_entropy = _one_block_scores(policy, ids, 5, 0.7)
+    want_grads = torch.autograd.grad((want * weights).sum(), list(policy.parameters()))
+    torch.testing.assert_close(logps, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the rollout's scoring: chunked, no graph, the same values
+        plain, _, _ = token_scores(policy, ids, torch.ones_like(ids), 5, 0.7)
+    torch.testing.assert_close(plain, want.detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_rl_scoring_memory_script_runs_both_variants():
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_target_logps_chunks_match_one_block_with_a_bias_and_no_rows(checkpointed, monkeypatch):
+    """:func:`target_logps` with a biased head, in uneven chunks, checkpointed or not, against
+    one block: values, and the gradients of the hidden states, the weight and the bias; no
+    rows gives empty results."""
+    from ptlight.engine import logps as logps_mod
+    from ptlight.engine.logps import target_logps
+
+    if checkpointed:
+        monkeypatch.setattr(logps_mod, "HEAD_CHECKPOINT_BYTES", 0)
+    torch.manual_seed(0)
+    h = torch.randn(11, 8, requires_grad=True)
+    w = torch.randn(50, 8, requires_grad=True)
+    b = torch.randn(50, requires_grad=True)
+    t = torch.randint(0, 50, (11,))
+    lp, ent = target_logps(h, t, w, b, 1.3, chunk_rows=4)
+    full = torch.log_softmax((h @ w.T + b) / 1.3, -1)
+    torch.testing.assert_close(lp, full.gather(-1, t[:, None]).squeeze(-1))
+    torch.testing.assert_close(ent, -(full.exp() * full).sum(-1).detach())
+    got = torch.autograd.grad((lp * torch.arange(11.0)).sum(), (h, w, b))
+    want = torch.autograd.grad((full.gather(-1, t[:, None]).squeeze(-1) * torch.arange(11.0)).sum(),
+                               (h, w, b))
+    for g, x in zip(got, want):
+        torch.testing.assert_close(g, x)
+    empty_lp, empty_ent = target_logps(h[:0], t[:0], w, b)
+    assert empty_lp.shape == empty_ent.shape == (0,)
+
+
+def test_rl_scoring_memory_script_runs_every_variant():
     script = REPO / "scripts" / "bench_rl_scoring_memory.py"
     out = subprocess.run([sys.executable, str(script), "--vocab", "4096", "--rows", "2",
                           "--tokens", "8"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [ln.split(" | ")[0].strip("| ") for ln in out.stdout.splitlines()
-            if ln.startswith("| ") and ln.split(" | ")[-1].strip(" |").isdigit()]
-    assert rows == ["detached", "recorded"]
+    rows = [ln.strip("| ").split(" | ") for ln in out.stdout.splitlines() if ln.startswith("| ")]
+    assert [r[0] for r in rows[1:]] == ["chunked", "checkpointed", "one_block", "recorded"]
+    assert all(float(r[1]) >= 0 and float(r[2]) > 0 for r in rows[1:])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from ptlight.engine.packing import PackedBatch, base_forward, pack_checked, packed_hidden
@@ -129,6 +130,63 @@ def _score_shared(
         return x if x is None or (i in (1, 2) and not with_diagnostics) else x[back]
 
     return [tuple(joined(i) for i in range(4))]
+
+
+# RL scoring (:func:`target_logps`): a chunk is at least as many rows as the hidden size (each
+# chunk's backward makes a [V, H] weight gradient, added to the others: fewer rows would spend
+# more on those than on the chunk's own logits), and at least HEAD_CHUNK_BYTES of fp32
+# log-probs; the chunks are checkpointed when the whole [M, V] block would pass
+# HEAD_CHECKPOINT_BYTES
+HEAD_CHUNK_BYTES = 64 * 2**20
+HEAD_CHECKPOINT_BYTES = 2**30
+
+
+def head_chunk_rows(vocab: int, hidden: int) -> int:
+    """Rows of hidden states :func:`target_logps` sends through the LM head at once."""
+    return max(hidden, HEAD_CHUNK_BYTES // (4 * vocab), 1)
+
+
+def _target_logps_chunk(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None, temperature: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    logp_all = torch.log_softmax(F.linear(h, weight, bias).float() / temperature, dim=-1)
+    logps = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    # last, so that a checkpointed chunk's recomputation (which stops once the saved tensors
+    # are rebuilt) skips it; without a graph, as a recorded one would keep exp(logp) alive
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logps, entropy
+
+
+def target_logps(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None, temperature: float = 1.0,
+                 chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([M] log-probs, [M] entropies)`` of ``targets`` under ``log_softmax((h @ W.T + b) /
+    temperature)`` for ``h`` ``[M, H]``, in chunks of ``chunk_rows`` rows (default
+    :func:`head_chunk_rows`: at a 65,536-token vocabulary, H rows or 256, whichever is more). The log-probs carry the graph; the entropies are detached (a
+    metric).
+
+    The chunks bound the forward's and the backward's transient ``[rows, V]`` tensors (the
+    logits, the log-softmax's gradient) to one chunk's; the backward keeps each chunk's fp32
+    log-softmax, one ``[M, V]`` block in all. Past :data:`HEAD_CHECKPOINT_BYTES` of it each
+    chunk runs under activation checkpointing instead: the backward recomputes a chunk's
+    logits (a second head matmul) and nothing vocabulary-sized lives from the forward to the
+    backward. Equals the one-block computation within fp tolerance (tested)."""
+    vocab, hidden = weight.shape
+    chunk = chunk_rows or head_chunk_rows(vocab, hidden)
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    recompute = grad and 4 * h.shape[0] * vocab > HEAD_CHECKPOINT_BYTES
+    parts = []
+    for i in range(0, h.shape[0], chunk):
+        args = (h[i : i + chunk], targets[i : i + chunk], weight, bias, temperature)
+        parts.append(checkpoint(_target_logps_chunk, *args, use_reentrant=False) if recompute
+                     else _target_logps_chunk(*args))
+    if not parts:
+        empty = h.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _targets(

@@ -43,12 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from ptlight.engine.logps import backbone_hidden
+from ptlight.engine.logps import backbone_hidden, target_logps
 from ptlight.engine.rollout import HFGenerate, RolloutEngine, build_engine
 from ptlight.errors import ConfigError
 from ptlight.methods.base import Method
@@ -76,19 +75,17 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs ``[B, N]`` (from logits / ``temperature``) and entropies (detached: a
     metric) of the tokens after the first ``n_prompt`` columns, and the value head's
-    predictions at the states that emit them (or None)."""
+    predictions at the states that emit them (or None). The LM head runs in row chunks
+    (:func:`ptlight.engine.logps.target_logps`): the backward keeps at most one fp32
+    ``[B, N, V]`` log-softmax, none once it would pass 1 GiB (the chunks are recomputed)."""
     h = backbone_hidden(model, input_ids, attention_mask, position_ids(attention_mask))
     h = h[:, n_prompt - 1 : -1]  # the states that predict response tokens
     targets = input_ids[:, n_prompt:]
     head = model.get_output_embeddings()
-    logp_all = torch.log_softmax(F.linear(h, head.weight, head.bias).float() / temperature,
-                                 dim=-1)  # the logits die here: one [B, N, V] block fewer
-    logps = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    with torch.no_grad():  # recorded, its graph would keep exp(logp) ([B, N, V] fp32) alive
-        lp = logp_all.detach()
-        entropy = -(lp.exp() * lp).sum(-1)
+    logps, entropy = target_logps(h.reshape(-1, h.shape[-1]), targets.reshape(-1),
+                                  head.weight, head.bias, temperature)
     values = None if value_head is None else value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
-    return logps, entropy, values
+    return logps.view(targets.shape), entropy.view(targets.shape), values
 
 
 def check_ppo_settings(s: DictConfig) -> None:
