@@ -166,7 +166,10 @@ def _check_compile_packed(cfg: DictConfig) -> None:
     they were unset, without a word)."""
     if cfg.method.get("pack") is True:
         return
-    why = ("this method has no packed scoring" if "pack" not in cfg.method else
+    rl = any(isinstance(cfg.method.get(k), DictConfig) for k in ("rollout", "ppo"))
+    why = ("the RL methods' packed scoring (method.rollout.pack, method.ppo.pack) is not one "
+           "of the calls it covers" if rl and "pack" not in cfg.method else
+           "this method has no packed scoring" if "pack" not in cfg.method else
            "method.pack is false" + (" (auto settles packing on CUDA only with a precomputed "
                                      "reference, i.e. a run over every train row)"
                                      if uses_cuda(cfg.trainer) else ""))

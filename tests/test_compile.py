@@ -106,6 +106,8 @@ def test_compile_packed_compiles_packed_scoring_only_and_matches_eager():
 @pytest.mark.parametrize("overrides,why", [
     (["method=sft"], "this method has no packed scoring"),
     (["method=dpo", "method.pack=false"], "method.pack is false"),
+    (["method=grpo"], r"the RL methods' packed scoring \(method.rollout.pack, method.ppo.pack\) "
+                      "is not one of the calls it covers"),
 ])
 def test_compile_packed_on_a_run_that_never_packs_is_refused(compose_cfg, tmp_path, no_weights,
                                                              overrides, why):

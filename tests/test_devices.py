@@ -164,6 +164,34 @@ def test_auto_settings_follow_the_device(compose_cfg, monkeypatch, tmp_path):
         assert cfg.method.reference == reference
 
 
+@pytest.mark.parametrize("method, section, auto", [("grpo", "rollout", []),
+                                                   ("rloo", "rollout", []),
+                                                   ("ppo", "ppo", ["method.ppo.pack=auto"])])
+def test_rl_scoring_packs_on_the_cpu_only_unless_told(compose_cfg, monkeypatch, tmp_path,
+                                                      method, section, auto):
+    """The RL methods' packed scoring (``method.rollout.pack``, default auto;
+    ``method.ppo.pack``, default false) at auto: on the CPU, where it was measured; off on a
+    CUDA GPU, where it was not; what the user sets is kept, and anything but auto/true/false
+    is refused before weights load."""
+    monkeypatch.setattr("ptlight.train.configure_cuda", lambda *a: None)
+    if method == "ppo":  # no faster on the CPU where measured: off unless asked
+        _gpus(monkeypatch, 0)
+        assert _settled(compose_cfg, tmp_path / "ppo", "method=ppo")[0].method.ppo.pack is False
+    for gpus, packs in ((0, True), (1, False)):
+        _gpus(monkeypatch, gpus)
+        cfg, saved = _settled(compose_cfg, tmp_path / f"{gpus}", f"method={method}", *auto)
+        assert cfg.method[section].pack is packs and f"pack: {str(packs).lower()}" in saved
+        cfg, _ = _settled(compose_cfg, tmp_path / f"{gpus}-set", f"method={method}",
+                          f"method.{section}.pack={str(not packs).lower()}")
+        assert cfg.method[section].pack is (not packs)
+    _gpus(monkeypatch, 0)
+    out = run_cli(*TINY, f"method={method}", f"method.{section}.pack=yes", "trainer.max_steps=1",
+                  f"hydra.run.dir={tmp_path / 'bad'}", cwd=REPO)
+    assert out.returncode != 0
+    assert f"method.{section}.pack='yes'" in out.stderr and "use auto, true or false" in out.stderr
+    assert "Traceback" not in out.stderr  # the message alone, before the policy is built
+
+
 @pytest.mark.parametrize("gpus,overrides,reference", [
     (1, ["method=kto"], "copy"),            # unpaired rows: precompute cannot serve them
     (1, ["method=tdpo"], "copy"),           # per-token reference terms

@@ -8,11 +8,13 @@ import csv
 import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from helpers import TINY, chat_prompt_ids, run_cli, tiny_chat_policy
+from helpers import REPO, TINY, chat_prompt_ids, run_cli, tiny_chat_policy
 from ptlight.errors import ConfigError, PluginError
 from ptlight.rewards import Reward, WeightedRewards, build_rewards
 from ptlight.tasks import arith
@@ -302,3 +304,18 @@ def test_lora_grpo_uses_the_policy_with_adapters_off_as_its_reference(tmp_path):
     train = [r for r in _rows(run_dir) if r.get("train/kl")]
     assert train and all(math.isfinite(float(r["train/kl"])) for r in train)
     assert (run_dir / "export" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_rl_pack_benchmark_script_runs_both_ways(tmp_path):
+    """``scripts/bench_rl_pack.py`` at a smoke size: an SFT export, then grpo with the
+    scoring padded and packed, one table row each."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_rl_pack.py"),
+                          "--sft-steps", "2", "--steps", "1", "--batch-size", "2",
+                          "--repeats", "1", "--eval-prompts", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ln.strip("| ").split(" | ") for ln in out.stdout.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| method")]
+    assert [r[0] for r in rows] == ["false", "true"]
+    assert all(float(r[1]) > 0 and float(r[3]) > 0 and 0 <= float(r[5]) <= 1 for r in rows)

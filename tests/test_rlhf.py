@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from helpers import REPO, TINY, chat_prompt_ids, run_cli, tiny_chat_policy, tiny_model_cfg
 
 from ptlight.errors import ConfigError, ModelLoadError
+from ptlight.engine.packing import pack_checked
 from ptlight.engine.rollout import completion_mask
 from ptlight.methods.ppo import position_ids, token_scores
 from ptlight.objectives import Rewards, Rollout, build_objective, get_objective
@@ -501,6 +503,60 @@ def test_rollout_scoring_keeps_at_most_one_vocabulary_block_for_the_backward(
     with torch.no_grad():  # the rollout's scoring: chunked, no graph, the same values
         plain, _, _ = token_scores(policy, ids, torch.ones_like(ids), 5, 0.7)
     torch.testing.assert_close(plain, want.detach(), atol=1e-5, rtol=1e-5)
+
+
+def _rollout_batch(tok, group: int, seed: int = 0):
+    """A rollout batch as the engine returns it: three left-padded chat prompts of different
+    lengths, ``group`` sampled completions each (rows of a prompt contiguous), every one cut
+    after its first EOS at a different place, one never reaching it."""
+    from ptlight.engine.rollout import finish
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = chat_prompt_ids(tok, ["sort: b a", "sort these words: pear apple fig", "c"])
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    raw = torch.randint(5, 200, (len(prompts) * group, 9), generator=g)
+    for r in range(raw.shape[0] - 1):  # the last completion runs to the length cap
+        raw[r, (2 * r + 1) % 9] = tok.eos_token_id
+    raw[1] = raw[0]  # two samples alike (with G > 1: one branch of the prompt's trie)
+    raw[2, 0] = raw[0, 0]  # and one that starts like them
+    return finish(ids, attn, raw, group, tok.eos_token_id, tok.pad_token_id, 0.0)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_rollout_scoring_packed_equals_the_padded_rows(group):
+    """``token_scores(group=G)``, the RL methods' packed scoring (each prompt once with its G
+    completions as branches, no padding), gives the padded path's log-probs, entropies, value
+    predictions and parameter gradients (policy and value head) on every completion token
+    up to each row's EOS, and 0 past it."""
+    policy, tok = tiny_chat_policy()
+    policy.train()
+    gen = _rollout_batch(tok, group)
+    head = torch.nn.Linear(policy.config.hidden_size, 1)
+    mask = gen.completion_mask
+    weights = torch.linspace(-1, 1, mask.numel()).view(mask.shape) * mask
+
+    def run(**kw):
+        policy.zero_grad(), head.zero_grad()
+        lp, ent, values = token_scores(policy, gen.sequences, gen.attention_mask, gen.n_prompt,
+                                       0.7, head, **kw)
+        ((lp * weights).sum() + (values * weights).sum()).backward()
+        grads = [p.grad.clone() for p in [*policy.parameters(), *head.parameters()]]
+        return lp.detach(), ent, values.detach(), grads
+
+    from ptlight.methods import ppo
+
+    plain = run()
+    packs = []
+    with patch.object(ppo, "pack_checked", lambda *a: packs.append(a) or pack_checked(*a)):
+        packed = run(group=group)
+    assert len(packs) == 1 and packs[0][3] == group  # the packed forward ran, K = G
+    for a, b in zip(plain[:3], packed[:3]):
+        torch.testing.assert_close(b * mask, a * mask, atol=1e-5, rtol=1e-5)
+        assert not (b * ~mask).any()
+    for a, b in zip(plain[3], packed[3]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])

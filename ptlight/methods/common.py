@@ -201,6 +201,10 @@ class RolloutSteps:
             raise ConfigError(f"{key}.top_p={top_p!r}: nucleus sampling keeps the smallest set of "
                               f"tokens whose probability reaches top_p, a number in (0, 1]; "
                               f"{key}.top_p=1.0 turns the filter off")
+        pack = settings.get("pack", False)
+        if pack not in (True, False, "auto"):
+            raise ConfigError(f"{key}.pack={pack!r}: whether the scoring runs each prompt once "
+                              f"with its completions packed; use auto, true or false")
         top_k = settings.get("top_k", 0)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise ConfigError(f"{key}.top_k={top_k!r}: sample from the k most likely tokens, a "

@@ -165,6 +165,8 @@ class GroupRLMethod(RolloutSteps, Method):
         self.policy, self.objective, self.optim_cfg = policy, objective, optim
         self.rewards, self.tokenizer, self.s, self.engine = rewards, tokenizer, settings, engine
         self.max_grad_norm = max_grad_norm
+        # method.rollout.pack: the scoring runs each prompt once with its G completions
+        self.pack_group = settings.num_generations if settings.get("pack") is True else None
 
     def on_fit_start(self) -> None:
         self.reference.to(self.device)
@@ -206,11 +208,12 @@ class GroupRLMethod(RolloutSteps, Method):
         old_logps = ref_logps = None
         if reuse or needs_ref:
             old_logps, _, _ = token_scores(self.policy, gen.sequences, gen.attention_mask,
-                                           gen.n_prompt, s.temperature)
+                                           gen.n_prompt, s.temperature, group=self.pack_group)
         if needs_ref:
             with self.reference.scope() as ref:
                 ref_logps, _, _ = token_scores(ref, gen.sequences, gen.attention_mask,
-                                               gen.n_prompt, s.temperature)
+                                               gen.n_prompt, s.temperature,
+                                               group=self.pack_group)
         if self.trainer.world_size > 1:
             advantages, adv_metrics = gathered_advantages(
                 self.objective, rewards, G, mask, old_logps, ref_logps,
@@ -240,7 +243,7 @@ class GroupRLMethod(RolloutSteps, Method):
             mask = gen.completion_mask[idx]
             logps, entropy, _ = token_scores(self.policy, gen.sequences[idx],
                                              gen.attention_mask[idx], gen.n_prompt,
-                                             s.temperature)
+                                             s.temperature, group=self.pack_group)
             tokens = mask.sum().float()
             # the dapo normaliser: active tokens of this optimiser step over all ranks,
             # per rank (DDP averages the ranks' gradients)

@@ -10,8 +10,9 @@ The resolved values are what ``config.yaml`` records.
 A few more keys default to ``auto``, resolved from the same machine check (and, for the
 reference and packing, the run's length against its data) by :func:`device_defaults` and
 :func:`data_defaults`: what measured fastest on a CUDA GPU, the CPU's settings on the CPU
-(docs/performance.md has the figures): ``data.num_workers``, ``model.fused_norm`` and the
-preference methods' ``method.reference``, ``method.pack`` and ``method.pack_multiple_of``.
+(docs/performance.md has the figures): ``data.num_workers``, ``model.fused_norm``, the
+preference methods' ``method.reference``, ``method.pack`` and ``method.pack_multiple_of``, and
+the RL methods' ``method.rollout.pack`` and ``method.ppo.pack``.
 """
 
 from __future__ import annotations
@@ -109,10 +110,19 @@ def auto_pack_multiple_of(cuda: bool) -> int:
 def device_defaults(cfg: DictConfig, cuda: bool) -> dict:
     """The values of the ``auto`` keys that depend on the machine alone, as a config to merge
     (``method.pack_multiple_of``: :func:`auto_pack_multiple_of`; ``model.fused_norm``: on
-    where the run trains on CUDA, :mod:`ptlight.engine.norms`)."""
+    where the run trains on CUDA, :mod:`ptlight.engine.norms`; the RL methods'
+    ``method.rollout.pack`` / ``method.ppo.pack``: on the CPU, where it was measured, off on
+    CUDA, where it was not)."""
     out: dict = {}
+    method: dict = {}
     if cfg.method.get("pack_multiple_of") == "auto":
-        out["method"] = {"pack_multiple_of": auto_pack_multiple_of(cuda)}
+        method["pack_multiple_of"] = auto_pack_multiple_of(cuda)
+    for section in ("rollout", "ppo"):  # the RL methods' packed scoring: measured on the CPU
+        settings = cfg.method.get(section)
+        if isinstance(settings, DictConfig) and settings.get("pack") == "auto":
+            method[section] = {"pack": not cuda}
+    if method:
+        out["method"] = method
     if cfg.model.get("fused_norm") == "auto":
         out["model"] = {"fused_norm": cuda}
     return out
