@@ -10,10 +10,10 @@ graph: the loss is built on them) and their entropies, a logged metric.
 
 - ``chunked`` is ptlight's (:func:`ptlight.engine.logps.target_logps`): the head and the
   log-softmax run on row chunks (the hidden size's rows, or 64 MB of fp32 log-probs if more),
-  so the logits and the log-softmax's gradient are one chunk's at a time; the backward keeps each chunk's fp32
-  log-softmax (one ``[rows, tokens, vocab]`` block in all), and past 1 GiB of it the chunks
-  are checkpointed instead (nothing vocabulary-sized lives from the forward to the backward,
-  which recomputes one chunk at a time: a second head matmul).
+  so the logits and the log-softmax's gradient are one chunk's at a time; the backward keeps
+  each chunk's fp32 log-softmax (one ``[rows, tokens, vocab]`` block in all), and past 1 GiB
+  of it the chunks are checkpointed instead (nothing vocabulary-sized lives from the forward
+  to the backward, which recomputes one chunk at a time: a second head matmul).
 - ``checkpointed`` is ``chunked`` with the chunks checkpointed whatever the size.
 - ``one_block`` is the scoring before that: one fp32 log-softmax of every token kept for the
   backward, the entropy computed from it without a graph, the logits freed once it is taken.
@@ -24,8 +24,8 @@ graph: the loss is built on them) and their entropies, a logged metric.
 
 Each variant runs in its own subprocess, on an LFM2 of ``--layers`` layers (conv and attention
 alternating) at width ``--hidden`` (default 2 at 64: the vocabulary-sized tensors dominate;
-the time column is the head's extra matmul at its worst there), scoring ``--rows`` sequences of ``--prompt`` + ``--tokens`` tokens and
-running the backward of the log-probs' sum, three times in a loop as the methods' minibatch
+the time column is the head's extra matmul at its worst there), scoring ``--rows`` sequences
+of ``--prompt`` + ``--tokens`` tokens and running the backward of the log-probs' sum, three times in a loop as the methods' minibatch
 loops do (each call's outputs live until the next call returns); the figures are the growth of
 the process's peak RSS (``ru_maxrss``) over those calls, on the CPU, and the mean time of the
 last two calls (scoring + backward). Prints a markdown table with the date, machine and

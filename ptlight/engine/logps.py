@@ -163,8 +163,8 @@ def target_logps(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                  chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``([M] log-probs, [M] entropies)`` of ``targets`` under ``log_softmax((h @ W.T + b) /
     temperature)`` for ``h`` ``[M, H]``, in chunks of ``chunk_rows`` rows (default
-    :func:`head_chunk_rows`: at a 65,536-token vocabulary, H rows or 256, whichever is more). The log-probs carry the graph; the entropies are detached (a
-    metric).
+    :func:`head_chunk_rows`: at a 65,536-token vocabulary, H rows or 256, whichever is more).
+    The log-probs carry the graph; the entropies are detached (a metric).
 
     The chunks bound the forward's and the backward's transient ``[rows, V]`` tensors (the
     logits, the log-softmax's gradient) to one chunk's; the backward keeps each chunk's fp32
