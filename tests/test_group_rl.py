@@ -319,3 +319,25 @@ def test_rl_pack_benchmark_script_runs_both_ways(tmp_path):
             if ln.startswith("| ") and not ln.startswith("| method")]
     assert [r[0] for r in rows] == ["false", "true"]
     assert all(float(r[1]) > 0 and float(r[3]) > 0 and 0 <= float(r[5]) <= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_grpo_trains_packed_under_ddp_on_two_cpu_processes(tmp_path):
+    """grpo on two gloo processes with its scoring packed (the CPU default): each rank packs
+    its own rollouts, the advantages span both ranks, and the run trains, with every step
+    taken, and exports finite weights."""
+    run_dir = tmp_path / "ddp"
+    out = run_cli(*TINY, "method=grpo", "trainer=ddp", "trainer.accelerator=cpu",
+                  "trainer.devices=2", "data.batch_size=2", "eval.before=false",
+                  "eval.num_prompts=4", "eval.val_samples=0", f"hydra.run.dir={run_dir}",
+                  cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = (run_dir / "config.yaml").read_text()
+    assert "pack: true" in config
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["world_size"] == 2 and report["global_step"] > 0
+    assert report["skipped_steps"] == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
