@@ -166,13 +166,15 @@ def _check_compile_packed(cfg: DictConfig) -> None:
     they were unset, without a word)."""
     if cfg.method.get("pack") is True:
         return
-    rl = any(isinstance(cfg.method.get(k), DictConfig) for k in ("rollout", "ppo"))
-    why = ("the RL methods' packed scoring (method.rollout.pack, method.ppo.pack) is not one "
-           "of the calls it covers" if rl and "pack" not in cfg.method else
-           "this method has no packed scoring" if "pack" not in cfg.method else
-           "method.pack is false" + (" (auto settles packing on CUDA only with a precomputed "
-                                     "reference, i.e. a run over every train row)"
-                                     if uses_cuda(cfg.trainer) else ""))
+    if "pack" in cfg.method:
+        why = "method.pack is false" + (" (auto settles packing on CUDA only with a "
+                                        "precomputed reference, i.e. a run over every train "
+                                        "row)" if uses_cuda(cfg.trainer) else "")
+    elif any(isinstance(cfg.method.get(k), DictConfig) for k in ("rollout", "ppo")):
+        why = ("the RL methods' packed scoring (method.rollout.pack, method.ppo.pack) is not "
+               "one of the calls it covers")
+    else:
+        why = "this method has no packed scoring"
     if cfg.model.get("compile") == "packed":
         raise ConfigError(f"model.compile=packed compiles the preference methods' packed "
                           f"scoring, and this run does not pack: {why}. Use model.compile=true "

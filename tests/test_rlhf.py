@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from helpers import REPO, TINY, chat_prompt_ids, run_cli, tiny_chat_policy, tiny_model_cfg
 
 from ptlight.errors import ConfigError, ModelLoadError
-from ptlight.engine.packing import pack_checked
+from ptlight.engine.packing import packed_hidden, rollout_layout
 from ptlight.engine.rollout import completion_mask
 from ptlight.methods.ppo import position_ids, token_scores
 from ptlight.objectives import Rewards, Rollout, build_objective, get_objective
@@ -526,10 +526,10 @@ def _rollout_batch(tok, group: int, seed: int = 0):
 
 @pytest.mark.parametrize("group", [1, 3])
 def test_rollout_scoring_packed_equals_the_padded_rows(group):
-    """``token_scores(group=G)``, the RL methods' packed scoring (each prompt once with its G
-    completions as branches, no padding), gives the padded path's log-probs, entropies, value
-    predictions and parameter gradients (policy and value head) on every completion token
-    up to each row's EOS, and 0 past it."""
+    """``token_scores(layout=rollout_layout(..., G))``, the RL methods' packed scoring (each
+    prompt once with its G completions as branches, no padding), gives the padded path's
+    log-probs, entropies, value predictions and parameter gradients (policy and value head)
+    on every completion token up to each row's EOS, and 0 past it."""
     policy, tok = tiny_chat_policy()
     policy.train()
     gen = _rollout_batch(tok, group)
@@ -548,10 +548,11 @@ def test_rollout_scoring_packed_equals_the_padded_rows(group):
     from ptlight.methods import ppo
 
     plain = run()
-    packs = []
-    with patch.object(ppo, "pack_checked", lambda *a: packs.append(a) or pack_checked(*a)):
-        packed = run(group=group)
-    assert len(packs) == 1 and packs[0][3] == group  # the packed forward ran, K = G
+    layout = rollout_layout(gen.sequences, gen.attention_mask, gen.n_prompt, group)
+    forwards = []
+    with patch.object(ppo, "packed_hidden", lambda *a: forwards.append(a) or packed_hidden(*a)):
+        packed = run(layout=layout)
+    assert len(forwards) == 1 and forwards[0][1] is layout.packed  # the packed forward ran
     for a, b in zip(plain[:3], packed[:3]):
         torch.testing.assert_close(b * mask, a * mask, atol=1e-5, rtol=1e-5)
         assert not (b * ~mask).any()

@@ -297,6 +297,38 @@ def pack_checked(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return packed
 
 
+@dataclass
+class RolloutLayout:
+    """A rollout batch packed for scoring (:func:`rollout_layout`): each prompt once with its
+    ``group`` completions as branches, nothing after a completion's EOS."""
+
+    packed: PackedBatch
+    mask: torch.Tensor  # [n, N] the completion tokens up to each EOS, rows in block order
+    group: int
+
+    def dense(self, values: torch.Tensor) -> torch.Tensor:
+        """``[M]`` per-token values (the packed targets' order) as ``[n, N]`` in the
+        rollout's row order, 0 after each completion's EOS."""
+        n = self.mask.shape[0]
+        blocks = torch.zeros(self.mask.shape, dtype=values.dtype, device=values.device)
+        blocks = blocks.masked_scatter(self.mask, values)
+        return blocks.view(self.group, n // self.group, -1).transpose(0, 1).reshape(n, -1)
+
+
+def rollout_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
+                   group: int, max_tokens: int = 2048) -> RolloutLayout:
+    """Pack rollout rows (``[n, P + N]``: ``group`` contiguous completions of each left-padded
+    prompt, the attention mask ending at each completion's EOS) as :func:`pack` reads K
+    blocks (row g·B + p: completion g of prompt p)."""
+    n = input_ids.shape[0]
+    to_blocks = torch.arange(n, device=input_ids.device).view(n // group, group).t().reshape(-1)
+    ids, attn = input_ids[to_blocks], attention_mask[to_blocks]
+    loss_mask = attn.clone()
+    loss_mask[:, :n_prompt] = 0  # the completion tokens up to each row's EOS
+    packed = pack_checked(ids, attn, loss_mask, group, max_tokens)
+    return RolloutLayout(packed, loss_mask[:, n_prompt:].bool(), group)
+
+
 def chain_taps(prev: torch.Tensor, k: int) -> torch.Tensor:
     """``[K−1, R·N]`` flat source row of each token's 1st … (K−1)-th predecessor along its chain
     (``prev``: ``[R, N]``, −1: none), farthest first, for :func:`tree_conv`; a missing

@@ -13,6 +13,7 @@ from transformers import get_scheduler
 from ptlight.runtime import progress
 from ptlight.runtime.callbacks import run_guard
 from ptlight.engine.logps import TokenScores
+from ptlight.engine.packing import RolloutLayout, rollout_layout
 from ptlight.engine.offload import DiskAdamW
 
 
@@ -170,6 +171,17 @@ class RolloutSteps:
 
     reference_modes: tuple[str, ...] = ("copy", "adapter")
     max_grad_norm: float | None = None
+    # completions per prompt when the method scores its rollouts packed (its ``pack`` setting
+    # on, a model that packs), else None
+    pack_group: int | None = None
+
+    def scoring_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       n_prompt: int) -> RolloutLayout | None:
+        """These rollout rows packed for ``token_scores`` (:func:`rollout_layout`), or None
+        where the method scores them padded."""
+        if self.pack_group is None:
+            return None
+        return rollout_layout(input_ids, attention_mask, n_prompt, self.pack_group)
 
     @classmethod
     def data_kind_for(cls, method_cfg: DictConfig, objective) -> str:

@@ -42,7 +42,7 @@ from ptlight.engine.rollout import Generation, RolloutEngine, build_engine
 from ptlight.errors import ConfigError
 from ptlight.methods.base import Method
 from ptlight.methods.common import RolloutSteps, configure_optim
-from ptlight.methods.ppo import token_scores
+from ptlight.methods.ppo import packs_rollouts, token_scores
 from ptlight.methods.rl import masked_mean
 from ptlight.model.reference import Reference
 from ptlight.objectives import GroupRollout, Objective
@@ -166,7 +166,8 @@ class GroupRLMethod(RolloutSteps, Method):
         self.rewards, self.tokenizer, self.s, self.engine = rewards, tokenizer, settings, engine
         self.max_grad_norm = max_grad_norm
         # method.rollout.pack: the scoring runs each prompt once with its G completions
-        self.pack_group = settings.num_generations if settings.get("pack") is True else None
+        self.pack_group = (settings.num_generations
+                           if settings.get("pack") is True and packs_rollouts(policy) else None)
 
     def on_fit_start(self) -> None:
         self.reference.to(self.device)
@@ -207,13 +208,14 @@ class GroupRLMethod(RolloutSteps, Method):
         needs_ref = bool(self.objective.needs_reference)
         old_logps = ref_logps = None
         if reuse or needs_ref:
+            # one packing for the policy and the reference
+            layout = self.scoring_layout(gen.sequences, gen.attention_mask, gen.n_prompt)
             old_logps, _, _ = token_scores(self.policy, gen.sequences, gen.attention_mask,
-                                           gen.n_prompt, s.temperature, group=self.pack_group)
-        if needs_ref:
-            with self.reference.scope() as ref:
-                ref_logps, _, _ = token_scores(ref, gen.sequences, gen.attention_mask,
-                                               gen.n_prompt, s.temperature,
-                                               group=self.pack_group)
+                                           gen.n_prompt, s.temperature, layout=layout)
+            if needs_ref:
+                with self.reference.scope() as ref:
+                    ref_logps, _, _ = token_scores(ref, gen.sequences, gen.attention_mask,
+                                                   gen.n_prompt, s.temperature, layout=layout)
         if self.trainer.world_size > 1:
             advantages, adv_metrics = gathered_advantages(
                 self.objective, rewards, G, mask, old_logps, ref_logps,
@@ -241,9 +243,10 @@ class GroupRLMethod(RolloutSteps, Method):
         steps = 0
         for idx in self.minibatches(n_prompts, per_mb, s.num_iterations, group=G):
             mask = gen.completion_mask[idx]
-            logps, entropy, _ = token_scores(self.policy, gen.sequences[idx],
-                                             gen.attention_mask[idx], gen.n_prompt,
-                                             s.temperature, group=self.pack_group)
+            seqs, attn = gen.sequences[idx], gen.attention_mask[idx]
+            logps, entropy, _ = token_scores(self.policy, seqs, attn, gen.n_prompt,
+                                             s.temperature,
+                                             layout=self.scoring_layout(seqs, attn, gen.n_prompt))
             tokens = mask.sum().float()
             # the dapo normaliser: active tokens of this optimiser step over all ranks,
             # per rank (DDP averages the ranks' gradients)

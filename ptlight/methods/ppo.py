@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from ptlight.engine.logps import _has_linear_head, backbone_hidden, target_logps
-from ptlight.engine.packing import pack_checked, packed_hidden, supports_packing
+from ptlight.engine.packing import RolloutLayout, packed_hidden, supports_packing
 from ptlight.engine.rollout import HFGenerate, RolloutEngine, build_engine
 from ptlight.errors import ConfigError
 from ptlight.methods.base import Method
@@ -73,7 +73,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  n_prompt: int, temperature: float, value_head: torch.nn.Module | None = None,
-                 *, group: int | None = None, pack_max_tokens: int = 2048
+                 *, layout: RolloutLayout | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs ``[B, N]`` (from logits / ``temperature``) and entropies (detached: a
     metric) of the tokens after the first ``n_prompt`` columns, and the value head's
@@ -81,53 +81,31 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     (:func:`ptlight.engine.logps.target_logps`): the backward keeps at most one fp32
     ``[B, N, V]`` log-softmax, none once it would pass 1 GiB (the chunks are recomputed).
 
-    ``group=G`` (rows: G contiguous completions of each left-padded prompt, as a rollout
-    engine returns them) scores them packed when the model supports it
-    (:func:`ptlight.engine.packing.supports_packing`): each prompt once with its G
-    completions as branches, no padding, rows of at most ``pack_max_tokens`` tokens; the
-    completion tokens after a row's mask (past its EOS) score 0 there, and everything else
-    equals the plain path within fp tolerance (tested)."""
-    if group is not None and supports_packing(model) and _has_linear_head(model):
-        return _packed_token_scores(model, input_ids, attention_mask, n_prompt, temperature,
-                                    value_head, group, pack_max_tokens)
+    ``layout``: these rows packed (:func:`ptlight.engine.packing.rollout_layout`, for a model
+    that :func:`packs_rollouts`): each prompt once with its completions as branches, no
+    padding; the tokens after a completion's EOS score 0 there, and everything else equals
+    the plain path within fp tolerance (tested)."""
+    head = model.get_output_embeddings()
+    if layout is not None:
+        h = packed_hidden(model, layout.packed)  # (M, H): the state before each token
+        logps, entropy = target_logps(h, layout.packed.targets, head.weight, head.bias,
+                                      temperature)
+        values = None if value_head is None else layout.dense(
+            value_head(h.to(value_head.weight.dtype)).squeeze(-1).float())
+        return layout.dense(logps), layout.dense(entropy), values
     h = backbone_hidden(model, input_ids, attention_mask, position_ids(attention_mask))
     h = h[:, n_prompt - 1 : -1]  # the states that predict response tokens
     targets = input_ids[:, n_prompt:]
-    head = model.get_output_embeddings()
     logps, entropy = target_logps(h.reshape(-1, h.shape[-1]), targets.reshape(-1),
                                   head.weight, head.bias, temperature)
     values = None if value_head is None else value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
     return logps.view(targets.shape), entropy.view(targets.shape), values
 
 
-def _packed_token_scores(model: PreTrainedModel, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor, n_prompt: int, temperature: float,
-                         value_head: torch.nn.Module | None, group: int, max_tokens: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`token_scores` through the prefix-shared packed forward."""
-    n = input_ids.shape[0]
-    prompts = n // group
-    # the packer reads K blocks (row g·P + p: completion g of prompt p); the rollout's rows
-    # are prompt-major (row p·G + g)
-    to_blocks = torch.arange(n, device=input_ids.device).view(prompts, group).t().reshape(-1)
-    ids, attn = input_ids[to_blocks], attention_mask[to_blocks]
-    loss_mask = attn.clone()
-    loss_mask[:, :n_prompt] = 0  # the completion tokens up to each row's EOS
-    packed = pack_checked(ids, attn, loss_mask, group, max_tokens)
-    h = packed_hidden(model, packed)  # (M, H): the state that predicts each completion token
-    head = model.get_output_embeddings()
-    logps, entropy = target_logps(h, packed.targets, head.weight, head.bias, temperature)
-    mask = loss_mask[:, n_prompt:].bool()  # (n, N) in block order; tokens in row-major order
-
-    def dense(values: torch.Tensor) -> torch.Tensor:  # back to (n, N) in the rollout's order
-        blocks = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-        blocks = blocks.masked_scatter(mask, values)
-        return blocks.view(group, prompts, -1).transpose(0, 1).reshape(n, -1)
-
-    values = None
-    if value_head is not None:
-        values = dense(value_head(h.to(value_head.weight.dtype)).squeeze(-1).float())
-    return dense(logps), dense(entropy), values
+def packs_rollouts(model: PreTrainedModel) -> bool:
+    """Whether :func:`token_scores` can score ``model``'s rollouts packed (LFM2, a linear
+    head)."""
+    return supports_packing(model) and _has_linear_head(model)
 
 
 def check_ppo_settings(s: DictConfig) -> None:
@@ -199,7 +177,7 @@ class PPOMethod(RolloutSteps, Method):
         self.policy, self.objective, self.optim_cfg = policy, objective, optim
         self.reward, self.tokenizer, self.s = reward, tokenizer, settings
         # method.ppo.pack: the scoring runs the rollouts packed, without padding
-        self.pack_group = 1 if settings.get("pack") is True else None
+        self.pack_group = 1 if settings.get("pack") is True and packs_rollouts(policy) else None
         self.engine = engine if engine is not None else HFGenerate()
         self.max_grad_norm = max_grad_norm
         hidden = policy.config.get_text_config().hidden_size
@@ -247,11 +225,12 @@ class PPOMethod(RolloutSteps, Method):
         else:
             scores = torch.where(has_eos, scores, torch.full_like(scores, s.penalty_reward_value))
 
+        layout = self.scoring_layout(seqs, full_attn, n_prompt)
         logps, _, values = token_scores(self.policy, seqs, full_attn, n_prompt, s.temperature,
-                                        self.value_head, group=self.pack_group)
+                                        self.value_head, layout=layout)
         with self.reference.scope() as ref:
             ref_logps, _, _ = token_scores(ref, seqs, full_attn, n_prompt, s.temperature,
-                                           group=self.pack_group)
+                                           layout=layout)
         fmask = mask.float()
         kl = kl_penalty(logps, ref_logps, s.kl_estimator) * fmask
         beta = self.kl_ctl.value
@@ -303,9 +282,10 @@ class PPOMethod(RolloutSteps, Method):
         sums: dict[str, torch.Tensor] = {}
         n = 0
         for idx in self.minibatches(b, mb, s.num_ppo_epochs):
+            seqs, attn = roll["seqs"][idx], roll["attn"][idx]
             logps, entropy, values = token_scores(
-                self.policy, roll["seqs"][idx], roll["attn"][idx], n_prompt, s.temperature,
-                self.value_head, group=self.pack_group)
+                self.policy, seqs, attn, n_prompt, s.temperature, self.value_head,
+                layout=self.scoring_layout(seqs, attn, n_prompt))
             out = self.objective(Rollout(
                 logps=logps, old_logps=roll["logps"][idx], values=values,
                 old_values=roll["values"][idx], advantages=roll["advantages"][idx],
