@@ -5,6 +5,7 @@ its own compiled code, and a training run matches an eager one."""
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch.utils._pytree import tree_leaves
 
 from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, pair_batch,
                      scores_and_grads, tiny_model_cfg)
@@ -157,6 +158,61 @@ def test_compile_mode_reaches_every_compiled_block_and_layer(monkeypatch):
     assert modes == [None] * 9  # default: torch.compile's own default
 
 
+class _GraphGenerations:
+    """torch.compile stubbed with cudagraph trees' rule for calls without gradients: each such
+    call starts a new generation, whose replay may overwrite the last one's outputs, so a
+    tensor the last call returned must not come back as an input (torch raises "accessing
+    tensor output of CUDAGraphs that has been overwritten by a subsequent run")."""
+
+    def __init__(self):
+        self.last: list[torch.Tensor] = []
+        self.calls = 0
+
+    def compile(self, fn, *args, mode=None, **kwargs):
+        assert mode == "reduce-overhead"
+
+        def replay(*a, **k):
+            if not torch.is_grad_enabled():
+                inputs = [t for t in tree_leaves((a, k)) if isinstance(t, torch.Tensor)]
+                if any(t is o for t in inputs for o in self.last):
+                    raise RuntimeError("accessing tensor output of CUDAGraphs that has been "
+                                       "overwritten by a subsequent run")
+            out = fn(*a, **k)
+            if not torch.is_grad_enabled():
+                self.calls += 1
+                self.last = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+        return replay
+
+
+@pytest.mark.parametrize("pack", [None, 2])  # compiled blocks; compiled whole layers
+def test_a_call_without_gradients_under_cuda_graphs_keeps_no_graph_output(monkeypatch, pack):
+    """``model.compile_mode=reduce-overhead``: scoring without gradients (a precomputed or
+    live reference, evaluation) chains compiled calls, none held by a pending backward; each
+    call's outputs leave the graph's memory before the next call (the real graphs:
+    ``test_scoring_without_gradients_under_cuda_graphs_matches_eager_on_cuda``)."""
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg()
+    eager = build_policy(cfg, load_tokenizer(cfg))
+    graphs = _GraphGenerations()
+    monkeypatch.setattr(torch, "compile", graphs.compile)
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg(compile=True, compile_mode="reduce-overhead")
+    policy = build_policy(cfg, load_tokenizer(cfg))
+    batch = pair_batch(24, 0)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    with torch.no_grad():
+        got = completion_logps(policy, *args, pack=pack).logps
+        want = completion_logps(eager, *args, pack=pack).logps
+    # every block; every whole layer, and (stubbed, not inlined) the blocks inside it
+    assert graphs.calls == (9 if pack is None else 12)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # with gradients the outputs stay the graph's own: the backward holds the generation
+    assert_same_scores_and_grads(scores_and_grads(policy, args, pack=pack),
+                                 scores_and_grads(eager, args, pack=pack), 0, 0)
+
+
 @pytest.mark.parametrize("overrides,match", [
     (("model.compile=true", "model.compile_mode=fast"), "model.compile_mode='fast'"),
     (("model.compile_mode=reduce-overhead",), "model.compile=true"),
@@ -197,3 +253,40 @@ def test_compiled_blocks_match_eager_on_cuda(pack):
         args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         assert_same_scores_and_grads(scores_and_grads(compiled, args, pack=pack),
                                      scores_and_grads(eager, args, pack=pack), 1e-4, 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pack", [None, 2])
+def test_scoring_without_gradients_under_cuda_graphs_matches_eager_on_cuda(pack):
+    """What a precomputed reference, a live one and evaluation run under
+    ``model.compile_mode=reduce-overhead``: no-grad scoring through the graphs of the
+    compiled blocks and layers, for a new shape, the next and the first again, equals eager."""
+    eager, _ = _models()
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg(compile=True, compile_mode="reduce-overhead")
+    graphs = build_policy(cfg, load_tokenizer(cfg))
+    eager, graphs = eager.cuda(), graphs.cuda()
+    for i, length in enumerate((24, 40, 24, 24)):
+        batch = {k: v.cuda() for k, v in pair_batch(length, i).items()}
+        args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        with torch.no_grad():
+            got = completion_logps(graphs, *args, pack=pack).logps.clone()
+            want = completion_logps(eager, *args, pack=pack).logps
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("reference", ["precompute", "copy"])
+def test_dpo_trains_under_cuda_graphs_on_cuda(compose_cfg, tmp_path, reference):
+    """``model.compile=true model.compile_mode=reduce-overhead`` trains DPO on CUDA in
+    bf16-mixed with the reference precomputed (packed rows: the GPU defaults) or live
+    (padded), and matches the eager run's losses within bf16 rounding."""
+    runs = {mode: dpo_losses(compose_cfg, tmp_path / mode, "trainer.accelerator=gpu",
+                             "trainer.precision=bf16-mixed", f"method.reference={reference}",
+                             *(["model.compile=true", f"model.compile_mode={mode}"]
+                               if mode != "eager" else []))
+            for mode in ("eager", "reduce-overhead")}
+    assert len(runs["reduce-overhead"]) == 3
+    assert runs["reduce-overhead"] == pytest.approx(runs["eager"], abs=2e-2)

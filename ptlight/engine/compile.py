@@ -31,6 +31,17 @@ host launches one graph per layer and shape instead of each kernel; a new packed
 recorded once (packed widths come in steps of ``method.pack_multiple_of``, so shapes repeat).
 On the CPU there are no CUDA graphs and the mode compiles as ``default`` does.
 
+CUDA graphs and calls without gradients: cudagraph trees start a new generation at every call
+of a compiled function that no pending backward holds in the current one, and a new generation
+may reuse the memory of the last one's outputs. A training step's compiled calls all wait on
+its backward, so they stay in one generation. A call with gradients disabled (the reference's
+precompute, a live reference's scoring, evaluation, generation) waits on none: layer i+1's graph
+would overwrite layer i's output while it is still the input (torch raises "accessing tensor
+output of CUDAGraphs that has been overwritten by a subsequent run"). In the modes that record
+graphs (:data:`GRAPH_MODES`), such a call's tensors are cloned out of the graph's memory
+(:func:`_outputs_kept`), the remedy torch's message names; a call with gradients returns them
+as they are.
+
 Compiled blocks compute what the eager ones do, within floating-point tolerance (inductor
 fuses and reorders reductions; tests/test_compile.py checks log-probs and gradients). The
 state dict is unchanged (``nn.Module.compile`` compiles in place), so checkpoints and exports
@@ -39,15 +50,32 @@ are those of an eager run, and a ``deepcopy`` (the frozen reference) runs its ow
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 PACKED_CALL = "ptlight_packed"  # keyword of a packed scoring call (ptlight.engine.packing)
 # torch.compile's modes, as model.compile_mode takes them
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
+
+
+def _outputs_kept(fn: Any) -> Any:
+    """``fn`` (a compiled call in a :data:`GRAPH_MODES` mode), its tensors cloned when the call
+    runs without gradients (see the module doc); returned as they are otherwise. On the CPU,
+    where these modes record no graphs, the clones are the same values in other memory."""
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        if torch.is_grad_enabled():
+            return out
+        return tree_map_only(torch.Tensor, torch.Tensor.clone, out)
+
+    return call
 
 
 def _one_tensor_forward(module: torch.nn.Module) -> bool:
@@ -78,8 +106,10 @@ def _layer_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return type(self).forward(self, *args, **kwargs)
     owner, compiled = self.__dict__.get("_ptl_packed_forward", (None, None))
     if owner != id(self):
-        compiled = torch.compile(type(self).forward.__get__(self), dynamic=True,
-                                 mode=self.__dict__.get("_ptl_compile_mode"))
+        mode = self.__dict__.get("_ptl_compile_mode")
+        compiled = torch.compile(type(self).forward.__get__(self), dynamic=True, mode=mode)
+        if mode in GRAPH_MODES:
+            compiled = _outputs_kept(compiled)
         self.__dict__["_ptl_packed_forward"] = (id(self), compiled)
     return compiled(*args, **kwargs)
 
@@ -100,6 +130,8 @@ def compile_blocks(model: torch.nn.Module, blocks: bool = True, mode: str = "def
             if _one_tensor_forward(block):
                 if getattr(block, "_compiled_call_impl", None) is None:
                     block.compile(dynamic=True, mode=torch_mode)
+                    if mode in GRAPH_MODES:
+                        block._compiled_call_impl = _outputs_kept(block._compiled_call_impl)
                 count += 1
         if not getattr(layer, "gradient_checkpointing", False):
             layer.forward = types.MethodType(_layer_forward, layer)
