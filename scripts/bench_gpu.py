@@ -192,6 +192,62 @@ class _Clock:
                 "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None}
 
 
+def compile_counts() -> dict:
+    """What torch.compile did in this process: graphs compiled, graph breaks, and CUDA graphs
+    skipped (``model.compile_mode=reduce-overhead`` falls back to the compiled kernels
+    without a graph, silently, for a graph with CPU tensors or mutated inputs)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
+class SyncSources:
+    """Where the profiled steps made the host wait on the GPU: torch's sync debug mode warns
+    at each synchronising call, and each warning's Python stack (past torch's own frames and
+    this script's clock) is counted. CUDA only; nothing is recorded on the CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.sources, self._saved = device, {}, None
+
+    def start(self) -> None:
+        if self.device != "cuda":
+            return
+        import warnings
+
+        import torch
+
+        self._saved = (warnings.showwarning, warnings.filters[:])
+        warnings.simplefilter("always")
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        if self._saved is None:
+            return
+        import warnings
+
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning, warnings.filters[:] = self._saved
+        self._saved = None
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        import traceback
+
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/torch/" not in f.filename and "/warnings.py" not in f.filename]
+        if any(Path(f.filename).name in ("bench_gpu.py", "bench_dpo.py") for f in frames[-2:]):
+            return  # the clock's own synchronize and batch copy
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                            for f in reversed(frames[-4:]))
+        self.sources[where] = self.sources.get(where, 0) + 1
+
+
 def child_ptlight(args) -> dict:
     from ptlight.methods.preference import PreferenceMethod
     from ptlight.train import train_stage
@@ -206,11 +262,13 @@ def child_ptlight(args) -> dict:
         settled["packed"] = self.packs  # what the run's auto keys settled to
         settled["live"] = self.reference.mode in ("copy", "adapter")
         if args.profile and len(clock.ends) == clock.timed:  # after the timed steps
+            syncs.start()
             profiler.start()
         elif args.profile and len(clock.ends) == clock.total:
             profiler.stop()
+            syncs.stop()
             write_profile(profiler, Path(args.profile_out), args.device, args.profile,
-                          clock.ends[clock.timed - 1:])
+                          clock.ends[clock.timed - 1:], syncs)
         clock.maybe_finish()
 
     PreferenceMethod.on_train_batch_end = on_train_batch_end
@@ -225,10 +283,12 @@ def child_ptlight(args) -> dict:
 
     def finish() -> dict:
         bench_dpo.count_tokens(clock.batches, settled["packed"])
-        return clock.result(args.warmup, spec["batch"], live_reference=settled["live"])
+        return {**clock.result(args.warmup, spec["batch"], live_reference=settled["live"]),
+                "compile": compile_counts()}
 
     clock.timed = args.warmup + args.steps
     clock.total, clock.finish = clock.timed + args.profile, finish
+    syncs = SyncSources(args.device)
     if args.profile:
         import torch.profiler as tp
 
@@ -241,7 +301,8 @@ def child_ptlight(args) -> dict:
     return finish()  # only if the run ended before its steps were timed
 
 
-def write_profile(profiler, path: Path, device: str, steps: int, ends: list[float]) -> None:
+def write_profile(profiler, path: Path, device: str, steps: int, ends: list[float],
+                  syncs: SyncSources | None = None) -> None:
     """``--profile``: where ``steps`` steps after the timed ones spent their time. A summary
     (wall time per step; with CUDA, the kernels' summed time per step, hence how long the GPU
     waited on the host, and kernel launches per step), then torch.profiler's table of the ops
@@ -266,6 +327,14 @@ def write_profile(profiler, path: Path, device: str, steps: int, ends: list[floa
            and e.key.startswith("aten::")]
     lines.append(f"aten ops dispatched per step (host work, one launch or more each on a GPU): "
                  f"{sum(e.count for e in ops) / steps:.0f}")
+    reads = sum(e.count for e in ops if e.key == "aten::_local_scalar_dense")
+    lines.append(f"scalar read-backs per step (aten::_local_scalar_dense): {reads / steps:.1f}")
+    if syncs is not None and device == "cuda":
+        total = sum(syncs.sources.values())
+        lines.append(f"host syncs per step (torch.cuda sync debug mode, the bench's own left "
+                     f"out): {total / steps:.1f}")
+        lines += [f"  {n / steps:6.1f}  {where}" for where, n in
+                  sorted(syncs.sources.items(), key=lambda kv: -kv[1])[:12]]
     lines.append(events.table(sort_by=sort, row_limit=40, max_name_column_width=60))
     lines.append("most frequent ops (calls over all profiled steps):")
     lines.append(events.table(sort_by="count", row_limit=30, max_name_column_width=60))
@@ -395,8 +464,12 @@ def run_child(framework: str, config: str, fixture: str, fx: Path, args) -> dict
     out.update(framework=framework, config=config, wall_s=round(time.time() - started, 1))
     mem = (f"{out['peak_allocated_gb']:.1f} GB alloc, {out['peak_reserved_gb']:.1f} GB reserved"
            if out["peak_allocated_gb"] is not None else "")
+    comp = out.get("compile") or {}
+    comp = (f"  compiled graphs {comp['unique_graphs']}, breaks {comp['graph_breaks']}, "
+            f"CUDA graphs skipped {comp['cudagraph_skips']}" if comp.get("unique_graphs") else "")
     print(f"   {framework:7s} {config:16s} {out['pairs'] / out['step_s']:8.2f} pairs/s "
-          f"{out['step_s'] * 1e3:8.1f} ms/step  {mem}  wall {out['wall_s']:.0f} s", flush=True)
+          f"{out['step_s'] * 1e3:8.1f} ms/step  {mem}  wall {out['wall_s']:.0f} s{comp}",
+          flush=True)
     return out
 
 
@@ -417,6 +490,8 @@ def summarize(fixture: str, runs: list[dict], peak_tflops: float,
             "wall_s": r["wall_s"], "flops_per_step": flops,
             "mfu": flops / r["step_s"] / (peak_tflops * 1e12)}
         name = f"{r['framework']} {r['config']}"
+        if "compile" in r:  # ptlight runs: what torch.compile did
+            stats[name]["compile"] = r["compile"]
         if gemm_s and name in gemm_s:
             stats[name].update(gemm_bound_s=gemm_s[name],
                                gemm_bound_mfu=flops / gemm_s[name] / (peak_tflops * 1e12))

@@ -192,6 +192,12 @@ def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
     assert run["steps"] == 3 and len(run["step_times"]) == 2  # 1 warm-up + 2 timed
     profile = (tmp_path / "all" / "profile_tiny_default.txt").read_text()
     assert profile.startswith("profiled steps: 2; wall per step:") and "aten::mm" in profile
+    assert "scalar read-backs per step (aten::_local_scalar_dense):" in profile
+    # what torch.compile did: nothing in the eager run; the compiled packed step compiled
+    # without a graph break
+    assert run["compile"]["unique_graphs"] == 0
+    compiled = rec["runs"]["ptlight precompute_pack_compile"]["compile"]
+    assert compiled["unique_graphs"] > 0 and compiled["graph_breaks"] == 0
     # the matmuls' own time at the run's shapes, and the MFU that time alone would allow (both
     # are timings, so how they compare with the step's is for the GPU table, not for a test)
     for name in ("ptlight default", "trl best"):
