@@ -213,6 +213,28 @@ def test_a_call_without_gradients_under_cuda_graphs_keeps_no_graph_output(monkey
                                  scores_and_grads(eager, args, pack=pack), 0, 0)
 
 
+@pytest.mark.parametrize("pack", [None, 2])
+def test_graph_mode_compiles_through_its_no_grad_clones_and_matches_eager(pack):
+    """The same compiled layers with ``compile_mode=reduce-overhead``, compiled for real (the
+    CPU records no graphs, but dynamo traces the whole layer through each block's no-grad
+    clone wrapper): scores with and without gradients, and gradients, equal eager."""
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg()
+    eager = build_policy(cfg, load_tokenizer(cfg))
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg(compile=True, compile_mode="reduce-overhead")
+    graphs = build_policy(cfg, load_tokenizer(cfg))
+    for i, length in enumerate((24, 40)):
+        batch = pair_batch(length, i)
+        args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        with torch.no_grad():
+            torch.testing.assert_close(completion_logps(graphs, *args, pack=pack).logps,
+                                       completion_logps(eager, *args, pack=pack).logps,
+                                       atol=1e-5, rtol=1e-4)
+        assert_same_scores_and_grads(scores_and_grads(graphs, args, pack=pack),
+                                     scores_and_grads(eager, args, pack=pack), 1e-5, 1e-4)
+
+
 @pytest.mark.parametrize("overrides,match", [
     (("model.compile=true", "model.compile_mode=fast"), "model.compile_mode='fast'"),
     (("model.compile_mode=reduce-overhead",), "model.compile=true"),
