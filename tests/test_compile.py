@@ -25,6 +25,17 @@ def _models():
     return eager, build_policy(cfg, load_tokenizer(cfg))
 
 
+def _graph_models(device: str = "cpu"):
+    """``(eager, compiled with model.compile_mode=reduce-overhead)`` on ``device``, same
+    weights."""
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg()
+    eager = build_policy(cfg, load_tokenizer(cfg))
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg(compile=True, compile_mode="reduce-overhead")
+    return eager.to(device), build_policy(cfg, load_tokenizer(cfg)).to(device)
+
+
 def test_the_norms_and_mlps_of_every_layer_are_compiled_in_place():
     eager, compiled = _models()
     layers = decoder_layers(compiled)
@@ -218,12 +229,7 @@ def test_graph_mode_compiles_through_its_no_grad_clones_and_matches_eager(pack):
     """The same compiled layers with ``compile_mode=reduce-overhead``, compiled for real (the
     CPU records no graphs, but dynamo traces the whole layer through each block's no-grad
     clone wrapper): scores with and without gradients, and gradients, equal eager."""
-    torch.manual_seed(0)
-    cfg = tiny_model_cfg()
-    eager = build_policy(cfg, load_tokenizer(cfg))
-    torch.manual_seed(0)
-    cfg = tiny_model_cfg(compile=True, compile_mode="reduce-overhead")
-    graphs = build_policy(cfg, load_tokenizer(cfg))
+    eager, graphs = _graph_models()
     for i, length in enumerate((24, 40)):
         batch = pair_batch(length, i)
         args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
@@ -252,11 +258,7 @@ def test_compiled_layers_under_cuda_graphs_match_eager_on_cuda():
     """``model.compile_mode=reduce-overhead``: packed scoring through CUDA graphs of the
     compiled layers gives the eager log-probs and gradients, for a new shape (recorded), the
     next, and the first one again (replayed)."""
-    eager, _ = _models()
-    torch.manual_seed(0)
-    cfg = tiny_model_cfg(compile=True, compile_mode="reduce-overhead")
-    graphs = build_policy(cfg, load_tokenizer(cfg))
-    eager, graphs = eager.cuda(), graphs.cuda()
+    eager, graphs = _graph_models("cuda")
     for i, length in enumerate((24, 40, 24, 24)):
         batch = {k: v.cuda() for k, v in pair_batch(length, i).items()}
         args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
@@ -284,11 +286,7 @@ def test_scoring_without_gradients_under_cuda_graphs_matches_eager_on_cuda(pack)
     """What a precomputed reference, a live one and evaluation run under
     ``model.compile_mode=reduce-overhead``: no-grad scoring through the graphs of the
     compiled blocks and layers, for a new shape, the next and the first again, equals eager."""
-    eager, _ = _models()
-    torch.manual_seed(0)
-    cfg = tiny_model_cfg(compile=True, compile_mode="reduce-overhead")
-    graphs = build_policy(cfg, load_tokenizer(cfg))
-    eager, graphs = eager.cuda(), graphs.cuda()
+    eager, graphs = _graph_models("cuda")
     for i, length in enumerate((24, 40, 24, 24)):
         batch = {k: v.cuda() for k, v in pair_batch(length, i).items()}
         args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])

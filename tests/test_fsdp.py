@@ -239,6 +239,7 @@ def _scores_on_rank(rank: int, world: int, port: int, results) -> None:
             got[name] = (logps.detach(), {n: p.grad.full_tensor() for n, p in
                                           policy.named_parameters()})
         results[rank] = got
+        dist.barrier()  # no rank tears its group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -255,7 +256,7 @@ def test_rl_scoring_recomputes_its_head_chunks_under_fsdp_on_two_cpu_processes()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()  # no fork of this multi-threaded worker
     mp.spawn(_scores_on_rank, args=(2, port, results), nprocs=2, join=True)
     for rank in (0, 1):
         (lp_a, grads_a), (lp_b, grads_b) = results[rank]["one_block"], results[rank]["checkpointed"]

@@ -477,6 +477,7 @@ def _gathered_on_rank(rank: int, world: int, port: int, results) -> None:
         got["stats"] = rollout_stats(metrics, mask, _has_eos(mask), rewards,
                                      _parts(rewards), every)
         results[rank] = got
+        dist.barrier()  # no rank tears its group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -512,7 +513,7 @@ def test_advantages_under_ddp_are_those_of_the_whole_gathered_batch():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()  # no fork of this multi-threaded worker
     mp.spawn(_gathered_on_rank, args=(2, port, results), nprocs=2, join=True)
     batches = _rank_batches()
     width = max(b[1].shape[1] for b in batches)
