@@ -209,7 +209,7 @@ class SyncSources:
     this script's clock) is counted. CUDA only; nothing is recorded on the CPU."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.sources, self._saved = device, {}, None
+        self.device, self.sources, self._caught = device, {}, None
 
     def start(self) -> None:
         if self.device != "cuda":
@@ -218,21 +218,20 @@ class SyncSources:
 
         import torch
 
-        self._saved = (warnings.showwarning, warnings.filters[:])
+        self._caught = warnings.catch_warnings()  # restores the filters and showwarning
+        self._caught.__enter__()
         warnings.simplefilter("always")
         warnings.showwarning = self._record
         torch.cuda.set_sync_debug_mode("warn")
 
     def stop(self) -> None:
-        if self._saved is None:
+        if self._caught is None:
             return
-        import warnings
-
         import torch
 
         torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning, warnings.filters[:] = self._saved
-        self._saved = None
+        self._caught.__exit__(None, None, None)
+        self._caught = None
 
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
         import traceback
@@ -464,11 +463,12 @@ def run_child(framework: str, config: str, fixture: str, fx: Path, args) -> dict
     out.update(framework=framework, config=config, wall_s=round(time.time() - started, 1))
     mem = (f"{out['peak_allocated_gb']:.1f} GB alloc, {out['peak_reserved_gb']:.1f} GB reserved"
            if out["peak_allocated_gb"] is not None else "")
-    comp = out.get("compile") or {}
-    comp = (f"  compiled graphs {comp['unique_graphs']}, breaks {comp['graph_breaks']}, "
-            f"CUDA graphs skipped {comp['cudagraph_skips']}" if comp.get("unique_graphs") else "")
+    counts = out.get("compile") or {}
+    compiled = (f"  compiled graphs {counts['unique_graphs']}, breaks {counts['graph_breaks']}, "
+                f"CUDA graphs skipped {counts['cudagraph_skips']}"
+                if counts.get("unique_graphs") else "")
     print(f"   {framework:7s} {config:16s} {out['pairs'] / out['step_s']:8.2f} pairs/s "
-          f"{out['step_s'] * 1e3:8.1f} ms/step  {mem}  wall {out['wall_s']:.0f} s{comp}",
+          f"{out['step_s'] * 1e3:8.1f} ms/step  {mem}  wall {out['wall_s']:.0f} s{compiled}",
           flush=True)
     return out
 
@@ -478,18 +478,18 @@ def summarize(fixture: str, runs: list[dict], peak_tflops: float,
     """Per-run figures of one fixture; ``gemm_s``: run name -> :func:`gemm_bound_s`."""
     stats = {}
     for r in runs:
+        name = f"{r['framework']} {r['config']}"
         if "error" in r:
-            stats[f"{r['framework']} {r['config']}"] = {"error": r["error"]}
+            stats[name] = {"error": r["error"]}
             continue
         flops = bench_dpo._flops(r, fixture)
-        stats[f"{r['framework']} {r['config']}"] = {
+        stats[name] = {
             "pairs_per_s": r["pairs"] / r["step_s"], "tokens_per_s": r["tokens"] / r["step_s"],
             "step_s": r["step_s"], "steps": r["steps"], "step_times": r["step_times"],
             "peak_allocated_gb": r["peak_allocated_gb"],
             "peak_reserved_gb": r["peak_reserved_gb"], "setup_s": r["setup_s"],
             "wall_s": r["wall_s"], "flops_per_step": flops,
             "mfu": flops / r["step_s"] / (peak_tflops * 1e12)}
-        name = f"{r['framework']} {r['config']}"
         if "compile" in r:  # ptlight runs: what torch.compile did
             stats[name]["compile"] = r["compile"]
         if gemm_s and name in gemm_s:
