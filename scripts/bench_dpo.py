@@ -253,7 +253,8 @@ def time_preference_steps(clock) -> None:
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         clock.step_end()
-        clock.batches.append({k: batch[k].detach().cpu().clone()
+        # copies where the batch is (no read to the host inside the run); count_tokens reads them
+        clock.batches.append({k: batch[k].detach().clone()
                               for k in ("input_ids", "attention_mask", "loss_mask")})
 
     PreferenceMethod.on_train_start = on_train_start
@@ -266,6 +267,7 @@ def count_tokens(batches: list[dict], packed: bool) -> None:
     from ptlight.engine.packing import pack
 
     for b in batches:
+        b.update({k: b[k].cpu() for k in ("input_ids", "attention_mask", "loss_mask")})
         b["tokens"] = int(b["attention_mask"].sum())
         b["scored"] = int(b["loss_mask"][:, 1:].sum())
         b["tokens_run"] = (pack(b["input_ids"], b["attention_mask"], b["loss_mask"], 2).num_tokens
@@ -311,10 +313,9 @@ def train_trl(fx: Path, spec: dict, clock, args, trl_config: dict, bf16: bool,
 
     class CountingDPOTrainer(DPOTrainer):
         def compute_loss(self, model, inputs, *a, **k):
-            if model.training:
-                n = int(inputs["attention_mask"].sum())
-                clock.batches.append({"tokens": n, "tokens_run": n,
-                                      "scored": int(inputs["completion_mask"][:, 1:].sum())})
+            if model.training:  # copies where the batch is; count_trl_tokens reads them
+                clock.batches.append({k: inputs[k].detach().clone()
+                                      for k in ("attention_mask", "completion_mask")})
             return super().compute_loss(model, inputs, *a, **k)
 
     torch.manual_seed(args.seed)
@@ -336,6 +337,15 @@ def train_trl(fx: Path, spec: dict, clock, args, trl_config: dict, bf16: bool,
         trainer.train()
 
 
+def count_trl_tokens(batches: list[dict]) -> None:
+    """Per TRL batch (its masks, as :func:`train_trl` keeps them): ``tokens`` (real tokens,
+    all of which its padded body runs) and ``scored`` (completion tokens)."""
+    for b in batches:
+        if "tokens" not in b:
+            n = int(b["attention_mask"].sum())
+            b.update(tokens=n, tokens_run=n, scored=int(b["completion_mask"][:, 1:].sum()))
+
+
 def child_trl(args) -> dict:
     import torch
 
@@ -343,6 +353,7 @@ def child_trl(args) -> dict:
     clock = _Clock()
     train_trl(fx, spec, clock, args, TRL_CONFIGS[args.config],
               bf16=args.precision == "bf16-mixed", use_cpu=True)
+    count_trl_tokens(clock.batches)
     live_ref = not TRL_CONFIGS[args.config].get("precompute_ref_log_probs", False)
     return clock.result(args.warmup, spec["batch"], live_reference=live_ref,
                         threads=torch.get_num_threads())

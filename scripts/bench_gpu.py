@@ -34,8 +34,9 @@ both backward products, over the tokens the run's body computes). Small models a
 batches run matmuls far from the 8192³ peak; this column says how much of an MFU target the
 matmul shapes themselves allow, apart from everything the framework adds.
 
-Measured per run: the median time between optimiser-step ends (a CUDA synchronize at each)
-after ``--warmup`` steps; pairs/s, tokens/s (real tokens of the batch, padding not counted);
+Measured per run: the median time between optimiser-step ends after ``--warmup`` steps (on
+CUDA, between CUDA events recorded at each; nothing of the bench makes the host wait for the
+GPU inside the run, and the batches' token counts are read once the steps are timed); pairs/s, tokens/s (real tokens of the batch, padding not counted);
 peak allocated and reserved CUDA memory of the process (``torch.cuda.max_memory_*``); MFU =
 model FLOPs per step (``bench_dpo._flops``: 6·N·T for the policy, 2·N·T more when the
 reference runs live; T = tokens the body runs) / step time / a bf16 matmul peak measured at
@@ -68,6 +69,14 @@ bench_dpo.FIXTURES.update({
     "gpu-1.2b": dict(arch={**_350M, "hidden_size": 2048, "intermediate_size": 8192,
                            "num_attention_heads": 32, "num_key_value_heads": 8},
                      batch=8, max_length=512, context_words=_CTX),
+    # the 1.2B fixture's layers, rows and batch at width 64: its step dispatches the same ops
+    # as gpu-1.2b's and computes next to nothing, so on the CPU its profile (``--profile``)
+    # shows a 1.2B step's host work (``--device cpu --fixture layout-1.2b --precision
+    # bf16-mixed``)
+    "layout-1.2b": dict(arch={**_350M, "hidden_size": 64, "intermediate_size": 256,
+                              "num_attention_heads": 4, "num_key_value_heads": 1,
+                              "vocab_size": 4096},
+                        batch=8, max_length=512, context_words=_CTX),
 })
 # packed, widths in 128-token steps, the layouts built by 2 DataLoader workers: what
 # method.pack / pack_multiple_of / data.num_workers=auto settle to on one GPU with a
@@ -146,10 +155,17 @@ class _Clock:
     """Step-end times and batch token counts of one run. Once ``total`` steps are timed (and
     their batches counted), ``finish`` prints the result and the process exits at once: the
     export, checkpoint and teardown of a training run are not what is measured, and at the
-    1.2B shape they took longer than the steps."""
+    1.2B shape they took longer than the steps.
+
+    On CUDA the step times are those of CUDA events recorded at the start and at each
+    optimizer-step end, read once the timed steps are done: the clock never makes the host
+    wait for the GPU, so a step whose host work runs ahead of its kernels is timed as it runs
+    in training (a synchronize at each step end would idle the GPU while the host prepares
+    the next step). ``ends`` holds the host's times of the same marks."""
 
     def __init__(self, device: str) -> None:
         self.device, self.start, self.ends, self.batches = device, None, [], []
+        self.events: list = []  # CUDA events: the start, then each step end
         self.total: int | None = None  # steps to run before finishing
         self.timed: int | None = None  # of those, the first this many are timed (default all)
         self.finish = None
@@ -161,27 +177,38 @@ class _Clock:
             sys.stderr.flush()
             os._exit(0)
 
-    def sync(self) -> None:
+    def mark(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[-1].record()
+
+    def begin(self) -> None:
+        self.mark()
+        self.start = time.perf_counter()
+
+    def step_end(self) -> None:
+        self.mark()
+        self.ends.append(time.perf_counter())
+        self.maybe_finish()
+
+    def step_times(self, timed: int) -> list[float]:
+        """Seconds of each of the first ``timed`` steps (the first from the run's start)."""
         if self.device == "cuda":
             import torch
 
             torch.cuda.synchronize()
-
-    def begin(self) -> None:
-        self.sync()
-        self.start = time.perf_counter()
-
-    def step_end(self) -> None:
-        self.sync()
-        self.ends.append(time.perf_counter())
-        self.maybe_finish()
+            marks = self.events[:timed + 1]
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+        marks = [self.start, *self.ends[:timed]]
+        return [b - a for a, b in zip(marks, marks[1:])]
 
     def result(self, warmup: int, pairs: int, live_reference: bool) -> dict:
         import torch
 
         timed = self.timed or len(self.ends)
-        marks = [self.start, *self.ends[:timed]]
-        steps = [b - a for a, b in zip(marks, marks[1:])][warmup:]
+        steps = self.step_times(timed)[warmup:]
         med = lambda k: statistics.median(b[k] for b in self.batches[:timed])  # noqa: E731
         cuda = self.device == "cuda"
         return {"steps": timed, "step_s": statistics.median(steps),
@@ -240,8 +267,6 @@ class SyncSources:
             return
         frames = [f for f in traceback.extract_stack()[:-1]
                   if "/torch/" not in f.filename and "/warnings.py" not in f.filename]
-        if any(Path(f.filename).name in ("bench_gpu.py", "bench_dpo.py") for f in frames[-2:]):
-            return  # the clock's own synchronize and batch copy
         where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
                             for f in reversed(frames[-4:]))
         self.sources[where] = self.sources.get(where, 0) + 1
@@ -266,12 +291,12 @@ def child_ptlight(args) -> dict:
         elif args.profile and len(clock.ends) == clock.total:
             profiler.stop()
             syncs.stop()
-            write_profile(profiler, Path(args.profile_out), args.device, args.profile,
-                          clock.ends[clock.timed - 1:], syncs)
+            write_profile(profiler, Path(args.profile_out), args.device,
+                          clock.step_times(clock.total)[clock.timed:], syncs)
         clock.maybe_finish()
 
     PreferenceMethod.on_train_batch_end = on_train_batch_end
-    precision = "bf16-mixed" if args.device == "cuda" else "32-true"
+    precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
     # one epoch over the fixture, as a run that uses every row (what the defaults are settled
     # for: ptlight.runtime.devices); the process exits once its steps are timed
     cfg = bench_dpo.ptlight_cfg(fx, args.fixture, precision, [
@@ -300,7 +325,7 @@ def child_ptlight(args) -> dict:
     return finish()  # only if the run ended before its steps were timed
 
 
-def write_profile(profiler, path: Path, device: str, steps: int, ends: list[float],
+def write_profile(profiler, path: Path, device: str, step_s: list[float],
                   syncs: SyncSources | None = None) -> None:
     """``--profile``: where ``steps`` steps after the timed ones spent their time. A summary
     (wall time per step; with CUDA, the kernels' summed time per step, hence how long the GPU
@@ -309,7 +334,8 @@ def write_profile(profiler, path: Path, device: str, steps: int, ends: list[floa
     import torch
 
     events = profiler.key_averages()
-    wall = (ends[-1] - ends[0]) / steps
+    steps = len(step_s)
+    wall = sum(step_s) / steps
     lines = [f"profiled steps: {steps}; wall per step: {wall * 1e3:.1f} ms"]
     sort = "self_cpu_time_total"
     if device == "cuda":
@@ -330,8 +356,7 @@ def write_profile(profiler, path: Path, device: str, steps: int, ends: list[floa
     lines.append(f"scalar read-backs per step (aten::_local_scalar_dense): {reads / steps:.1f}")
     if syncs is not None and device == "cuda":
         total = sum(syncs.sources.values())
-        lines.append(f"host syncs per step (torch.cuda sync debug mode, the bench's own left "
-                     f"out): {total / steps:.1f}")
+        lines.append(f"host syncs per step (torch.cuda sync debug mode): {total / steps:.1f}")
         lines += [f"  {n / steps:6.1f}  {where}" for where, n in
                   sorted(syncs.sources.items(), key=lambda kv: -kv[1])[:12]]
     lines.append(events.table(sort_by=sort, row_limit=40, max_name_column_width=60))
@@ -347,7 +372,12 @@ def child_trl(args) -> dict:
     cuda = args.device == "cuda"
     live = not TRL_CONFIGS[args.config].get("precompute_ref_log_probs", False)
     clock.total = args.warmup + args.steps
-    clock.finish = lambda: clock.result(args.warmup, spec["batch"], live_reference=live)
+
+    def finish() -> dict:
+        bench_dpo.count_trl_tokens(clock.batches)
+        return clock.result(args.warmup, spec["batch"], live_reference=live)
+
+    clock.finish = finish
     bench_dpo.train_trl(fx, spec, clock, args, TRL_CONFIGS[args.config], bf16=cuda,
                         use_cpu=not cuda)
     return clock.finish()
@@ -441,6 +471,8 @@ def run_child(framework: str, config: str, fixture: str, fx: Path, args) -> dict
            "--fixture", fixture, "--fixture-dir", str(fx), "--device", args.device,
            "--steps", str(args.steps_for(fixture)), "--warmup", str(args.warmup),
            "--seed", str(args.seed)]
+    if args.precision:
+        cmd += ["--precision", args.precision]
     if args.profile and framework == "ptlight":
         cmd += ["--profile", str(args.profile),
                 "--profile-out", str(Path(args.out) / f"profile_{fixture}_{config}.txt")]
@@ -568,6 +600,8 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0,
                    help="ptlight runs: profile this many steps after the timed ones into "
                         "<out>/profile_<fixture>_<config>.txt (torch.profiler)")
+    p.add_argument("--precision", choices=["bf16-mixed", "32-true"],
+                   help="ptlight runs (default: bf16-mixed on CUDA, 32-true on the CPU)")
     p.add_argument("--profile-out")
     p.add_argument("--child", choices=["ptlight", "trl"])
     p.add_argument("--config")

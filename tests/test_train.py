@@ -27,6 +27,26 @@ QUIET_STEPS = ("eval.before=false", "eval.val_samples=0", *TINY, "trainer.max_st
                "trainer.val_check_interval=100", "checkpoint.every_n_train_steps=100")
 
 
+def _after_step_bookkeeping(monkeypatch, call) -> None:
+    """``call()`` at the end of each training step's bookkeeping: after the module's and every
+    callback's ``on_train_batch_end``, Lightning's logger connector gathers the step's logged
+    values (reading the ``prog_bar`` ones to the host) and, on the steps the loggers get,
+    writes them."""
+    from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import (
+        _LoggerConnector,
+    )
+
+    update = _LoggerConnector.update_train_step_metrics
+
+    def update_then_call(self):
+        try:
+            update(self)
+        finally:
+            call()
+
+    monkeypatch.setattr(_LoggerConnector, "update_train_step_metrics", update_then_call)
+
+
 def _metrics(run_dir):
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     return [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
@@ -186,6 +206,31 @@ def test_metrics_are_logged_only_on_the_steps_the_loggers_write(compose_cfg, tmp
         assert [r["step"] for r in rows["gated"] if r.get("train/loss")] == ["1", "3"]
 
 
+@pytest.mark.parametrize("method", ["dpo", "sft"])
+def test_the_training_bar_shows_the_loss_read_on_the_logged_steps(compose_cfg, tmp_path,
+                                                                  monkeypatch, method):
+    """The progress bar shows ``train/loss``, a value no method logs with ``prog_bar`` (which
+    Lightning would read to the host after every step): the first step's, then the logged
+    step's (the value metrics.csv holds), kept on screen in between."""
+    from ptlight.runtime.progress import TrainingBar
+
+    shown: dict[int, float | None] = {}  # the bar's values after each step, by steps done
+    get_metrics = TrainingBar.get_metrics
+
+    def spy(self, trainer, pl_module):
+        values = get_metrics(self, trainer, pl_module)
+        if trainer.training and not trainer.validating:
+            shown[trainer.global_step] = values.get("train/loss")
+        return values
+
+    monkeypatch.setattr(TrainingBar, "get_metrics", spy)
+    train_stage(compose_cfg(f"method={method}", *QUIET_STEPS), tmp_path)
+    logged = dict(_metrics(tmp_path))
+    assert sorted(shown) == [1, 2, 3, 4, 5, 6] and None not in shown.values()
+    assert shown[2] == shown[3] == shown[4] == shown[1]  # steps 2-4: not read again
+    assert shown[5] == pytest.approx(logged[4])  # the fifth step (step 4 from 0), logged
+
+
 @pytest.mark.parametrize("run", [("dpo", "method.reference=copy"),
                                  ("dpo", "method.reference=precompute"), ("sft",), ("kto",),
                                  ("rm",)], ids=lambda run: "-".join(run).split("=")[-1])
@@ -239,12 +284,12 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
             mode.step = trainer.global_step
             mode.__enter__()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):  # after every callback's hook
+    def step_bookkeeping_done():  # after every hook and Lightning's metric bookkeeping
         mode.__exit__(None, None, None)
         mode.step = -1
 
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
-    monkeypatch.setattr(L.LightningModule, "on_train_batch_end", on_train_batch_end)
+    _after_step_bookkeeping(monkeypatch, step_bookkeeping_done)
     # the padded forward's attention mask as built off the CPU (ptlight.model.masks)
     monkeypatch.setattr(masks, "HOST_SKIP_DEVICES", ())
     for module in ("sft", "reward"):
@@ -284,10 +329,7 @@ def test_a_gpu_training_step_never_synchronises(compose_cfg, tmp_path, monkeypat
                 window.append(trainer.global_step)
                 torch.cuda.set_sync_debug_mode("error")
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):  # after every callback's hook
-        torch.cuda.set_sync_debug_mode("default")
-
-    monkeypatch.setattr(L.LightningModule, "on_train_batch_end", on_train_batch_end)
+    _after_step_bookkeeping(monkeypatch, lambda: torch.cuda.set_sync_debug_mode("default"))
     _add_callback(monkeypatch, Window())
     try:
         train_stage(compose_cfg(f"method={method}", *QUIET_STEPS, *overrides), tmp_path)

@@ -115,8 +115,8 @@ def log_metrics(
     """Log ``<split>/loss`` and ``<split>/<name>``: per step in training, epoch means in val.
 
     In training the metrics are logged on the steps whose values reach the loggers
-    (:func:`ptlight.runtime.progress.logs_this_step`); the loss every step, for the progress
-    bar. Under DDP/FSDP every value is the mean over ranks (``sync_dist``), so ``train/loss``
+    (:func:`ptlight.runtime.progress.logs_this_step`); the loss every step (a callback that
+    monitors it sees each step's), shown by the progress bar on the logged steps. Under DDP/FSDP every value is the mean over ranks (``sync_dist``), so ``train/loss``
     is the loss of the global batch, as in a one-process run (no-op with one process).
     """
     train = split == "train"
@@ -126,8 +126,9 @@ def log_metrics(
     if values:
         module.log_dict(values, on_step=train, on_epoch=not train, batch_size=batch_size,
                         sync_dist=True)
-    module.log(f"{split}/loss", loss.detach(), prog_bar=True, on_step=train, on_epoch=not train,
-               batch_size=batch_size, sync_dist=True)
+    # the training loss reaches the bar through progress.TrainingBar, on the logged steps
+    module.log(f"{split}/loss", loss.detach(), prog_bar=not train, on_step=train,
+               on_epoch=not train, batch_size=batch_size, sync_dist=True)
 
 
 class ObjectiveSteps:
@@ -267,5 +268,4 @@ class RolloutSteps:
         loss = logged.pop("train/loss")
         if progress.logs_this_step(module):
             module.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
-        module.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
-                   batch_size=batch_size)
+        module.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=batch_size)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 import lightning as L
+import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import RichProgressBar
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task,
@@ -21,6 +22,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 T = TypeVar("T")
+# what the training bar shows besides the ``prog_bar`` values: logged every step, read on the
+# logged steps only (TrainingBar)
+BAR_VALUES = ("train/loss",)
 MANY_ITEMS = 1000  # loops over more rows/examples than this show a bar (tokenizing, precompute)
 
 
@@ -60,11 +64,16 @@ def logs_this_step(module: L.LightningModule) -> bool:
 
 
 class TrainingBar(RichProgressBar):
-    """Lightning's rich bar (step count, rate, the logged ``prog_bar`` values, kept on screen),
-    whose values are read off the device on the training steps whose values the loggers get
-    (:func:`logs_this_step`), not after every step: each read is a
-    host sync, which on a GPU would wait for the step's optimizer kernels, with nothing of the
-    next step queued. Between those steps the bar shows the last values read."""
+    """Lightning's rich bar (step count, rate, the logged ``prog_bar`` values and the training
+    loss, kept on screen), whose values are read off the device on the training steps whose
+    values the loggers get (:func:`logs_this_step`), not after every step: each read is a host
+    sync, which on a GPU would wait for the step's optimizer kernels, with nothing of the next
+    step queued. Between those steps the bar shows the last values read.
+
+    The training loss (:data:`BAR_VALUES`) is logged without ``prog_bar``: Lightning reads
+    every ``prog_bar`` value to the host at the end of every step (its logger connector's
+    ``on_batch_end``), with or without a bar. This bar reads it from the callback metrics
+    instead, on the same steps as the rest."""
 
     def __init__(self) -> None:
         super().__init__(leave=True)
@@ -74,8 +83,14 @@ class TrainingBar(RichProgressBar):
         if (trainer.training and not trainer.validating and not trainer.sanity_checking
                 and self._shown and not logs_this_step(pl_module)):
             return self._shown
-        self._shown = super().get_metrics(trainer, pl_module)
-        return self._shown
+        shown = super().get_metrics(trainer, pl_module)
+        logged = trainer.callback_metrics
+        for key in BAR_VALUES:
+            value = logged.get(key)
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and key not in shown:
+                shown[key] = value.item()
+        self._shown = shown
+        return shown
 
 
 def track(items: Iterable[T], description: str, *, total: int, unit: str = "it",
