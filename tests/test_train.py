@@ -316,21 +316,24 @@ def test_a_gpu_training_step_never_synchronises(compose_cfg, tmp_path, monkeypat
     guard's check on the device, the progress bar on; DPO packed with a precomputed
     reference, as the GPU defaults run it, padded with a live one, and packed through the
     compiled layers, whose profile on the H200 showed 51 scalar read-backs a step) makes no
-    device-to-host synchronisation from its batch start to its last hook on steps whose
-    values the loggers do not get: torch's sync debug mode turns one into an error."""
-    import lightning as L
+    device-to-host synchronisation from its batch's copy to the device to the end of
+    Lightning's bookkeeping of the step, on steps whose values the loggers do not get:
+    torch's sync debug mode turns one into an error."""
+    from lightning.pytorch.strategies import Strategy
 
     method, *overrides = run
     window: list[int] = []
+    to_device = Strategy.batch_to_device
 
-    class Window(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step in (1, 2, 3):
-                window.append(trainer.global_step)
-                torch.cuda.set_sync_debug_mode("error")
+    def batch_to_device(self, batch, *args, **kwargs):
+        trainer = self.lightning_module.trainer
+        if trainer.training and not trainer.validating and trainer.global_step in (1, 2, 3):
+            window.append(trainer.global_step)
+            torch.cuda.set_sync_debug_mode("error")
+        return to_device(self, batch, *args, **kwargs)
 
+    monkeypatch.setattr(Strategy, "batch_to_device", batch_to_device)
     _after_step_bookkeeping(monkeypatch, lambda: torch.cuda.set_sync_debug_mode("default"))
-    _add_callback(monkeypatch, Window())
     try:
         train_stage(compose_cfg(f"method={method}", *QUIET_STEPS, *overrides), tmp_path)
     finally:
