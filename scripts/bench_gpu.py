@@ -319,7 +319,7 @@ def child_ptlight(args) -> dict:
         activities = [tp.ProfilerActivity.CPU]
         if args.device == "cuda":
             activities.append(tp.ProfilerActivity.CUDA)
-        profiler = tp.profile(activities=activities)
+        profiler = tp.profile(activities=activities, with_stack=True)
     with tempfile.TemporaryDirectory() as run_dir:
         train_stage(cfg, Path(run_dir))
     return finish()  # only if the run ended before its steps were timed
@@ -362,8 +362,40 @@ def write_profile(profiler, path: Path, device: str, step_s: list[float],
     lines.append(events.table(sort_by=sort, row_limit=40, max_name_column_width=60))
     lines.append("most frequent ops (calls over all profiled steps):")
     lines.append(events.table(sort_by="count", row_limit=30, max_name_column_width=60))
+    if device == "cuda":  # the host's own time: what a host-bound step waits on
+        lines.append("host time by op (self CPU time over all profiled steps):")
+        lines.append(events.table(sort_by="self_cpu_time_total", row_limit=30,
+                                  max_name_column_width=60))
+    lines.append("host time of the aten ops by the Python line that called them (CPU time "
+                 "per step, calls per step; the innermost frame outside torch):")
+    lines += [f"  {t / steps / 1e3:8.2f} ms  {n / steps:7.1f}  {where}"
+              for where, (t, n) in host_by_source(profiler)[:30]]
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:2]), flush=True)
+
+
+def host_by_source(profiler) -> list[tuple[str, tuple[float, int]]]:
+    """The profiled aten ops' self CPU time (µs) and count by the innermost Python frame
+    outside torch that called them (``with_stack=True`` records the Python calls as events,
+    an op's enclosing ones its ``cpu_parent`` chain), most time first."""
+    by: dict[str, list] = {}
+    for e in profiler.events():
+        if not e.name.startswith("aten::") or _is_python_frame(e.cpu_parent, torch_too=True):
+            continue  # (an op called by another op counts in its caller's self time)
+        parent = e.cpu_parent
+        while parent is not None and not _is_python_frame(parent):
+            parent = parent.cpu_parent
+        slot = by.setdefault(parent.name if parent is not None else "(no Python frame)",
+                             [0.0, 0])
+        slot[0] += e.cpu_time_total
+        slot[1] += 1
+    return sorted(((w, (t, n)) for w, (t, n) in by.items()), key=lambda kv: -kv[1][0])
+
+
+def _is_python_frame(event, torch_too: bool = False) -> bool:
+    if event is None or ".py(" not in event.name:
+        return False
+    return torch_too or not event.name.startswith("torch/")
 
 
 def child_trl(args) -> dict:
