@@ -244,6 +244,8 @@ def test_graph_mode_compiles_through_its_no_grad_clones_and_matches_eager(pack):
 @pytest.mark.parametrize("overrides,match", [
     (("model.compile=true", "model.compile_mode=fast"), "model.compile_mode='fast'"),
     (("model.compile_mode=reduce-overhead",), "model.compile=true"),
+    (("model.compile=true", "model.compile_mode=reduce-overhead",
+      "trainer.accumulate_grad_batches=2"), "not verified with gradient accumulation"),
 ])
 def test_a_compile_mode_that_cannot_apply_is_refused_before_weights_load(
         compose_cfg, tmp_path, no_weights, overrides, match):

@@ -215,6 +215,19 @@ def check_config(cfg: DictConfig) -> None:
     check_optim(cfg.method.optim)
     check_trainer(cfg.trainer)
     check_model(cfg.model)
+    from ptlight.engine.compile import GRAPH_MODES
+
+    mode = cfg.model.get("compile_mode", "default")
+    if mode in GRAPH_MODES and int(cfg.trainer.get("accumulate_grad_batches", 1) or 1) > 1:
+        # each micro-batch's backward ends a CUDA-graph generation: the next micro-batch's
+        # graphs may reuse its outputs' memory, and whether the gradients accumulated in
+        # .grad survive that is untested
+        raise ConfigError(f"model.compile_mode={mode} records CUDA graphs, which ptlight has "
+                          "not verified with gradient accumulation "
+                          f"(trainer.accumulate_grad_batches="
+                          f"{cfg.trainer.accumulate_grad_batches}): use "
+                          "model.compile_mode=default, or trainer.accumulate_grad_batches=1 "
+                          "with a larger data.batch_size")
     check_eval(cfg.eval)
     if "checkpoint" in cfg:
         whole_number(cfg.checkpoint.get("every_n_train_steps", 0),
