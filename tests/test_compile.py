@@ -300,14 +300,17 @@ def test_scoring_without_gradients_under_cuda_graphs_matches_eager_on_cuda(pack)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("reference", ["precompute", "copy"])
-def test_dpo_trains_under_cuda_graphs_on_cuda(compose_cfg, tmp_path, reference):
+@pytest.mark.parametrize("reference,attention", [("precompute", "sdpa"), ("copy", "sdpa"),
+                                                 ("precompute", "flex")])
+def test_dpo_trains_under_cuda_graphs_on_cuda(compose_cfg, tmp_path, reference, attention):
     """``model.compile=true model.compile_mode=reduce-overhead`` trains DPO on CUDA in
-    bf16-mixed with the reference precomputed (packed rows: the GPU defaults) or live
-    (padded), and matches the eager run's losses within bf16 rounding."""
+    bf16-mixed with the reference precomputed (packed rows: the GPU defaults; with SDPA's
+    dense tree mask or FlexAttention's block mask) or live (padded), and matches the eager
+    run's losses within bf16 rounding."""
+    flex = ["model.packed_attention=flex"] if attention == "flex" else []
     runs = {mode: dpo_losses(compose_cfg, tmp_path / mode, "trainer.accelerator=gpu",
                              "trainer.precision=bf16-mixed", f"method.reference={reference}",
-                             *(["model.compile=true", f"model.compile_mode={mode}"]
+                             *(["model.compile=true", f"model.compile_mode={mode}", *flex]
                                if mode != "eager" else []))
             for mode in ("eager", "reduce-overhead")}
     assert len(runs["reduce-overhead"]) == 3

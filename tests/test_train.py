@@ -309,13 +309,17 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
 @pytest.mark.parametrize("run", [("dpo", "method.pack=true", "method.reference=precompute"),
                                  ("dpo", "method.reference=copy"), ("sft",), ("kto",), ("rm",),
                                  ("dpo", "method.pack=true", "method.reference=precompute",
-                                  "model.compile=true")],
-                         ids=["dpo-packed", "dpo-live", "sft", "kto", "rm", "dpo-compiled"])
+                                  "model.compile=true"),
+                                 ("dpo", "method.pack=true", "method.reference=precompute",
+                                  "model.compile=true", "model.packed_attention=flex")],
+                         ids=["dpo-packed", "dpo-live", "sft", "kto", "rm", "dpo-compiled",
+                              "dpo-flex-compiled"])
 def test_a_gpu_training_step_never_synchronises(compose_cfg, tmp_path, monkeypatch, run):
     """A training step on CUDA in bf16-mixed (fused AdamW, the clip folded into it, the
     guard's check on the device, the progress bar on; DPO packed with a precomputed
     reference, as the GPU defaults run it, padded with a live one, and packed through the
-    compiled layers, whose profile on the H200 showed 51 scalar read-backs a step) makes no
+    compiled layers, with SDPA's mask and with FlexAttention's, whose profile on the H200
+    showed 51 scalar read-backs a step) makes no
     device-to-host synchronisation from its batch's copy to the device to the end of
     Lightning's bookkeeping of the step, on steps whose values the loggers do not get:
     torch's sync debug mode turns one into an error."""
