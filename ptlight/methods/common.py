@@ -116,8 +116,9 @@ def log_metrics(
 
     In training the metrics are logged on the steps whose values reach the loggers
     (:func:`ptlight.runtime.progress.logs_this_step`); the loss every step (a callback that
-    monitors it sees each step's), shown by the progress bar on the logged steps. Under DDP/FSDP every value is the mean over ranks (``sync_dist``), so ``train/loss``
-    is the loss of the global batch, as in a one-process run (no-op with one process).
+    monitors it sees each step's), shown by the progress bar on the logged steps. Under
+    DDP/FSDP every value is the mean over ranks (``sync_dist``), so ``train/loss`` is the loss
+    of the global batch, as in a one-process run (no-op with one process).
     """
     train = split == "train"
     if train and not progress.logs_this_step(module):
