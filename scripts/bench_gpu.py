@@ -37,10 +37,11 @@ matmul shapes themselves allow, apart from everything the framework adds.
 Measured per run: the median time between optimiser-step ends after ``--warmup`` steps (on
 CUDA, between CUDA events recorded at each; nothing of the bench makes the host wait for the
 GPU inside the run, and the batches' token counts are read once the steps are timed);
-pairs/s, tokens/s (real tokens of the batch, padding not counted); peak allocated and reserved CUDA memory of the process (``torch.cuda.max_memory_*``); MFU =
-model FLOPs per step (``bench_dpo._flops``: 6·N·T for the policy, 2·N·T more when the
-reference runs live; T = tokens the body runs) / step time / a bf16 matmul peak measured at
-the start (8192³ products on this card). Writes ``<out>/bench_gpu.json`` and
+pairs/s, tokens/s (real tokens of the batch, padding not counted); peak allocated and
+reserved CUDA memory of the process (``torch.cuda.max_memory_*``); MFU = model FLOPs per step
+(``bench_dpo._flops``: 6·N·T for the policy, 2·N·T more when the reference runs live; T =
+tokens the body runs) / step time / a bf16 matmul peak measured at the start (8192³ products
+on this card). Writes ``<out>/bench_gpu.json`` and
 ``<out>/bench_gpu.md`` after every run, so a run cut short keeps what it measured.
 """
 
