@@ -26,7 +26,9 @@ cosine, clip 1.0), beta 0.1, bf16-mixed on the GPU (fp32 on the CPU).
 ``--profile N`` profiles N more steps of every ptlight run after its timed ones
 (torch.profiler) into ``<out>/profile_<fixture>_<config>.txt``: GPU kernel time per step
 against the wall time (how long the GPU waited on the host), kernel launches per step, and
-the ops with the most self time.
+the ops with the most self time; then N steps more with their Python calls recorded (which
+slows the host, so none of the timings come from them), for which Python lines called the
+scalar read-backs and where the ops' host time goes.
 
 GEMM-bound MFU (per run): the run's FLOPs over the time its matmuls alone take on this device
 at the run's own shapes (:func:`gemm_bound_s`: each decoder weight and the LM head, forward and
@@ -288,14 +290,18 @@ def child_ptlight(args) -> dict:
         counted(self, outputs, batch, batch_idx)
         settled["packed"] = self.packs  # what the run's auto keys settled to
         settled["live"] = self.reference.mode in ("copy", "adapter")
-        if args.profile and len(clock.ends) == clock.timed:  # after the timed steps
+        done = len(clock.ends)
+        if args.profile and done == clock.timed:  # after the timed steps
             syncs.start()
             profiler.start()
-        elif args.profile and len(clock.ends) == clock.total:
+        elif args.profile and done == clock.timed + args.profile:
             profiler.stop()
             syncs.stop()
-            write_profile(profiler, Path(args.profile_out), args.device,
-                          clock.step_times(clock.total)[clock.timed:], syncs)
+            stacked.start()
+        elif args.profile and done == clock.total:
+            stacked.stop()
+            write_profile(profiler, stacked, Path(args.profile_out), args.device,
+                          clock.step_times(clock.total)[clock.timed:][:args.profile], syncs)
         clock.maybe_finish()
 
     PreferenceMethod.on_train_batch_end = on_train_batch_end
@@ -314,7 +320,7 @@ def child_ptlight(args) -> dict:
                 "compile": compile_counts()}
 
     clock.timed = args.warmup + args.steps
-    clock.total, clock.finish = clock.timed + args.profile, finish
+    clock.total, clock.finish = clock.timed + 2 * args.profile, finish
     syncs = SyncSources(args.device)
     if args.profile:
         import torch.profiler as tp
@@ -322,18 +328,23 @@ def child_ptlight(args) -> dict:
         activities = [tp.ProfilerActivity.CPU]
         if args.device == "cuda":
             activities.append(tp.ProfilerActivity.CUDA)
-        profiler = tp.profile(activities=activities, with_stack=True)
+        profiler = tp.profile(activities=activities)
+        # the next steps again, with the Python calls recorded (which slows the host): what
+        # called the ops, apart from the timings above
+        stacked = tp.profile(activities=[tp.ProfilerActivity.CPU], with_stack=True)
     with tempfile.TemporaryDirectory() as run_dir:
         train_stage(cfg, Path(run_dir))
     return finish()  # only if the run ended before its steps were timed
 
 
-def write_profile(profiler, path: Path, device: str, step_s: list[float],
+def write_profile(profiler, stacked, path: Path, device: str, step_s: list[float],
                   syncs: SyncSources | None = None) -> None:
-    """``--profile``: where ``steps`` steps after the timed ones spent their time. A summary
-    (wall time per step; with CUDA, the kernels' summed time per step, hence how long the GPU
-    waited on the host, and kernel launches per step), then torch.profiler's table of the ops
-    with the most self time."""
+    """``--profile N``: where the N steps after the timed ones (``profiler``) spent their
+    time. A summary (wall time per step; with CUDA, the kernels' summed time per step, hence
+    how long the GPU waited on the host, and kernel launches per step), torch.profiler's
+    tables of the ops with the most device (else host) time, the most frequent and (CUDA) the
+    most host time; then, from N steps more profiled with their Python calls (``stacked``),
+    which Python lines called the scalar read-backs and the ops' host time."""
     import torch
 
     events = profiler.key_averages()
@@ -357,6 +368,8 @@ def write_profile(profiler, path: Path, device: str, step_s: list[float],
                  f"{sum(e.count for e in ops) / steps:.0f}")
     reads = sum(e.count for e in ops if e.key == "aten::_local_scalar_dense")
     lines.append(f"scalar read-backs per step (aten::_local_scalar_dense): {reads / steps:.1f}")
+    lines += [f"  {n / steps:6.1f}  from {where}" for where, (_, n) in
+              host_by_source(stacked, op="aten::_local_scalar_dense")[:8]]
     if syncs is not None and device == "cuda":
         total = sum(syncs.sources.values())
         lines.append(f"host syncs per step (torch.cuda sync debug mode): {total / steps:.1f}")
@@ -370,21 +383,26 @@ def write_profile(profiler, path: Path, device: str, step_s: list[float],
         lines.append(events.table(sort_by="self_cpu_time_total", row_limit=30,
                                   max_name_column_width=60))
     lines.append("host time of the aten ops by the Python line that called them (CPU time "
-                 "per step, calls per step; the innermost frame outside torch):")
+                 "per step with the Python calls recorded, calls per step; the innermost "
+                 "frame outside torch):")
     lines += [f"  {t / steps / 1e3:8.2f} ms  {n / steps:7.1f}  {where}"
-              for where, (t, n) in host_by_source(profiler)[:30]]
+              for where, (t, n) in host_by_source(stacked)[:30]]
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:2]), flush=True)
 
 
-def host_by_source(profiler) -> list[tuple[str, tuple[float, int]]]:
-    """The profiled aten ops' self CPU time (µs) and count by the innermost Python frame
-    outside torch that called them (``with_stack=True`` records the Python calls as events,
-    an op's enclosing ones its ``cpu_parent`` chain), most time first."""
+def host_by_source(profiler, op: str | None = None) -> list[tuple[str, tuple[float, int]]]:
+    """The profiled aten ops called from Python (not from inside another op; ``op``: only
+    those, wherever they are called): their CPU time (µs, what they call included) and count
+    by the innermost Python frame outside torch that called them (``with_stack=True`` records
+    the Python calls as events, an op's enclosing ones its ``cpu_parent`` chain), most time
+    first."""
     by: dict[str, list] = {}
     for e in profiler.events():
-        if not e.name.startswith("aten::") or _is_python_frame(e.cpu_parent, torch_too=True):
-            continue  # (an op called by another op counts in its caller's self time)
+        if op is not None and e.name != op:
+            continue
+        if op is None and (not e.name.startswith("aten::") or _is_op(e.cpu_parent)):
+            continue
         parent = e.cpu_parent
         while parent is not None and not _is_python_frame(parent):
             parent = parent.cpu_parent
@@ -395,10 +413,13 @@ def host_by_source(profiler) -> list[tuple[str, tuple[float, int]]]:
     return sorted(((w, (t, n)) for w, (t, n) in by.items()), key=lambda kv: -kv[1][0])
 
 
-def _is_python_frame(event, torch_too: bool = False) -> bool:
-    if event is None or ".py(" not in event.name:
-        return False
-    return torch_too or not event.name.startswith("torch/")
+def _is_op(event) -> bool:
+    return event is not None and event.name.startswith("aten::")
+
+
+def _is_python_frame(event) -> bool:
+    """A Python call recorded by the profiler (``file.py(line): name``), outside torch."""
+    return event is not None and ".py(" in event.name and not event.name.startswith("torch/")
 
 
 def child_trl(args) -> dict:
@@ -633,7 +654,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=420.0,
                    help="seconds after which no further run starts")
     p.add_argument("--profile", type=int, default=0,
-                   help="ptlight runs: profile this many steps after the timed ones into "
+                   help="ptlight runs: profile this many steps after the timed ones, then as "
+                        "many with their Python calls recorded, into "
                         "<out>/profile_<fixture>_<config>.txt (torch.profiler)")
     p.add_argument("--precision", choices=["bf16-mixed", "32-true"],
                    help="ptlight runs (default: bf16-mixed on CUDA, 32-true on the CPU)")
@@ -687,7 +709,7 @@ def main() -> None:
         else:
             if fixture not in fixture_dirs:
                 spec = bench_dpo.FIXTURES[fixture]
-                rows = (args.warmup + args.steps + args.profile + 2) * spec["batch"]
+                rows = (args.warmup + args.steps + 2 * args.profile + 2) * spec["batch"]
                 fixture_dirs[fixture] = bench_dpo.build_fixture(fixture, out / "fixtures", rows,
                                                                 args.seed)
                 print(f"== {fixture} ({time.perf_counter() - T0:.0f} s)", flush=True)

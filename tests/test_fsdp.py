@@ -193,6 +193,9 @@ def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
     profile = (tmp_path / "all" / "profile_tiny_default.txt").read_text()
     assert profile.startswith("profiled steps: 2; wall per step:") and "aten::mm" in profile
     assert "scalar read-backs per step (aten::_local_scalar_dense):" in profile
+    # ... named by the Python line that called them (on the CPU: fused AdamW's own kernel,
+    # called from Lightning's optimizer step)
+    assert "from lightning/pytorch/plugins/precision/precision.py" in profile
     # the host's time by the Python line that called the ops: the scoring's own lines among them
     by_source = profile.split("by the Python line that called them")[1]
     assert "ptlight/engine/" in by_source and "(no Python frame)" not in by_source.split("\n")[1]
