@@ -188,6 +188,27 @@ def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
     rec = json.loads((tmp_path / "all" / "bench_gpu.json").read_text())["records"][0]
     run = rec["runs"]["ptlight default"]
     assert run["pairs_per_s"] > 0 and 0 < run["mfu"] < 1 and run["flops_per_step"] > 0
+    # data MFU: 6·N·T over every parameter and both sequences of every pair, so never below
+    # the MFU of what the run computes (the same for TRL's padded rows but for the LM head,
+    # which the count runs on every token)
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_dpo
+
+    for r in (run, rec["runs"]["trl best"]):
+        passes = 8 if r["live_reference"] else 6  # a live reference's forward: 2·N·T more
+        assert r["mfu_data"] == pytest.approx(
+            passes * sum(bench_dpo.param_counts("tiny")) * r["tokens_per_s"]
+            / (rec["matmul_peak_tflops"] * 1e12))
+        assert r["mfu_data"] > r["mfu"]
+    # scripts/data_mfu.py reads the same figure back from the file (and from files written
+    # before bench_gpu.py recorded it)
+    import data_mfu
+
+    read = {r["run"]: r for r in data_mfu.rows(tmp_path / "all" / "bench_gpu.json")}
+    assert read["ptlight default"]["data_mfu"] == pytest.approx(run["mfu_data"])
+    # an older file's run does not say whether its reference ran live: its configuration does
+    assert [data_mfu.live_reference(name, {}) for name in (
+        "ptlight default", "ptlight copy", "trl best", "trl default")] == [False, True, False, True]
     # --profile: more steps after the timed ones, profiled into a table; the timing is unchanged
     assert run["steps"] == 3 and len(run["step_times"]) == 2  # 1 warm-up + 2 timed
     profile = (tmp_path / "all" / "profile_tiny_default.txt").read_text()
