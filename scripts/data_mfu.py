@@ -8,9 +8,10 @@ that too. MFU (the column ``bench_gpu.py`` always had) counts the FLOPs a run's 
 a packed row runs a shared prompt once, and ptlight's LM head runs on the scored tokens only.
 Data MFU counts 6·N·T (8·N·T with a live reference), N every parameter, embedding included, and
 T the tokens of both sequences of every pair: what an implementation that scores each sequence
-whole runs, and the count issue 15's baseline used (ptlight's packed step at 84–87 pairs/s on
-the 350M shape, 16 pairs of ~500-token sequences, ~790 TFLOP/s: 6 · 354M · 16,000 / 0.187 s /
-790 TFLOP/s ≈ 23%, the issue's "≈ 22%"; the strict count puts that step near 12%).
+whole runs, and the count in which issue 15's baseline reproduces (ptlight's packed step at
+84–87 pairs/s on the 350M shape, 16 pairs of ~500-token sequences, ~790 TFLOP/s:
+6 · 354M · 16,000 / 0.187 s / 790 TFLOP/s ≈ 23%, the issue's "≈ 22%"; the count of what the
+step computes puts it at 8–10%).
 """
 
 from __future__ import annotations
