@@ -337,6 +337,12 @@ def train_trl(fx: Path, spec: dict, clock, args, trl_config: dict, bf16: bool,
         trainer.train()
 
 
+def trl_live_reference(trl_config: dict) -> bool:
+    """Whether TRL runs with ``trl_config`` score the reference live (no precomputed
+    reference log-probs)."""
+    return not trl_config.get("precompute_ref_log_probs", False)
+
+
 def count_trl_tokens(batches: list[dict]) -> None:
     """Per TRL batch (its masks, as :func:`train_trl` keeps them): ``tokens`` (real tokens,
     all of which its padded body runs) and ``scored`` (completion tokens)."""
@@ -354,7 +360,7 @@ def child_trl(args) -> dict:
     train_trl(fx, spec, clock, args, TRL_CONFIGS[args.config],
               bf16=args.precision == "bf16-mixed", use_cpu=True)
     count_trl_tokens(clock.batches)
-    live_ref = not TRL_CONFIGS[args.config].get("precompute_ref_log_probs", False)
+    live_ref = trl_live_reference(TRL_CONFIGS[args.config])
     return clock.result(args.warmup, spec["batch"], live_reference=live_ref,
                         threads=torch.get_num_threads())
 

@@ -428,7 +428,7 @@ def child_trl(args) -> dict:
     fx, spec = Path(args.fixture_dir), bench_dpo.FIXTURES[args.fixture]
     clock = _Clock(args.device)
     cuda = args.device == "cuda"
-    live = not TRL_CONFIGS[args.config].get("precompute_ref_log_probs", False)
+    live = bench_dpo.trl_live_reference(TRL_CONFIGS[args.config])
     clock.total = args.warmup + args.steps
 
     def finish() -> dict:

@@ -35,7 +35,7 @@ def live_reference(name: str, run: dict) -> bool:
         return bool(run["live_reference"])
     framework, config = name.split(" ", 1)
     if framework == "trl":
-        return not bench_gpu.TRL_CONFIGS[config].get("precompute_ref_log_probs", False)
+        return bench_dpo.trl_live_reference(bench_gpu.TRL_CONFIGS[config])
     # (a configuration since renamed or dropped ran on the defaults: precomputed)
     return "method.reference=copy" in bench_gpu.PTLIGHT_CONFIGS.get(config, [])
 

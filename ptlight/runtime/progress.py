@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 import lightning as L
-import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import RichProgressBar
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task,
@@ -84,11 +83,10 @@ class TrainingBar(RichProgressBar):
                 and self._shown and not logs_this_step(pl_module)):
             return self._shown
         shown = super().get_metrics(trainer, pl_module)
-        logged = trainer.callback_metrics
+        logged = trainer.callback_metrics  # self.log's values: one-element tensors
         for key in BAR_VALUES:
-            value = logged.get(key)
-            if isinstance(value, torch.Tensor) and value.numel() == 1 and key not in shown:
-                shown[key] = value.item()
+            if key in logged and key not in shown:
+                shown[key] = logged[key].item()
         self._shown = shown
         return shown
 

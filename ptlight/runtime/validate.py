@@ -215,19 +215,7 @@ def check_config(cfg: DictConfig) -> None:
     check_optim(cfg.method.optim)
     check_trainer(cfg.trainer)
     check_model(cfg.model)
-    from ptlight.engine.compile import GRAPH_MODES
-
-    mode = cfg.model.get("compile_mode", "default")
-    if mode in GRAPH_MODES and int(cfg.trainer.get("accumulate_grad_batches", 1) or 1) > 1:
-        # each micro-batch's backward ends a CUDA-graph generation: the next micro-batch's
-        # graphs may reuse its outputs' memory, and whether the gradients accumulated in
-        # .grad survive that is untested
-        raise ConfigError(f"model.compile_mode={mode} records CUDA graphs, which ptlight has "
-                          "not verified with gradient accumulation "
-                          f"(trainer.accumulate_grad_batches="
-                          f"{cfg.trainer.accumulate_grad_batches}): use "
-                          "model.compile_mode=default, or trainer.accumulate_grad_batches=1 "
-                          "with a larger data.batch_size")
+    check_graphs_without_accumulation(cfg.model, cfg.trainer)
     check_eval(cfg.eval)
     if "checkpoint" in cfg:
         whole_number(cfg.checkpoint.get("every_n_train_steps", 0),
@@ -236,6 +224,23 @@ def check_config(cfg: DictConfig) -> None:
     if "pack" in cfg.method:  # the preference methods' packing keys
         check_pack(cfg.method.pack, cfg.method.get("pack_max_tokens", 2048),
                    cfg.method.get("pack_multiple_of", 1))
+
+
+def check_graphs_without_accumulation(model: DictConfig, trainer: DictConfig) -> None:
+    """A ``model.compile_mode`` that records CUDA graphs, with gradient accumulation: refused.
+    Each micro-batch's backward ends a CUDA-graph generation, the next micro-batch's graphs
+    may reuse its outputs' memory, and whether the gradients accumulated in ``.grad`` survive
+    that is untested."""
+    from ptlight.engine.compile import GRAPH_MODES
+
+    mode = model.get("compile_mode", "default")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if mode in GRAPH_MODES and int(accumulate or 1) > 1:
+        raise ConfigError(f"model.compile_mode={mode} records CUDA graphs, which ptlight has "
+                          "not verified with gradient accumulation "
+                          f"(trainer.accumulate_grad_batches={accumulate}): use "
+                          "model.compile_mode=default, or trainer.accumulate_grad_batches=1 "
+                          "with a larger data.batch_size")
 
 
 def check_pack(pack: Any, max_tokens: Any, multiple_of: Any) -> None:
