@@ -542,8 +542,11 @@ def run_child(framework: str, config: str, fixture: str, fx: Path, args) -> dict
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                               timeout=args.run_timeout)
         stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        stdout, stderr, code = str(exc.stdout or ""), str(exc.stderr or ""), -1
+    except subprocess.TimeoutExpired as exc:  # its partial output comes as bytes
+        stdout, stderr = (o.decode(errors="replace") if isinstance(o, bytes) else o or ""
+                          for o in (exc.stdout, exc.stderr))
+        stderr += f"\ntimed out: --run-timeout {args.run_timeout:.0f} s passed"
+        code = -1
     lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT)]
     if code or not lines:
         tail = (stdout + stderr)[-2500:]

@@ -535,7 +535,7 @@ def test_scoring_from_collated_indices_never_waits_on_the_device(pack):
     torch.cuda.set_sync_debug_mode("error")
     try:
         scores = completion_logps(model, *args, pack=pack, **ahead)
-        scores.sequence_sum().sum().backward()
+        (scores.sequence_sum().sum() + scores.to_dense().sum()).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -558,6 +558,27 @@ def test_a_collated_completion_index_gives_the_same_scores_and_gradients(model, 
     assert_same_scores_and_grads(scores_and_grads(model, args, index=index),
                                  scores_and_grads(model, args), 0, 0)
     model.zero_grad()
+
+
+@pytest.mark.parametrize("mask", [[[1, 0, 1, 1], [0, 1, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]]],
+                         ids=["some", "none"])
+def test_dense_completion_values_equal_masked_scatter_with_gradients(mask):
+    """``TokenScores.to_dense`` (what SFT's objective reads) puts each value where
+    ``masked_scatter`` puts it and zeros elsewhere, and sends back the same gradient, an
+    all-masked batch included."""
+    from ptlight.engine.logps import TokenScores
+
+    mask = torch.tensor(mask, dtype=torch.bool)
+    weights = torch.randn(mask.shape)
+    values = torch.randn(int(mask.sum()), dtype=torch.float64).float().requires_grad_()
+    plain = values.detach().clone().requires_grad_()
+    scores = TokenScores(values, torch.zeros(0), torch.zeros(0), torch.zeros(0), None, mask)
+    got = scores.to_dense()
+    want = torch.zeros(mask.shape).masked_scatter(mask, plain)
+    assert torch.equal(got, want)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    assert torch.equal(values.grad, plain.grad)
 
 
 def test_every_collated_batch_carries_its_completion_index(compose_cfg):

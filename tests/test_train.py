@@ -231,6 +231,59 @@ def test_the_training_bar_shows_the_loss_read_on_the_logged_steps(compose_cfg, t
     assert shown[5] == pytest.approx(logged[4])  # the fifth step (step 4 from 0), logged
 
 
+# ops a CUDA tensor answers only after the queued kernels ran: a scalar or a comparison read
+# back to the host, and outputs whose size depends on the data (the kernel counts them first)
+_HOST_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+             "unique_consecutive", "equal", "is_nonzero", "bincount",
+             "masked_scatter_backward"}  # masked_scatter's backward selects by its mask
+
+
+def waits_on_a_gpu(func, args: tuple, kwargs: dict) -> bool:
+    """Whether this aten call, as dispatched on the CPU, makes a CUDA device synchronise with
+    the host: the ops in :data:`_HOST_OPS`, ``repeat_interleave`` without ``output_size``, and
+    indexing (read or write) with a boolean mask, which runs ``nonzero`` inside the kernel,
+    where a dispatch mode does not see it."""
+    name = func._opname
+    if name in _HOST_OPS:
+        return True
+    if name == "repeat_interleave":
+        return kwargs.get("output_size") is None and (len(args) < 4 or args[3] is None)
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                   for i in indices)
+    return False
+
+
+def test_the_gpu_wait_counter_sees_the_syncs_a_dispatch_mode_hides():
+    """The CPU counter below counts what would make a GPU step wait even where the wait sits
+    inside a kernel or a backward formula: boolean-mask indexing both ways, masked_scatter's
+    backward, repeat_interleave without its output size; not index_select or masked_fill."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class Waits(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if waits_on_a_gpu(func, args, kwargs or {}):
+                seen.append(func._opname)
+            return func(*args, **(kwargs or {}))
+
+    mask = torch.tensor([True, False, True, True])
+    values = torch.randn(3, requires_grad=True)
+    x = torch.randn(4, requires_grad=True)
+    with Waits():
+        torch.zeros(4).masked_scatter(mask, values).sum().backward()
+        x[mask].sum().backward()
+        torch.zeros(4)[mask] = 1.0
+        torch.repeat_interleave(torch.tensor([1, 2]))
+        torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)
+        x.index_select(0, torch.tensor([0, 2])).sum().backward()
+        torch.zeros(4).masked_fill(mask, 1.0)
+    assert seen == ["masked_scatter_backward", "index", "index_put", "index_put_",
+                    "repeat_interleave"]
+
+
 @pytest.mark.parametrize("run", [("dpo", "method.reference=copy"),
                                  ("dpo", "method.reference=precompute"), ("sft",), ("kto",),
                                  ("rm",)], ids=lambda run: "-".join(run).split("=")[-1])
@@ -256,8 +309,6 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
     from ptlight.model import masks
 
     method, *overrides = run
-    host_ops = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "equal",
-                "is_nonzero"}
     reads: dict[int, int] = {}
     from_host: dict[int, int] = {}  # tensors made from Python values: a copy to a GPU
 
@@ -265,7 +316,7 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
         step = -1
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func._opname in host_ops:
+            if waits_on_a_gpu(func, args, kwargs or {}):
                 reads[self.step] = reads.get(self.step, 0) + 1
             if func._opname == "lift_fresh":
                 from_host[self.step] = from_host.get(self.step, 0) + 1

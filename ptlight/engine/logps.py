@@ -58,10 +58,16 @@ class TokenScores:
         return self.mask.sum(dim=1)
 
     def to_dense(self, values: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, T-1]`` with ``values`` at completion positions and 0 elsewhere."""
+        """``[B, T-1]`` with ``values`` at completion positions and 0 elsewhere.
+
+        Each position gathers its value (the k-th completion position the k-th value, every
+        other position an appended zero), so the backward is a scatter-add: neither way asks
+        the device how many positions the mask holds (``masked_scatter``'s backward does)."""
         values = self.logps if values is None else values
-        dense = torch.zeros(self.mask.shape, dtype=values.dtype, device=values.device)
-        return dense.masked_scatter(self.mask, values)
+        flat = self.mask.reshape(-1)
+        slot = torch.where(flat, flat.cumsum(0) - 1, values.shape[0])
+        source = torch.cat([values, values.new_zeros(1)])
+        return source.index_select(0, slot).view(self.mask.shape)
 
 
 def _has_linear_head(model: PreTrainedModel) -> bool:
