@@ -115,20 +115,20 @@ TRL_CONFIGS = {
     "default": {},                                                # gradient checkpointing on
     "best": {"precompute_ref_log_probs": True, "gradient_checkpointing": False},
 }
-# The full run, in the order it runs: what decides issue 15's targets first (TRL's best, the
-# defaults and the opt-ins most likely to be fastest, at both shapes), then the levers one at a
-# time, then the variants that attribute the gain. On the H200 (2026-11-27, bench_results/
-# h200-2026-11-27b) the compiled step was host-bound: its kernels (flex: 59 ms at 1.2B) took
-# three quarters of its 80 ms, and only with FlexAttention would a host-free step reach 45%
-# MFU there (SDPA's masked kernel adds 9 ms). So the defaults at both shapes come first (the
-# targets are about them), then the CUDA-graph variants, 1.2B and flex first.
+# The full run, in the order it runs: what decides issue 15's targets first (TRL's best and the
+# defaults at both shapes), then the opt-ins that could close what is left. On the H200 at
+# commit 0d1d784 (bench_results/h200-2026-11-27c) both eager steps took ~85 ms, the host's
+# time to dispatch them: at 1.2B the kernels fill it, at 350M the GPU idles 26 ms a step. So
+# the 350M CUDA-graph variants come next (they take the host out of the step), then 1.2B's
+# flex variant (the one whose kernels alone reach 45% there; it needs more than 110 s to
+# compile), then the levers one at a time.
 PLAN = [
     ("gpu-1.2b", "trl", "best"), ("gpu-1.2b", "ptlight", "default"),
     ("gpu-350m", "trl", "best"), ("gpu-350m", "ptlight", "default"),
+    ("gpu-350m", "ptlight", "compile_graphs"), ("gpu-350m", "ptlight", "flex_compile_graphs"),
     ("gpu-1.2b", "ptlight", "flex_compile_graphs"), ("gpu-1.2b", "ptlight", "compile_graphs"),
-    ("gpu-350m", "ptlight", "flex_compile_graphs"), ("gpu-350m", "ptlight", "compile_graphs"),
-    ("gpu-1.2b", "ptlight", "flex_compile"), ("gpu-1.2b", "ptlight", "compile"),
     ("gpu-350m", "ptlight", "flex_compile"), ("gpu-350m", "ptlight", "compile"),
+    ("gpu-1.2b", "ptlight", "flex_compile"), ("gpu-1.2b", "ptlight", "compile"),
     ("gpu-350m", "ptlight", "flex"), ("gpu-1.2b", "ptlight", "flex"),
     ("gpu-350m", "ptlight", "pin"), ("gpu-350m", "ptlight", "cudnn_attention"),
     ("gpu-350m", "ptlight", "stock_norm"), ("gpu-350m", "ptlight", "copy_pack"),
