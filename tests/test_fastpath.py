@@ -17,7 +17,7 @@ from helpers import prompt_block_batch as _batch
 from ptlight.engine import packing
 from ptlight.model.backbone import build_policy, load_tokenizer
 from ptlight.data.module import pad_rows
-from ptlight.engine.logps import completion_index, completion_logps
+from ptlight.engine.logps import completion_index, completion_logits, completion_logps
 
 
 @pytest.fixture(scope="module")
@@ -557,6 +557,27 @@ def test_a_collated_completion_index_gives_the_same_scores_and_gradients(model, 
         assert torch.equal(getattr(got, field), getattr(want, field)), field
     assert_same_scores_and_grads(scores_and_grads(model, args, index=index),
                                  scores_and_grads(model, args), 0, 0)
+    model.zero_grad()
+
+
+def test_completion_logits_from_a_collated_index_equal_the_masked_ones(model):
+    """R-Drop's full-vocabulary logits from the collated completion index: the same rows,
+    targets, logits and parameter gradients as the boolean mask gives."""
+    batch = _batch(**PAIRS)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    weights = None
+    grads = []
+    for index in (completion_index(batch["loss_mask"]), None):
+        model.zero_grad()
+        out = completion_logits(model, *args, index)
+        if weights is None:
+            weights = torch.randn(out.logits.shape)
+            first = out
+        (out.logits * weights).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for field in ("logits", "targets", "rows"):
+        assert torch.equal(getattr(first, field), getattr(out, field)), field
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
     model.zero_grad()
 
 

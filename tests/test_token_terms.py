@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 
 from helpers import REPO, TINY, tiny_model_cfg
 from ptlight.data.module import pad_rows
+from ptlight.engine.logps import completion_index
+from ptlight.engine.packing import pack_checked
 from ptlight.engine.token_terms import completion_terms, reference_side
 from ptlight.errors import ConfigError
 from ptlight.methods.preference import PreferenceMethod
@@ -67,16 +69,27 @@ def _direct(policy, reference, batch):
     }
 
 
-def _terms(policy, reference, batch, chunk_size, pack):
+def _terms(policy, reference, batch, chunk_size, pack, collated=False):
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    ahead = {}
+    if collated:  # what the collate builds on the host: the completion index, the layout
+        ahead["index"] = completion_index(batch["loss_mask"])
+        if pack:
+            ahead["packed"] = pack_checked(*args, pack, 2048, multiple_of=16)
     with torch.no_grad():
-        side = reference_side(reference, *args, pack=pack)
+        side = reference_side(reference, *args, pack=pack, **ahead)
     return completion_terms(policy, *args, ALL, k=2, reference=side, chunk_size=chunk_size,
-                            pack=pack)
+                            pack=pack, **ahead)
 
 
-@pytest.mark.parametrize("chunk_size,pack", [(1, None), (3, None), (4096, None), (3, 2)])
-def test_chunked_terms_equal_full_logits_values_and_gradients(models, chunk_size, pack):
+@pytest.mark.parametrize("chunk_size,pack,collated", [
+    (1, None, False), (3, None, False), (4096, None, False), (3, 2, False),
+    (3, None, True), (3, 2, True)])
+def test_chunked_terms_equal_full_logits_values_and_gradients(models, chunk_size, pack,
+                                                              collated):
+    """The per-token terms equal the textbook ones from full logits, with their gradients:
+    chunked, packed in the step, and from what the collate builds (the completion index of
+    padded rows, the packed layout in widths of 16), which the step uses on a GPU."""
     policy, reference = models
     batch = _batch()
     weights = {"logps": 1.0, "entropy": 0.3, "ref_kl": -0.7}  # any mix: gradients of each
@@ -85,7 +98,7 @@ def test_chunked_terms_equal_full_logits_values_and_gradients(models, chunk_size
     sum(w * want[n].sum() for n, w in weights.items()).backward()
     want_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
-    got, diagnostics = _terms(policy, reference, batch, chunk_size, pack)
+    got, diagnostics = _terms(policy, reference, batch, chunk_size, pack, collated)
     sum(w * getattr(got, n).sum() for n, w in weights.items()).backward()
     for name in want:
         torch.testing.assert_close(getattr(got, name), want[name].detach(), atol=2e-5, rtol=0)

@@ -286,7 +286,9 @@ def test_the_gpu_wait_counter_sees_the_syncs_a_dispatch_mode_hides():
 
 @pytest.mark.parametrize("run", [("dpo", "method.reference=copy"),
                                  ("dpo", "method.reference=precompute"), ("sft",), ("kto",),
-                                 ("rm",)], ids=lambda run: "-".join(run).split("=")[-1])
+                                 ("rm",), ("tdpo",), ("sparsepo",), ("listwise_pl",),
+                                 ("rdrop",)],
+                         ids=lambda run: "-".join(run).split("=")[-1])
 def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkeypatch, run):
     """Between fetching its batch and its last hook, a training step with the progress bar
     on reads no tensor back to the host, and makes none from Python values, on steps whose
@@ -296,7 +298,9 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
     made from a Python value is a blocking copy to the GPU. Each method runs as on CUDA:
     fused AdamW (the CPU keeps torch's loop for sft and rm), and a padded batch's attention
     mask built without asking the host whether a row is padded (the CPU keeps transformers'
-    skip); DPO packed, with a live and a precomputed reference. Counted on the CPU:
+    skip); DPO packed, with a live and a precomputed reference; the per-token preference
+    path with a live reference's terms (tdpo) and its hidden states (sparsepo), listwise
+    rows, and SFT's two-pass R-Drop. Counted on the CPU:
     ``item``/``bool``/``float`` (``_local_scalar_dense``) and the other ops a CUDA tensor
     answers on the host, plus ``tolist``; ``torch.tensor`` (``lift_fresh``)."""
     import functools
@@ -362,9 +366,10 @@ def test_a_training_step_never_waits_on_the_device(compose_cfg, tmp_path, monkey
                                  ("dpo", "method.pack=true", "method.reference=precompute",
                                   "model.compile=true"),
                                  ("dpo", "method.pack=true", "method.reference=precompute",
-                                  "model.compile=true", "model.packed_attention=flex")],
+                                  "model.compile=true", "model.packed_attention=flex"),
+                                 ("tdpo", "method.pack=true"), ("rdrop",)],
                          ids=["dpo-packed", "dpo-live", "sft", "kto", "rm", "dpo-compiled",
-                              "dpo-flex-compiled"])
+                              "dpo-flex-compiled", "tdpo-packed", "rdrop"])
 def test_a_gpu_training_step_never_synchronises(compose_cfg, tmp_path, monkeypatch, run):
     """A training step on CUDA in bf16-mixed (fused AdamW, the clip folded into it, the
     guard's check on the device, the progress bar on; DPO packed with a precomputed

@@ -196,10 +196,13 @@ def target_logps(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
 
 
 def _targets(
-    input_ids: torch.Tensor, loss_mask: torch.Tensor
+    input_ids: torch.Tensor, loss_mask: torch.Tensor, index: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Target positions ``[B, T-1]``, their tokens ``[M]`` and batch rows ``[M]``."""
+    """Target positions ``[B, T-1]``, their tokens ``[M]`` and batch rows ``[M]``; from
+    ``index`` (:func:`completion_index`) when given, without a boolean-mask selection."""
     mask = loss_mask[:, 1:].bool()  # (B, T-1): target positions
+    if index is not None:
+        return mask, input_ids.reshape(-1)[index + 1], index // input_ids.shape[1]
     targets = input_ids[:, 1:][mask]  # (M,)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(mask)[mask]
     return mask, targets, rows
@@ -227,10 +230,14 @@ def backbone_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
 
 def _completion_hidden(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor, index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[M, H]`` last hidden states at the positions that predict a completion token."""
-    return backbone_hidden(model, input_ids, attention_mask)[:, :-1][mask]
+    """``[M, H]`` last hidden states at the positions that predict a completion token (at
+    ``index`` when given, else where ``mask`` is True)."""
+    h = backbone_hidden(model, input_ids, attention_mask)
+    if index is not None:
+        return h.reshape(-1, h.shape[-1]).index_select(0, index)
+    return h[:, :-1][mask]
 
 
 @dataclass
@@ -249,20 +256,23 @@ class CompletionLogits:
 
 def completion_logits(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    loss_mask: torch.Tensor,
+    loss_mask: torch.Tensor, index: torch.Tensor | None = None,
 ) -> CompletionLogits:
     """Logits ``[M, V]`` where ``loss_mask`` is True, for losses that need the whole
     distribution (R-Drop). Same path as :func:`completion_logps` (only completion positions go
     through a linear head; other heads take ``model(...).logits``), but the ``[M, V]`` block is
-    returned whole instead of being reduced chunk by chunk."""
-    mask, targets, rows = _targets(input_ids, loss_mask)
+    returned whole instead of being reduced chunk by chunk. ``index``: as for
+    :func:`completion_logps`."""
+    mask, targets, rows = _targets(input_ids, loss_mask, index)
     if _has_linear_head(model):
         head = model.get_output_embeddings()
-        h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
+        h = _completion_hidden(model, input_ids, attention_mask, mask, index)  # (M, H)
         logits = F.linear(h, head.weight, head.bias)
     else:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        logits = out.logits[:, :-1][mask]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       use_cache=False).logits
+        logits = (logits.reshape(-1, logits.shape[-1]).index_select(0, index)
+                  if index is not None else logits[:, :-1][mask])
     return CompletionLogits(logits, targets, rows)
 
 
@@ -303,10 +313,8 @@ def completion_logps(
         return _joined(parts, rows, mask, input_ids.device, with_mean_logp)
     linear = _has_linear_head(model)
     if index is not None and linear:
-        mask, width = loss_mask[:, 1:].bool(), input_ids.shape[1]
-        targets, rows = input_ids.reshape(-1)[index + 1], index // width
-        h = backbone_hidden(model, input_ids, attention_mask)
-        h = h.reshape(-1, h.shape[-1]).index_select(0, index)  # (M, H)
+        mask, targets, rows = _targets(input_ids, loss_mask, index)
+        h = _completion_hidden(model, input_ids, attention_mask, mask, index)  # (M, H)
     else:
         mask, targets, rows = _targets(input_ids, loss_mask)
         if linear:

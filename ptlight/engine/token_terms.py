@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from ptlight.engine.logps import _completion_hidden, _has_linear_head, _targets
-from ptlight.engine.packing import pack_checked, packed_hidden, supports_packing
+from ptlight.engine.packing import PackedBatch, pack_checked, packed_hidden, supports_packing
 from ptlight.objectives.tokens import TOKEN_TERMS, TokenTerms
 
 # columns of a reduced chunk, in order (COLUMNS_REF only when a reference side is given)
@@ -49,27 +49,34 @@ class ReferenceSide:
 def completion_hidden(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     loss_mask: torch.Tensor, *, pack: int | None = None, pack_max_tokens: int = 2048,
+    packed: PackedBatch | None = None, index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(hidden [M, H], targets [M], rows [M], mask [R, T-1])``: the last hidden state that
-    predicts each completion token, packed (``pack=K``) when the model supports it."""
+    predicts each completion token, packed (``pack=K``) when the model supports it.
+    ``packed`` (the layout the collate built) and ``index`` (its
+    :func:`~ptlight.engine.logps.completion_index`) spare the step the packing and the
+    boolean-mask selections, whose sizes a GPU would have to report to the host."""
     if not _has_linear_head(model):
         raise ValueError(
             f"{type(model).__name__} scales or caps its logits after the LM head; per-token "
             "full-vocabulary terms need a linear head (logits = hidden @ W.T + b)")
-    mask, targets, rows = _targets(input_ids, loss_mask)
+    mask, targets, rows = _targets(input_ids, loss_mask, index)
     if pack is not None and supports_packing(model):
-        pb = pack_checked(input_ids, attention_mask, loss_mask, pack, pack_max_tokens)
-        return packed_hidden(model, pb), targets, rows, mask
-    return _completion_hidden(model, input_ids, attention_mask, mask), targets, rows, mask
+        if packed is None:
+            packed = pack_checked(input_ids, attention_mask, loss_mask, pack, pack_max_tokens)
+        return packed_hidden(model, packed), targets, rows, mask
+    h = _completion_hidden(model, input_ids, attention_mask, mask, index)
+    return h, targets, rows, mask
 
 
 def reference_side(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     loss_mask: torch.Tensor, *, pack: int | None = None, pack_max_tokens: int = 2048,
+    packed: PackedBatch | None = None, index: torch.Tensor | None = None,
 ) -> ReferenceSide:
     """The reference's hidden states and head (call under ``no_grad`` in its scope)."""
     h, _, _, _ = completion_hidden(model, input_ids, attention_mask, loss_mask, pack=pack,
-                                   pack_max_tokens=pack_max_tokens)
+                                   pack_max_tokens=pack_max_tokens, packed=packed, index=index)
     head = model.get_output_embeddings()
     bias = None if head.bias is None else head.bias.detach()
     return ReferenceSide(h.detach(), head.weight.detach(), bias)
@@ -122,12 +129,14 @@ def completion_terms(
     loss_mask: torch.Tensor, terms: Collection[str], *, k: int,
     reference: ReferenceSide | None = None, chunk_size: int = 1024,
     pack: int | None = None, pack_max_tokens: int = 2048,
+    packed: PackedBatch | None = None, index: torch.Tensor | None = None,
 ) -> tuple[TokenTerms, dict[str, torch.Tensor]]:
     """The :class:`TokenTerms` an objective declared (``terms``), plus the token diagnostics
     (``mean_token_accuracy``, ``entropy``, ``num_tokens``, detached) of all R rows.
 
     ``reference`` (from :func:`reference_side` on the same batch) is required when ``terms``
-    names a ``ref_*`` term. ``k``: completions per example (rows are K blocks).
+    names a ``ref_*`` term. ``k``: completions per example (rows are K blocks). ``packed``,
+    ``index``: as for :func:`completion_hidden`.
     """
     unknown = set(terms) - set(TOKEN_TERMS)
     if unknown:
@@ -135,7 +144,8 @@ def completion_terms(
     if reference is None and {"ref_logp", "ref_kl", "ref_hidden"} & set(terms):
         raise ValueError(f"token terms {sorted(terms)} need a reference side")
     h, targets, rows, mask = completion_hidden(model, input_ids, attention_mask, loss_mask,
-                                               pack=pack, pack_max_tokens=pack_max_tokens)
+                                               pack=pack, pack_max_tokens=pack_max_tokens,
+                                               packed=packed, index=index)
     head = model.get_output_embeddings()
     use_ref = reference if {"ref_logp", "ref_kl"} & set(terms) else None
     cols = reduce_chunks(h, targets, head.weight, head.bias, use_ref, chunk_size)

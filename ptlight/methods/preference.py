@@ -141,11 +141,10 @@ class PreferenceMethod(ObjectiveSteps, Method):
 
     def setup(self, stage: str) -> None:
         """Packing: the data module builds each batch's packed layout in its collate (on the
-        host, ahead of the step), for the sequence-sum path; the per-token path packs in the
-        step (:mod:`ptlight.engine.token_terms`)."""
+        host, ahead of the step), for the sequence-sum path and the per-token one
+        (:mod:`ptlight.engine.token_terms`) alike."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        if (self.packs and not self.objective.token_terms and supports_packing(self.policy)
-                and hasattr(datamodule, "pack_rows")):
+        if self.packs and supports_packing(self.policy) and hasattr(datamodule, "pack_rows"):
             multiple = self.pack_multiple_of
             if multiple == "auto":  # a training stage resolves it first (runtime.devices)
                 multiple = auto_pack_multiple_of(self.trainer.strategy.root_device.type == "cuda")
@@ -272,7 +271,8 @@ class PreferenceMethod(ObjectiveSteps, Method):
         terms = self.objective.token_terms
         k = batch["input_ids"].shape[0] // batch["index"].shape[0]
         args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        pack = dict(pack=k if self.packs else None, pack_max_tokens=self.pack_max_tokens)
+        pack = dict(pack=k if self.packs else None, pack_max_tokens=self.pack_max_tokens,
+                    packed=batch.get("packed"), index=batch.get("completion_index"))
         reference = None
         if REFERENCE_TERMS & set(terms):
             with torch.no_grad(), self.reference.scope() as model:

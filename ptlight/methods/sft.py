@@ -79,7 +79,8 @@ class SFTMethod(ObjectiveSteps, Method):
         return self.objective(inputs), token_diagnostics(scores) if diagnostics else {}
 
     def _two_pass_forward(self, batch: dict[str, torch.Tensor]) -> tuple[ObjectiveOutput, dict]:
-        args = (self.policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        args = (self.policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                batch.get("completion_index"))
         first = completion_logits(*args)
         second = completion_logits(*args) if self.policy.training else first
         inputs = RDropInputs(

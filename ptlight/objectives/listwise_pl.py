@@ -48,8 +48,8 @@ class ListwisePL(Objective):
         losses = -(s[:, :-1] - suffix_lse[:, :-1]).sum(dim=1)  # (B,); last stage is 0
         sd = s.detach()
         k = s.shape[1]
-        upper = torch.ones(k, k, dtype=torch.bool, device=s.device).triu(diagonal=1)  # i < j
-        sdiff = (sd[:, :, None] - sd[:, None, :])[:, upper]  # (B, K(K−1)/2)
+        i, j = torch.triu_indices(k, k, offset=1, device=s.device)  # every pair i < j
+        sdiff = sd[:, i] - sd[:, j]  # (B, K(K−1)/2)
         logps = inputs.policy.detach().float()
         metrics = {
             "rewards/chosen": sd[:, 0].mean(),

@@ -64,7 +64,7 @@ class RDrop(Objective):
         targets = inputs.targets.long()[:, None]  # (N, 1)
         cost = -0.5 * (logp_1.gather(1, targets) + logp_2.gather(1, targets))[:, 0]  # (N,) c_t
         kl = 0.5 * ((logp_1.exp() - logp_2.exp()) * (logp_1 - logp_2)).sum(dim=-1)  # (N,) k_t
-        n_tok = cost.new_tensor(float(cost.shape[0]))
+        n_tok = cost.new_full((), float(cost.shape[0]))  # a fill on the device, not a copy
         per_token = cost + self.alpha * kl
         loss = per_token.sum() / n_tok.clamp(min=1)
 

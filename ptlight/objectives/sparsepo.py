@@ -143,7 +143,7 @@ def mask_metrics(terms: TokenTerms, m_u: torch.Tensor, m_d: torch.Tensor
         chosen = terms.rows < b
         out = {}
         for side, sel in (("chosen", chosen), ("rejected", ~chosen)):
-            out[f"mask/sparsity_{side}"] = (zero[sel].mean() if sel.any()
-                                            else zero.new_zeros(()))
+            sel = sel.float()  # a side without tokens reports 0
+            out[f"mask/sparsity_{side}"] = (zero * sel).sum() / sel.sum().clamp(min=1)
         out["mask/mean"] = ((m_u + m_d) / 2).mean() if m_u.numel() else m_u.new_zeros(())
     return out
