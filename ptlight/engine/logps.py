@@ -234,10 +234,17 @@ def _completion_hidden(
 ) -> torch.Tensor:
     """``[M, H]`` last hidden states at the positions that predict a completion token (at
     ``index`` when given, else where ``mask`` is True)."""
-    h = backbone_hidden(model, input_ids, attention_mask)
+    return _at_completions(backbone_hidden(model, input_ids, attention_mask), mask, index)
+
+
+def _at_completions(x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """``[M, D]`` rows of ``x`` ``[B, T, D]`` at the positions that predict a completion
+    token: at the flat ``index`` (:func:`completion_index`) when given, which needs no
+    answer from the device, else where ``mask`` ``[B, T-1]`` is True."""
     if index is not None:
-        return h.reshape(-1, h.shape[-1]).index_select(0, index)
-    return h[:, :-1][mask]
+        return x.reshape(-1, x.shape[-1]).index_select(0, index)
+    return x[:, :-1][mask]
 
 
 @dataclass
@@ -269,10 +276,8 @@ def completion_logits(
         h = _completion_hidden(model, input_ids, attention_mask, mask, index)  # (M, H)
         logits = F.linear(h, head.weight, head.bias)
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       use_cache=False).logits
-        logits = (logits.reshape(-1, logits.shape[-1]).index_select(0, index)
-                  if index is not None else logits[:, :-1][mask])
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        logits = _at_completions(out.logits, mask, index)
     return CompletionLogits(logits, targets, rows)
 
 
@@ -311,15 +316,9 @@ def completion_logps(
         parts = _score_shared(h, packed.inverse, targets, model.get_output_embeddings(),
                               chunk_size, with_mean_logp, with_diagnostics)
         return _joined(parts, rows, mask, input_ids.device, with_mean_logp)
-    linear = _has_linear_head(model)
-    if index is not None and linear:
-        mask, targets, rows = _targets(input_ids, loss_mask, index)
+    mask, targets, rows = _targets(input_ids, loss_mask, index)
+    if _has_linear_head(model):
         h = _completion_hidden(model, input_ids, attention_mask, mask, index)  # (M, H)
-    else:
-        mask, targets, rows = _targets(input_ids, loss_mask)
-        if linear:
-            h = _completion_hidden(model, input_ids, attention_mask, mask)  # (M, H)
-    if linear:
         head = model.get_output_embeddings()
         parts = [
             _score_rows(F.linear(h[i : i + chunk_size], head.weight, head.bias),
@@ -328,7 +327,8 @@ def completion_logps(
         ]
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        parts = [_score_rows(logits[:, :-1][mask], targets, with_mean_logp, with_diagnostics)]
+        parts = [_score_rows(_at_completions(logits, mask, index), targets, with_mean_logp,
+                             with_diagnostics)]
     return _joined(parts, rows, mask, input_ids.device, with_mean_logp)
 
 
