@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ptlight.data.module import PtlDataModule
 from ptlight.engine.cpu_bf16 import precision_plugins
+from ptlight.engine.fused_proj import install_fused_projections
 from ptlight.engine.lean import install_lean_mlp
 from ptlight.engine.memory import pin_mmap_threshold
 from ptlight.engine.offload import offload_directory
@@ -111,6 +112,8 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
         # LFM2's MLPs keep 2 activations instead of 4 (a compiled MLP is inductor's; FSDP's
         # unsharded weights are its own): ptlight.engine.lean
         install_lean_mlp(policy)
+        if cfg.model.get("fuse_projections") is True:  # q/k/v and w1/w3 as one matmul each
+            install_fused_projections(policy)             # (ptlight.engine.fused_proj)
     trainer: L.Trainer = instantiate(
         trainer_cfg, default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
         callbacks=callbacks, plugins=[AtomicCheckpointIO(), *precision], **strategy,

@@ -101,6 +101,7 @@ PTLIGHT_CONFIGS = {
     "precompute_ckpt": ["method.reference=precompute", "model.gradient_checkpointing=true"],
     "cudnn_attention": ["cudnn_attention=true"],                  # SDPA may use cuDNN
     "stock_norm": ["model.fused_norm=false"],                     # defaults, stock RMSNorm
+    "unfused": ["model.fuse_projections=false"],                  # defaults, one matmul each
     "compile": ["model.compile=true"],                            # defaults + compiled layers
     "compile_packed": ["model.compile=packed"],                   # only packed scoring compiled
     "pin": ["data.pin_memory=true"],                              # defaults + pinned batches
@@ -116,15 +117,18 @@ TRL_CONFIGS = {
     "best": {"precompute_ref_log_probs": True, "gradient_checkpointing": False},
 }
 # The full run, in the order it runs: what decides issue 15's targets first (TRL's best and the
-# defaults at both shapes), then the opt-ins that could close what is left. On the H200 at
-# commit 0d1d784 (bench_results/h200-2026-11-27c) both eager steps took ~85 ms, the host's
-# time to dispatch them: at 1.2B the kernels fill it, at 350M the GPU idles 26 ms a step. So
-# the 350M CUDA-graph variants come next (they take the host out of the step), then 1.2B's
-# flex variant (the one whose kernels alone reach 45% there; it needs more than 110 s to
-# compile), then the levers one at a time.
+# defaults at both shapes), each shape's defaults without model.fuse_projections next to them,
+# then the opt-ins that could close what is left. On the H200 at commit 0d1d784
+# (bench_results/h200-2026-11-27c) both eager steps took ~85 ms, the host's time to dispatch
+# them: at 1.2B the kernels fill it, at 350M the GPU idles 26 ms a step. Fused projections
+# dispatch 11% fewer ops (scripts/count_ops.py); then the 350M CUDA-graph variants (they take
+# the host out of the step), then 1.2B's flex variant (the one whose kernels alone reach 45%
+# there; it needs more than 110 s to compile), then the levers one at a time.
 PLAN = [
     ("gpu-1.2b", "trl", "best"), ("gpu-1.2b", "ptlight", "default"),
+    ("gpu-1.2b", "ptlight", "unfused"),
     ("gpu-350m", "trl", "best"), ("gpu-350m", "ptlight", "default"),
+    ("gpu-350m", "ptlight", "unfused"),
     ("gpu-350m", "ptlight", "compile_graphs"), ("gpu-350m", "ptlight", "flex_compile_graphs"),
     ("gpu-1.2b", "ptlight", "flex_compile_graphs"), ("gpu-1.2b", "ptlight", "compile_graphs"),
     ("gpu-350m", "ptlight", "flex_compile"), ("gpu-350m", "ptlight", "compile"),

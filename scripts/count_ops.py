@@ -120,6 +120,21 @@ def main() -> None:
     with Count() as fused:
         step()
 
+    # then the layers of a CUDA training step as ptlight.train sets them up: the lean MLP (which
+    # CUDA autocast takes; CPU autocast is let take it here) and model.fuse_projections
+    import ptlight.engine.lean as lean
+    from ptlight.engine.fused_proj import install_fused_projections
+
+    lean.AUTOCAST_DEVICES = ("cuda", "cpu")
+    lean.install_lean_mlp(model)
+    model.zero_grad()
+    with Count() as leaned:
+        step()
+    install_fused_projections(model)
+    model.zero_grad()
+    with Count() as fused_proj:
+        step()
+
     total, compute = sum(counted.ops.values()), computing(counted.ops)
     print(f"fixture {args.fixture} layout ({arch['num_hidden_layers']} layers), "
           f"{'padded' if args.padded else 'packed'}, {args.precision}, torch {torch.__version__}")
@@ -129,6 +144,13 @@ def main() -> None:
     print(f"with each norm one op forward and one backward (the count of torch's fused "
           f"kernels on CUDA): {sum(fused.ops.values())} ops, {computing(fused.ops)} that compute "
           f"({100 * (1 - computing(fused.ops) / compute):.0f}% fewer)")
+    if args.precision == "bf16-mixed":
+        print(f"+ the lean MLP (as on CUDA): {sum(leaned.ops.values())} ops, "
+              f"{computing(leaned.ops)} that compute")
+        print(f"+ model.fuse_projections (q/k/v and w1/w3 as one matmul each): "
+              f"{sum(fused_proj.ops.values())} ops, {computing(fused_proj.ops)} that compute "
+              f"({100 * (1 - computing(fused_proj.ops) / computing(leaned.ops)):.0f}% fewer than "
+              f"the line above)")
     if args.top:
         print("most frequent ops:")
     for op, n in counted.ops.most_common(args.top):

@@ -141,15 +141,17 @@ def test_auto_settings_follow_the_device(compose_cfg, monkeypatch, tmp_path):
             cfg.data.num_workers, cfg.model.compile, cfg.model.fused_norm
             ) == ("precompute", True, 128, 2, False, True)
     assert "reference: precompute" in saved and "pack_multiple_of: 128" in saved
-    assert "fused_norm: true" in saved
+    assert "fused_norm: true" in saved and "fuse_projections: true" in saved
     _gpus(monkeypatch, 0)
     cfg, saved = _settled(compose_cfg, tmp_path / "cpu", "method=dpo")
     assert (cfg.method.reference, cfg.method.pack, cfg.method.pack_multiple_of,
             cfg.data.num_workers, cfg.model.fused_norm) == ("copy", True, 1, 0, False)
     assert "pack: true" in saved and "num_workers: 0" in saved and "fused_norm: false" in saved
+    assert "fuse_projections: false" in saved
     _gpus(monkeypatch, 2)  # several processes: packing and precompute were measured on one GPU
     cfg, _ = _settled(compose_cfg, tmp_path / "fsdp", "method=dpo", "trainer=fsdp")
     assert (cfg.method.reference, cfg.method.pack, cfg.data.num_workers) == ("copy", False, 0)
+    assert cfg.model.fuse_projections is False  # FSDP gathers and casts the weights itself
     _gpus(monkeypatch, 1)  # a run shorter than an epoch: precompute would score unused rows
     cfg, saved = _settled(compose_cfg, tmp_path / "short", "method=dpo", train_rows=801)
     assert (cfg.method.reference, cfg.method.pack, cfg.data.num_workers) == ("copy", False, 0)
@@ -215,6 +217,7 @@ def test_user_settings_of_the_auto_keys_are_kept_on_a_gpu(compose_cfg, monkeypat
                       "model.fused_norm=false")
     assert (cfg.model.compile, cfg.data.num_workers, cfg.method.pack_multiple_of,
             cfg.method.pack, cfg.model.fused_norm) == (True, 0, 1, False, False)
+    assert cfg.model.fuse_projections is False  # auto: compiled layers plan their own matmuls
 
 
 def test_fused_adamw_on_cuda_for_every_method_and_on_cpu_where_the_method_asks():

@@ -40,6 +40,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ptlight.engine.fused_proj import fused_linear
+
 
 class _Scratch(threading.local):
     """Per-thread flat buffers, grown to the largest request and reused: the temporaries of
@@ -106,14 +108,16 @@ def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
             and _plain_linear(self.w1) and _plain_linear(self.w2) and _plain_linear(self.w3)):
         return type(self).forward(self, x)
     self._ptl_lean_calls += 1
+    # w1(x) and w3(x) as one matmul where model.fuse_projections set it (ptlight.engine.fused_proj)
+    a, b = (fused_linear((self.w1, self.w3), x) if self.__dict__.get("_ptl_fused_w13")
+            else (self.w1(x), self.w3(x)))
     if not autocast:
-        return SwiGLUDown.apply(self.w1(x), self.w3(x), self.w2.weight)
+        return SwiGLUDown.apply(a, b, self.w2.weight)
     # Autocast: w1(x) and w3(x) come out in its dtype, and the stock w2 would multiply them by
     # a cast of its weight. The cast is made here instead (differentiable, as autocast's is, so
     # the weight's gradient comes back in the weight's dtype) and the node runs with autocast
     # off, on the very operands autocast would have given the stock layer.
     weight = self.w2.weight.to(torch.get_autocast_dtype(device))
-    a, b = self.w1(x), self.w3(x)
     with torch.autocast(device, enabled=False):
         return SwiGLUDown.apply(a, b, weight)
 

@@ -10,7 +10,8 @@ The resolved values are what ``config.yaml`` records.
 A few more keys default to ``auto``, resolved from the same machine check (and, for the
 reference and packing, the run's length against its data) by :func:`device_defaults` and
 :func:`data_defaults`: what measured fastest on a CUDA GPU, the CPU's settings on the CPU
-(docs/performance.md has the figures): ``data.num_workers``, ``model.fused_norm``, the
+(docs/performance.md has the figures): ``data.num_workers``, ``model.fused_norm``,
+``model.fuse_projections``, the
 preference methods' ``method.reference``, ``method.pack`` and ``method.pack_multiple_of``, and
 the RL methods' ``method.rollout.pack`` and ``method.ppo.pack``.
 """
@@ -21,6 +22,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ptlight.errors import ConfigError
+from ptlight.runtime.strategy import is_fsdp
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 # lightning.Trainer(precision=...) values (the int/short forms are Lightning's aliases)
@@ -109,8 +111,9 @@ def auto_pack_multiple_of(cuda: bool) -> int:
 
 def device_defaults(cfg: DictConfig, cuda: bool) -> dict:
     """The values of the ``auto`` keys that depend on the machine alone, as a config to merge
-    (``method.pack_multiple_of``: :func:`auto_pack_multiple_of`; ``model.fused_norm``: on
-    where the run trains on CUDA, :mod:`ptlight.engine.norms`; the RL methods'
+    (``method.pack_multiple_of``: :func:`auto_pack_multiple_of`; ``model.fused_norm`` and
+    ``model.fuse_projections``: on where the run trains on CUDA, :mod:`ptlight.engine.norms`,
+    :mod:`ptlight.engine.fused_proj`; the RL methods'
     ``method.rollout.pack`` / ``method.ppo.pack``: on the CPU, where it was measured, off on
     CUDA, where it was not)."""
     out: dict = {}
@@ -123,8 +126,14 @@ def device_defaults(cfg: DictConfig, cuda: bool) -> dict:
             method[section] = {"pack": not cuda}
     if method:
         out["method"] = method
+    model: dict = {}
     if cfg.model.get("fused_norm") == "auto":
-        out["model"] = {"fused_norm": cuda}
+        model["fused_norm"] = cuda
+    if cfg.model.get("fuse_projections") == "auto":  # where train_stage can install it
+        model["fuse_projections"] = (cuda and not cfg.model.get("compile")
+                                     and not is_fsdp(cfg.trainer.get("strategy")))
+    if model:
+        out["model"] = model
     return out
 
 

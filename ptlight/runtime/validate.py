@@ -12,7 +12,7 @@ Checked here: security flags (real booleans only), ``seed``, ``data.batch_size``
 ``weight_decay``, ``betas``, ``warmup_ratio``, ``scheduler``), ``trainer.max_steps``,
 ``accumulate_grad_batches``, ``gradient_clip_val``, ``val_check_interval`` and
 ``log_every_n_steps``, ``checkpoint.every_n_train_steps``,
-``model.compile`` and ``model.compile_mode``, ``model.fused_norm``,
+``model.compile`` and ``model.compile_mode``, ``model.fused_norm``, ``model.fuse_projections``,
 ``model.packed_attention``, the packing keys, and the ``eval`` counts and generation settings.
 ``trainer.precision``/``accelerator``/``devices`` are checked where the trainer is set up
 (:mod:`ptlight.runtime.strategy`, :mod:`ptlight.engine.cpu_bf16`); each method checks its
@@ -216,6 +216,7 @@ def check_config(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     check_model(cfg.model)
     check_graphs_without_accumulation(cfg.model, cfg.trainer)
+    check_fused_projections(cfg.model, cfg.trainer)
     check_eval(cfg.eval)
     if "checkpoint" in cfg:
         whole_number(cfg.checkpoint.get("every_n_train_steps", 0),
@@ -224,6 +225,23 @@ def check_config(cfg: DictConfig) -> None:
     if "pack" in cfg.method:  # the preference methods' packing keys
         check_pack(cfg.method.pack, cfg.method.get("pack_max_tokens", 2048),
                    cfg.method.get("pack_multiple_of", 1))
+
+
+def check_fused_projections(model: DictConfig, trainer: DictConfig) -> None:
+    """``model.fuse_projections=true`` where it does not apply: with ``model.compile`` (inductor
+    plans a compiled layer's matmuls) or ``trainer=fsdp`` (FSDP gathers the weights itself)."""
+    from ptlight.runtime.strategy import is_fsdp
+
+    if model.get("fuse_projections") is not True:
+        return
+    if model.get("compile"):
+        raise ConfigError(f"model.fuse_projections=true with model.compile={model.compile}: "
+                          "compiled layers plan their own matmuls; use model.fuse_projections=auto "
+                          "(off when compiling) or false, or model.compile=false")
+    if is_fsdp(trainer.get("strategy")):
+        raise ConfigError("model.fuse_projections=true with trainer=fsdp: FSDP gathers and casts "
+                          "the weights itself; use model.fuse_projections=auto (off under FSDP) "
+                          "or false")
 
 
 def check_graphs_without_accumulation(model: DictConfig, trainer: DictConfig) -> None:
@@ -261,6 +279,12 @@ def check_model(model: DictConfig) -> None:
         raise ConfigError(f"model.fused_norm={fused_norm!r}: whether RMSNorm layers run as "
                           "torch's fused F.rms_norm; write model.fused_norm=auto (on where the "
                           "run trains on CUDA), true or false (unquoted)")
+    fuse = model.get("fuse_projections", False)
+    if fuse != "auto" and not isinstance(fuse, bool):
+        raise ConfigError(f"model.fuse_projections={fuse!r}: whether sibling projections (q/k/v, "
+                          "the MLP's w1/w3) run as one matmul while training; write "
+                          "model.fuse_projections=auto (on where the run trains on CUDA), true or "
+                          "false (unquoted)")
     attention = model.get("packed_attention", "sdpa")
     if attention not in ("sdpa", "flex"):
         raise ConfigError(f"model.packed_attention={attention!r}: the attention of packed "

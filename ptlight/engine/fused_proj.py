@@ -1,0 +1,91 @@
+"""``model.fuse_projections``: sibling projections of one input as one matmul while training.
+
+LFM2's attention projects its input three times (``q_proj``, ``k_proj``, ``v_proj``) and its
+SwiGLU MLP twice (``w1``, ``w3``). Eagerly each projection is a matmul forward and two backward,
+under ``bf16-mixed`` a cast of its input and of its weight each way, and the input's gradient
+is summed over the siblings. :func:`fused_linear` concatenates the siblings' weights, multiplies
+once and splits the result, so a step launches one matmul (one cast of the input, one of the
+weights) per group instead of one per sibling; its backward is one matmul for the input's
+gradient and one for the weights'. On a GPU whose eager step waits on the host that dispatches
+it (the 350M DPO step on an H200), each op not dispatched is step time.
+
+:func:`install_fused_projections` routes, on every LFM2 decoder layer whose projections are
+plain bias-free ``nn.Linear``:
+
+- the attention's q/k/v projections: whichever is called first computes all three and hands
+  each sibling its part for the same input tensor (the attention's own forward is untouched);
+- the MLP's ``w1``/``w3``, inside the lean MLP (:mod:`ptlight.engine.lean`).
+
+Only while gradients are recorded: a call without them (scoring a reference, generation) runs
+the stock projections, since concatenating the weights on every decoding step would cost more
+than it saves.
+
+The same function, not bitwise the same numbers: the concatenated product may reduce in another
+order, and under autocast the input's gradient is summed inside one bf16 matmul instead of as
+three bf16 gradients cast to fp32 and added. Equal within floating-point tolerance
+(``tests/test_fused_proj.py``).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+_OUT = "_ptl_fused_out"  # a sibling's stashed part: (the input it was computed for, the part)
+
+
+def fused_linear(linears: Sequence[torch.nn.Linear], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tuple(m(x) for m in linears)`` as one matmul on the concatenated weights (bias-free)."""
+    weight = torch.cat([m.weight for m in linears])
+    return F.linear(x, weight).split([m.out_features for m in linears], dim=-1)
+
+
+def fusable(linears: Sequence[torch.nn.Module]) -> bool:
+    """Plain bias-free ``nn.Linear`` s of one input width and one weight dtype (not peft's
+    LoRA layers, not quantized ones)."""
+    return (all(type(m) is torch.nn.Linear and m.bias is None for m in linears)
+            and len({m.in_features for m in linears}) == 1
+            and len({m.weight.dtype for m in linears}) == 1)
+
+
+def _sibling_forward(self, x: torch.Tensor) -> torch.Tensor:
+    stashed = self.__dict__.pop(_OUT, None)
+    if stashed is not None and stashed[0] is x:
+        return stashed[1]
+    group = self._ptl_siblings
+    if not torch.is_grad_enabled() or not fusable(group):
+        return F.linear(x, self.weight, self.bias)
+    parts = fused_linear(group, x)
+    mine = None
+    for m, part in zip(group, parts):
+        if m is self:
+            mine = part
+        else:
+            m.__dict__[_OUT] = (x, part)
+    return mine
+
+
+def install_fused_projections(model: torch.nn.Module) -> int:
+    """Fuse the q/k/v projections of every ``Lfm2Attention`` and mark every ``Lfm2MLP`` for the
+    lean MLP's fused ``w1``/``w3`` (see the module doc); returns how many groups. Idempotent;
+    set on the instances, so other models in the process are untouched."""
+    n = 0
+    for m in model.modules():
+        name = type(m).__name__
+        if name == "Lfm2Attention":
+            group = [m.q_proj, m.k_proj, m.v_proj]
+            if not fusable(group):
+                continue
+            if not getattr(m, "_ptl_fused_qkv", False):
+                for lin in group:
+                    lin._ptl_siblings = group
+                    lin.forward = types.MethodType(_sibling_forward, lin)
+                m._ptl_fused_qkv = True
+            n += 1
+        elif name == "Lfm2MLP" and fusable([m.w1, m.w3]):
+            m._ptl_fused_w13 = True
+            n += 1
+    return n
