@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ptlight.data.module import PtlDataModule
 from ptlight.engine.cpu_bf16 import precision_plugins
-from ptlight.engine.fused_proj import install_fused_projections
+from ptlight.engine.fused_proj import auto_fuses, install_fused_projections
 from ptlight.engine.lean import install_lean_mlp
 from ptlight.engine.memory import pin_mmap_threshold
 from ptlight.engine.offload import offload_directory
@@ -88,6 +88,9 @@ def train_stage(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = No
     extra = method_cls.extra_args(cfg, tokenizer)
 
     policy = build_policy(cfg.model, tokenizer)  # the first weights loaded
+    if cfg.model.get("fuse_projections") == "auto":  # on CUDA: settled by the model's width
+        cfg = OmegaConf.merge(cfg, {"model": {"fuse_projections": auto_fuses(policy)}})
+        _save_config(cfg, run_dir)
     keep_copy = _resumes(cfg, run_dir) or is_fsdp(cfg.trainer.get("strategy"))
     reference = build_reference(ref_mode, policy, keep_copy=keep_copy)
     generates = method_cls.generates

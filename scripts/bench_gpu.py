@@ -101,7 +101,8 @@ PTLIGHT_CONFIGS = {
     "precompute_ckpt": ["method.reference=precompute", "model.gradient_checkpointing=true"],
     "cudnn_attention": ["cudnn_attention=true"],                  # SDPA may use cuDNN
     "stock_norm": ["model.fused_norm=false"],                     # defaults, stock RMSNorm
-    "unfused": ["model.fuse_projections=false"],                  # defaults, one matmul each
+    "unfused": ["model.fuse_projections=false"],                  # one matmul a projection
+    "fused": ["model.fuse_projections=true"],                     # q/k/v, w1/w3 fused at any width
     "compile": ["model.compile=true"],                            # defaults + compiled layers
     "compile_packed": ["model.compile=packed"],                   # only packed scoring compiled
     "pin": ["data.pin_memory=true"],                              # defaults + pinned batches
@@ -117,16 +118,16 @@ TRL_CONFIGS = {
     "best": {"precompute_ref_log_probs": True, "gradient_checkpointing": False},
 }
 # The full run, in the order it runs: what decides issue 15's targets first (TRL's best and the
-# defaults at both shapes), each shape's defaults without model.fuse_projections next to them,
-# then the opt-ins that could close what is left. On the H200 at commit 0d1d784
-# (bench_results/h200-2026-11-27c) both eager steps took ~85 ms, the host's time to dispatch
-# them: at 1.2B the kernels fill it, at 350M the GPU idles 26 ms a step. Fused projections
-# dispatch 11% fewer ops (scripts/count_ops.py); then the 350M CUDA-graph variants (they take
-# the host out of the step), then 1.2B's flex variant (the one whose kernels alone reach 45%
-# there; it needs more than 110 s to compile), then the levers one at a time.
+# defaults at both shapes), each with model.fuse_projections the other way (auto fuses the 350M
+# layers and not the 1.2B ones: at commit 9f66449, bench_results/h200-2026-11-27d, fusing made
+# the 350M step 1.36x faster, its GPU waiting on the host, and the 1.2B step 5% slower, its
+# kernels filling it), then the opt-ins that could close what is left: the 350M CUDA-graph
+# variants (they take the host out of the step), then 1.2B's flex variant (the one whose
+# kernels alone reach 45% there; it needs more than 110 s to compile), then the levers one at
+# a time.
 PLAN = [
     ("gpu-1.2b", "trl", "best"), ("gpu-1.2b", "ptlight", "default"),
-    ("gpu-1.2b", "ptlight", "unfused"),
+    ("gpu-1.2b", "ptlight", "fused"),
     ("gpu-350m", "trl", "best"), ("gpu-350m", "ptlight", "default"),
     ("gpu-350m", "ptlight", "unfused"),
     ("gpu-350m", "ptlight", "compile_graphs"), ("gpu-350m", "ptlight", "flex_compile_graphs"),

@@ -269,6 +269,7 @@ CONFIG_CASES = [
                             r"a whole number >= 0"),
     ("data.pin_memory=yes", r"data\.pin_memory='yes': whether the DataLoader pins batches"),
     ("model.compile=yes", r"model\.compile='yes': use model\.compile=true"),
+    ("model.fuse_projections=yes", r"model\.fuse_projections='yes': whether sibling projections"),
     ("method.pack_multiple_of=0", r"method\.pack_multiple_of=0: use auto, or 1 \(no rounding\) "
                                   r"up to method\.pack_max_tokens=2048"),
     ("method.optim.lr=nan", r"method\.optim\.lr=nan: the learning rate must be a finite number "

@@ -141,7 +141,8 @@ def test_auto_settings_follow_the_device(compose_cfg, monkeypatch, tmp_path):
             cfg.data.num_workers, cfg.model.compile, cfg.model.fused_norm
             ) == ("precompute", True, 128, 2, False, True)
     assert "reference: precompute" in saved and "pack_multiple_of: 128" in saved
-    assert "fused_norm: true" in saved and "fuse_projections: true" in saved
+    assert "fused_norm: true" in saved
+    assert cfg.model.fuse_projections == "auto"  # settled by the model's width once it loads
     _gpus(monkeypatch, 0)
     cfg, saved = _settled(compose_cfg, tmp_path / "cpu", "method=dpo")
     assert (cfg.method.reference, cfg.method.pack, cfg.method.pack_multiple_of,

@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import (TINY, assert_same_scores_and_grads, dpo_losses, pair_batch,
                      scores_and_grads, tiny_model_cfg)
-from ptlight.engine.fused_proj import fusable, install_fused_projections
+from ptlight.engine.fused_proj import (AUTO_MAX_HIDDEN_SIZE, auto_fuses, fusable,
+                                       install_fused_projections)
 from ptlight.engine.lean import install_lean_mlp
 from ptlight.errors import ConfigError
 from ptlight.model.backbone import build_policy, load_tokenizer
@@ -160,3 +161,24 @@ def test_model_fuse_projections_is_checked_before_any_weights_load(
     cfg = compose_cfg("method=dpo", *TINY, *overrides)
     with pytest.raises(ConfigError, match=message):
         train_stage(cfg, tmp_path)
+
+
+def test_auto_fuses_models_up_to_the_measured_width():
+    """``auto`` on CUDA: fused where the H200 measured it faster (hidden 1024: the 350M step
+    waited on the host), not where it measured it slower (hidden 2048: the 1.2B step's kernels
+    filled it); a model without LFM2 layers has nothing to fuse."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    stock, _ = _pair()
+    assert AUTO_MAX_HIDDEN_SIZE == 1024 and auto_fuses(stock)  # the tiny LFM2, 64 wide
+    with torch.device("meta"):
+        for hidden, fused in ((1024, True), (2048, False)):
+            arch = {**OmegaConf.to_container(tiny_model_cfg().arch), "hidden_size": hidden,
+                    "intermediate_size": 4 * hidden}
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**arch))
+            assert auto_fuses(model) is fused
+        llama = AutoModelForCausalLM.from_config(LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+            vocab_size=100))
+    assert not auto_fuses(llama)

@@ -7,7 +7,10 @@ is summed over the siblings. :func:`fused_linear` concatenates the siblings' wei
 once and splits the result, so a step launches one matmul (one cast of the input, one of the
 weights) per group instead of one per sibling; its backward is one matmul for the input's
 gradient and one for the weights'. On a GPU whose eager step waits on the host that dispatches
-it (the 350M DPO step on an H200), each op not dispatched is step time.
+it (the 350M DPO step on an H200), each op not dispatched is step time: 1.36x the step there.
+Where the kernels already fill the step (the 1.2B one) the concatenations and the split
+products' strided element-wise work are time the GPU adds, 5% there; hence the ``auto``
+setting's width limit (:data:`AUTO_MAX_HIDDEN_SIZE`).
 
 :func:`install_fused_projections` routes, on every LFM2 decoder layer whose projections are
 plain bias-free ``nn.Linear``:
@@ -35,6 +38,14 @@ import torch
 import torch.nn.functional as F
 
 _OUT = "_ptl_fused_out"  # a sibling's stashed part: (the input it was computed for, the part)
+
+# ``model.fuse_projections=auto`` fuses on CUDA for models at most this wide. On an H200
+# (bench_results/h200-2026-11-27d) fusing made the LFM2-350M DPO step (hidden 1024, 16 pairs),
+# whose GPU waited on the host, 1.36x faster (73.8 against 100.2 ms), and the LFM2-1.2B step
+# (hidden 2048, 8 pairs), whose kernels already filled it, 5% slower (89.6 against 85.3 ms):
+# the concatenated weights and the split products' strided element-wise work cost the GPU
+# about 4 ms there.
+AUTO_MAX_HIDDEN_SIZE = 1024
 
 
 def fused_linear(linears: Sequence[torch.nn.Linear], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -66,6 +77,16 @@ def _sibling_forward(self, x: torch.Tensor) -> torch.Tensor:
         else:
             m.__dict__[_OUT] = (x, part)
     return mine
+
+
+def auto_fuses(model: torch.nn.Module) -> bool:
+    """What ``model.fuse_projections=auto`` settles to for a model that trains on CUDA (no
+    FSDP, no ``model.compile``): fused when its LFM2 layers' hidden size (their projections'
+    input width) is at most :data:`AUTO_MAX_HIDDEN_SIZE`. The reward model's and PPO's wrappers
+    are read through to their LFM2 layers."""
+    widths = [m.q_proj.in_features if type(m).__name__ == "Lfm2Attention" else m.w1.in_features
+              for m in model.modules() if type(m).__name__ in ("Lfm2Attention", "Lfm2MLP")]
+    return bool(widths) and max(widths) <= AUTO_MAX_HIDDEN_SIZE
 
 
 def install_fused_projections(model: torch.nn.Module) -> int:

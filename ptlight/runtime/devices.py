@@ -111,9 +111,10 @@ def auto_pack_multiple_of(cuda: bool) -> int:
 
 def device_defaults(cfg: DictConfig, cuda: bool) -> dict:
     """The values of the ``auto`` keys that depend on the machine alone, as a config to merge
-    (``method.pack_multiple_of``: :func:`auto_pack_multiple_of`; ``model.fused_norm`` and
-    ``model.fuse_projections``: on where the run trains on CUDA, :mod:`ptlight.engine.norms`,
-    :mod:`ptlight.engine.fused_proj`; the RL methods'
+    (``method.pack_multiple_of``: :func:`auto_pack_multiple_of`; ``model.fused_norm``: on
+    where the run trains on CUDA, :mod:`ptlight.engine.norms`; ``model.fuse_projections``: off
+    unless the run trains on CUDA without FSDP or ``model.compile``, where the model's width
+    settles it once it loads, :func:`ptlight.engine.fused_proj.auto_fuses`; the RL methods'
     ``method.rollout.pack`` / ``method.ppo.pack``: on the CPU, where it was measured, off on
     CUDA, where it was not)."""
     out: dict = {}
@@ -129,9 +130,9 @@ def device_defaults(cfg: DictConfig, cuda: bool) -> dict:
     model: dict = {}
     if cfg.model.get("fused_norm") == "auto":
         model["fused_norm"] = cuda
-    if cfg.model.get("fuse_projections") == "auto":  # where train_stage can install it
-        model["fuse_projections"] = (cuda and not cfg.model.get("compile")
-                                     and not is_fsdp(cfg.trainer.get("strategy")))
+    if cfg.model.get("fuse_projections") == "auto" and not (
+            cuda and not cfg.model.get("compile") and not is_fsdp(cfg.trainer.get("strategy"))):
+        model["fuse_projections"] = False  # else settled by the model's width once it loads
     if model:
         out["model"] = model
     return out

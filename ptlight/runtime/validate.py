@@ -283,8 +283,8 @@ def check_model(model: DictConfig) -> None:
     if fuse != "auto" and not isinstance(fuse, bool):
         raise ConfigError(f"model.fuse_projections={fuse!r}: whether sibling projections (q/k/v, "
                           "the MLP's w1/w3) run as one matmul while training; write "
-                          "model.fuse_projections=auto (on where the run trains on CUDA), true or "
-                          "false (unquoted)")
+                          "model.fuse_projections=auto (on where the run trains on CUDA a model up to "
+                          "1024 wide), true or false (unquoted)")
     attention = model.get("packed_attention", "sdpa")
     if attention not in ("sdpa", "flex"):
         raise ConfigError(f"model.packed_attention={attention!r}: the attention of packed "
