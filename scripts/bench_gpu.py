@@ -15,8 +15,9 @@ bundled sorting task behind a context, prompt + completion close to ``max_length
 
 Every run is its own process, which exits as soon as its steps are timed (no export,
 checkpoint or teardown). Runs start in plan order while ``--budget`` seconds (default 420) have
-not passed, so the whole plan ends within 8 minutes on one H100/H200; a run not started is
-listed as skipped. ptlight runs ``train_stage`` with ``method=dpo`` (exactly what
+not passed, and a run still going when ``--limit`` seconds (default 470) have passed is stopped
+(listed as timed out), so the whole plan ends within 8 minutes; a run not started is listed as
+skipped. ptlight runs ``train_stage`` with ``method=dpo`` (exactly what
 ``python -m ptlight method=dpo`` runs) on its defaults — ``default`` — plus the variants in
 :data:`PTLIGHT_CONFIGS`, each bounded by one epoch over the fixture (a run that uses every
 row, which the ``auto`` defaults are settled for; the process exits after its timed steps); TRL runs ``DPOTrainer`` in the configurations of
@@ -529,6 +530,12 @@ def gemm_bound_s(fixture: str, tokens_run: float, scored: float, live: bool, dev
     return total
 
 
+def run_timeout_s(run_timeout: float, limit: float, elapsed: float) -> float:
+    """Seconds a run started ``elapsed`` seconds into the plan may take: ``--run-timeout``, cut
+    to what is left of ``--limit`` (at least 1 s, so the run starts and is listed)."""
+    return max(1.0, min(run_timeout, limit - elapsed))
+
+
 def run_child(framework: str, config: str, fixture: str, fx: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", framework, "--config", config,
            "--fixture", fixture, "--fixture-dir", str(fx), "--device", args.device,
@@ -543,14 +550,15 @@ def run_child(framework: str, config: str, fixture: str, fx: Path, args) -> dict
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     started = time.time()
+    timeout = run_timeout_s(args.run_timeout, args.limit, time.perf_counter() - T0)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                              timeout=args.run_timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:  # its partial output comes as bytes
         stdout, stderr = (o.decode(errors="replace") if isinstance(o, bytes) else o or ""
                           for o in (exc.stdout, exc.stderr))
-        stderr += f"\ntimed out: --run-timeout {args.run_timeout:.0f} s passed"
+        stderr += (f"\ntimed out after {timeout:.0f} s (--run-timeout {args.run_timeout:.0f}, "
+                   f"--limit {args.limit:.0f} s for the whole plan)")
         code = -1
     lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT)]
     if code or not lines:
@@ -672,6 +680,8 @@ def main() -> None:
     p.add_argument("--run-timeout", type=int, default=150)
     p.add_argument("--budget", type=float, default=420.0,
                    help="seconds after which no further run starts")
+    p.add_argument("--limit", type=float, default=470.0,
+                   help="seconds after which a running run is stopped (the plan's hard end)")
     p.add_argument("--profile", type=int, default=0,
                    help="ptlight runs: profile this many steps after the timed ones, then as "
                         "many with their Python calls recorded, into "

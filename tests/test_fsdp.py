@@ -211,6 +211,11 @@ def test_bench_gpu_smoke_runs_on_cpu_and_writes_its_tables(tmp_path):
         "ptlight default", "ptlight copy", "trl best", "trl default")] == [False, True, False, True]
     # --profile: more steps after the timed ones, profiled into a table; the timing is unchanged
     assert run["steps"] == 3 and len(run["step_times"]) == 2  # 1 warm-up + 2 timed
+    # --limit: a run started late gets only what is left of the plan's 8 minutes
+    import bench_gpu
+
+    assert bench_gpu.run_timeout_s(150, 470, 400) == 70
+    assert bench_gpu.run_timeout_s(150, 470, 10) == 150 and bench_gpu.run_timeout_s(150, 470, 500) == 1
     profile = (tmp_path / "all" / "profile_tiny_default.txt").read_text()
     assert profile.startswith("profiled steps: 2; wall per step:") and "aten::mm" in profile
     assert "scalar read-backs per step (aten::_local_scalar_dense):" in profile
