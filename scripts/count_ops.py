@@ -17,7 +17,9 @@ frequent ops, and what the model's RMSNorm layers account for: the ops one stock
 dispatches, and the step's count again with every norm replaced by a stand-in that dispatches
 one op forward and one backward. That is the count of ``model.fused_norm=true`` on CUDA, where
 each norm is torch's ``_fused_rms_norm`` forward and ``_fused_rms_norm_backward``; it cannot
-be counted directly on the CPU, where ``F.rms_norm`` decomposes into the stock ops.
+be counted directly on the CPU, where ``F.rms_norm`` decomposes into the stock ops. Then,
+on top of those stand-ins, the step as a CUDA training run sets up its layers: with the lean
+MLP (``ptlight.engine.lean``), and with ``model.fuse_projections`` as well.
 """
 
 from __future__ import annotations
@@ -144,13 +146,12 @@ def main() -> None:
     print(f"with each norm one op forward and one backward (the count of torch's fused "
           f"kernels on CUDA): {sum(fused.ops.values())} ops, {computing(fused.ops)} that compute "
           f"({100 * (1 - computing(fused.ops) / compute):.0f}% fewer)")
-    if args.precision == "bf16-mixed":
-        print(f"+ the lean MLP (as on CUDA): {sum(leaned.ops.values())} ops, "
-              f"{computing(leaned.ops)} that compute")
-        print(f"+ model.fuse_projections (q/k/v and w1/w3 as one matmul each): "
-              f"{sum(fused_proj.ops.values())} ops, {computing(fused_proj.ops)} that compute "
-              f"({100 * (1 - computing(fused_proj.ops) / computing(leaned.ops)):.0f}% fewer than "
-              f"the line above)")
+    print(f"+ the lean MLP (as on CUDA): {sum(leaned.ops.values())} ops, "
+          f"{computing(leaned.ops)} that compute")
+    print(f"+ model.fuse_projections (q/k/v and w1/w3 as one matmul each): "
+          f"{sum(fused_proj.ops.values())} ops, {computing(fused_proj.ops)} that compute "
+          f"({100 * (1 - computing(fused_proj.ops) / computing(leaned.ops)):.0f}% fewer than "
+          f"the line above)")
     if args.top:
         print("most frequent ops:")
     for op, n in counted.ops.most_common(args.top):
